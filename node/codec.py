@@ -1,0 +1,93 @@
+"""Canonical msgpack: the only way mtor-node turns structured data into bytes.
+
+Signed objects must encode to exactly one byte string, or two honest nodes
+would disagree about what a signature covers. So this module:
+
+* sorts map keys (by their encoded bytes) at every depth,
+* refuses floats (amounts and times are integers in their smallest unit),
+* decodes with hard size limits and checks that the input was canonical,
+  so a peer cannot make two different byte strings mean the same object.
+
+Nothing else in the code base calls ``msgpack`` directly for signed data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+#: Default ceiling for one decoded message; callers pass tighter limits.
+DEFAULT_MAX_BYTES = 1 << 20
+
+_INT_MIN = -(1 << 63)
+_INT_MAX = (1 << 64) - 1
+
+
+class CodecError(ValueError):
+    """Bytes or objects that are not valid canonical mtor msgpack."""
+
+
+def _canonical(obj: Any) -> Any:
+    if obj is None or isinstance(obj, (bool, bytes, str)):
+        return obj
+    if isinstance(obj, int):
+        if not _INT_MIN <= obj <= _INT_MAX:
+            raise CodecError(f"integer out of 64-bit range: {obj}")
+        return obj
+    if isinstance(obj, float):
+        raise CodecError("floats are not allowed in canonical data")
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(item) for item in obj]
+    if isinstance(obj, dict):
+        items = []
+        for key, value in obj.items():
+            if not isinstance(key, (str, int, bytes)) or isinstance(key, bool):
+                raise CodecError(f"map key of type {type(key).__name__} is not allowed")
+            items.append((msgpack.packb(key, use_bin_type=True), key, _canonical(value)))
+        items.sort(key=lambda item: item[0])
+        return _SortedMap((key, value) for _, key, value in items)
+    raise CodecError(f"type {type(obj).__name__} cannot be encoded")
+
+
+class _SortedMap(dict):
+    """A dict whose insertion order is already canonical (msgpack keeps it)."""
+
+
+def encode(obj: Any) -> bytes:
+    """Encode ``obj`` canonically; raise :class:`CodecError` if it cannot be."""
+    return msgpack.packb(_canonical(obj), use_bin_type=True)
+
+
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, require_canonical: bool = True) -> Any:
+    """Decode one object from ``data``, refusing oversized, truncated or non-canonical input.
+
+    Every failure becomes :class:`CodecError` with a message that says what
+    was wrong, never a msgpack internal exception.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CodecError(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise CodecError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if not data:
+        raise CodecError("empty message")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+        )
+    except msgpack.ExtraData as exc:
+        raise CodecError("trailing bytes after the message") from exc
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+        raise CodecError(f"malformed msgpack: {exc.__class__.__name__}") from exc
+    if require_canonical:
+        try:
+            again = encode(obj)
+        except CodecError as exc:
+            raise CodecError(f"message is not canonical: {exc}") from exc
+        if again != data:
+            raise CodecError("message is not in canonical encoding")
+    return obj
