@@ -1,0 +1,221 @@
+"""One node, one trio nursery: libp2p host, ledger, console and watchdog.
+
+:class:`Node` is built by the async factory :meth:`Node.create` (no I/O in
+``__init__``) and served by :meth:`Node.run`, which calls
+``task_status.started(node)`` only once the host listens, the ledger is open
+and the console accepts connections. :meth:`Node.request_shutdown` starts a
+graceful stop: the console drains, the mesh host closes, and the ledger is
+flushed and closed under a shielded scope so a second signal cannot cut the
+final write short.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from inference.device import Device, select_device
+from node import __version__
+from node.config import Settings
+from node.datadir import DataDir, initialise
+from node.genesis import Genesis
+from node.identity import Identity
+from node.ledger_service import LedgerService
+from node.watchdog import Watchdog
+from p2p.host import MeshHost, open_mesh_host
+from webui.app import create_app
+from webui.auth import SysopAuth
+
+log = logging.getLogger(__name__)
+
+
+class ConsoleBindError(Exception):
+    """The console's HOST:PORT cannot be bound (in use, or not an address of this machine)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What one run of ``mtor-node start`` was asked to do, after config and flags merge."""
+
+    listen: tuple[str, ...]
+    bootstrap: tuple[str, ...]
+
+
+def bind_console_socket(host: str, port: int) -> socket.socket:
+    """Bind the console's listening socket here, so a busy port is a clear error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConsoleBindError(f"console address {host}:{port} is not valid: {exc.strerror}") from exc
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConsoleBindError(f"console port {host}:{port} is already in use") from exc
+        raise ConsoleBindError(f"cannot bind console to {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+class Node:
+    """A running mtor-node. Attributes other than settings are valid after ``run`` starts."""
+
+    def __init__(
+        self,
+        data: DataDir,
+        settings: Settings,
+        identity: Identity,
+        genesis: Genesis,
+        device: Device,
+        options: RunOptions,
+    ) -> None:
+        self.data = data
+        self.settings = settings
+        self.identity = identity
+        self.genesis = genesis
+        self.device = device
+        self.options = options
+        self.auth = SysopAuth(data.admin_secret())
+        self.watchdog = Watchdog(interval_s=settings.node.watchdog_interval_s)
+        self.ledger: LedgerService | None = None
+        self.mesh: MeshHost | None = None
+        self.console_url = ""
+        self.started_at = time.time()
+        self._shutdown = trio.Event()
+
+    @classmethod
+    async def create(cls, data_dir: Path, settings: Settings, options: RunOptions) -> "Node":
+        """Initialise the data dir if needed and load identity, realm and device."""
+        data = DataDir(data_dir)
+        result = await trio.to_thread.run_sync(partial(initialise, data, explicit=False))
+        device = await trio.to_thread.run_sync(select_device, settings.inference.gpu)
+        return cls(data, settings, result.identity, result.genesis, device, options)
+
+    # -- what the console and CLI see -------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self.mesh.peer_id if self.mesh else ""
+
+    def uptime_s(self) -> float:
+        return time.time() - self.started_at
+
+    def health(self) -> dict:
+        return {
+            "status": "ok" if not self._shutdown.is_set() else "stopping",
+            "version": __version__,
+            "peer_id": self.peer_id,
+            "address": self.identity.address,
+            "realm": self.genesis.realm_hex,
+            "realm_name": self.genesis.realm_name,
+            "uptime_s": round(self.uptime_s(), 3),
+        }
+
+    def status(self) -> dict:
+        peers = self.mesh.connected_peers() if self.mesh else []
+        return {
+            **self.health(),
+            "listen_addrs": self.mesh.listen_addrs if self.mesh else [],
+            "peers": peers,
+            "console_url": self.console_url,
+            "device": {"kind": self.device.kind, "name": self.device.name, "vram_mb": self.device.vram_mb},
+            # The broker queue and model loading arrive with their own services;
+            # until then there is honestly nothing queued and nothing loaded.
+            "queue": {"depth": 0, "running": 0},
+            "loaded_models": [],
+            "ledger": self.ledger.summary() if self.ledger else None,
+            "watchdog": {"stalls": self.watchdog.stalls, "max_loop_lag_s": round(self.watchdog.max_lag_s, 4)},
+        }
+
+    async def control(self, area: str, op: str, payload: dict) -> tuple[int, dict]:
+        if self.ledger is None:
+            return 503, {"error": "ledger is not open yet"}
+        return await self.ledger.control(area, op, payload)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        if not self._shutdown.is_set():
+            log.info("shutting down")
+            self._shutdown.set()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        console = self.settings.console
+        sock = bind_console_socket(console.host, console.port)
+        try:
+            self.ledger = await LedgerService.open(self.data, self.genesis, self.identity, self.settings)
+            try:
+                async with open_mesh_host(
+                    self.identity, self.options.listen, bootstrap=self.options.bootstrap
+                ) as mesh:
+                    self.mesh = mesh
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(self.watchdog.run)
+                        await self._serve_console(nursery, sock)
+                        self.data.write_runtime(self._runtime_info())
+                        task_status.started(self)
+                        await self._shutdown.wait()
+                        nursery.cancel_scope.deadline = trio.current_time() + self.settings.node.shutdown_grace_s
+                        nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    self.data.clear_runtime()
+                    if self.ledger is not None:
+                        await self.ledger.close()
+        finally:
+            sock.close()
+
+    async def _serve_console(self, nursery: trio.Nursery, sock: socket.socket) -> None:
+        config = hypercorn.config.Config()
+        # hypercorn takes ownership of the descriptor it is given; give it a duplicate
+        # so closing our own socket later can never close someone else's fd.
+        config.bind = [f"fd://{os.dup(sock.fileno())}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.graceful_timeout = max(0.5, self.settings.node.shutdown_grace_s - 1.0)
+        config.websocket_max_message_size = self.settings.console.max_ws_message_bytes
+        app = create_app(self)
+        await nursery.start(
+            partial(hypercorn.trio.serve, app, config, shutdown_trigger=self._shutdown.wait)
+        )
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.console_url = f"http://{shown}:{port}/"
+
+    def _runtime_info(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "peer_id": self.peer_id,
+            "console_url": self.console_url,
+            "control_url": self.console_url.rstrip("/"),
+            "listen_addrs": self.mesh.listen_addrs if self.mesh else [],
+            "started_at": self.started_at,
+        }
+
+    def banner(self) -> str:
+        lines = [
+            f"mtor-node {__version__} — realm {self.genesis.realm_name} ({self.genesis.realm_hex[:16]}…)",
+            f"Peer id:   {self.peer_id}",
+            f"Wallet:    {self.identity.address}",
+            f"Device:    {self.device.kind}" + (f" ({self.device.name})" if self.device.kind == "cuda" else ""),
+        ]
+        for addr in self.mesh.listen_addrs if self.mesh else []:
+            lines.append(f"Listening: {addr}")
+        lines.append(f"Console:   {self.console_url}")
+        lines.append(f"Sysop:     {self.console_url}sysop/login?token={self.auth.login_token}  (one-time link)")
+        lines.append("9000 ready.")
+        return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""A real node process: start, serve, stop cleanly, restart with the same identity."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from tests.harness import NodeProcess, run_cli
+
+
+def _get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, response.read()
+
+
+def test_start_serve_stop_restart(tmp_path):
+    data = tmp_path / "node"
+    node = NodeProcess(data).start()
+    try:
+        status, page = _get(node.console_url)
+        assert status == 200 and b"MTOR" in page
+        status, body = _get(node.console_url + "health")
+        health = json.loads(body)
+        assert health["status"] == "ok"
+        assert health["peer_id"] == node.peer_id
+        assert node.listen_addrs and all(a.endswith("/p2p/" + node.peer_id) for a in node.listen_addrs)
+        first_realm = health["realm"]
+        assert json.loads((data / "node.json").read_text())["console_url"] == node.console_url
+
+        # mtor-node status talks to the running node through the control API.
+        result = run_cli("status", "--data-dir", str(data), "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["peer_id"] == node.peer_id
+
+        started = time.monotonic()
+        assert node.stop(signal.SIGTERM, timeout_s=10) == 0
+        assert time.monotonic() - started < 5.0
+    finally:
+        node.kill()
+    assert "Traceback" not in node.output, node.output
+    assert not (data / "node.json").exists()
+
+    again = NodeProcess(data).start()
+    try:
+        _, body = _get(again.console_url + "health")
+        assert again.peer_id == node.peer_id
+        assert json.loads(body)["realm"] == first_realm
+        assert again.stop(signal.SIGINT) == 0
+    finally:
+        again.kill()
+    assert "Traceback" not in again.output, again.output
+
+
+def test_sysop_login_link_is_one_time(tmp_path):
+    node = NodeProcess(tmp_path / "node").start()
+    try:
+        unauth = urllib.request.Request(node.console_url + "control/status")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(unauth, timeout=10)
+        assert refused.value.code == 401
+
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        with opener.open(node.login_url, timeout=10) as response:
+            assert response.status == 200  # redirected to the console with a cookie
+        with opener.open(node.console_url + "control/status", timeout=10) as response:
+            assert json.loads(response.read())["peer_id"] == node.peer_id
+
+        with pytest.raises(urllib.error.HTTPError) as reused:
+            urllib.request.urlopen(node.login_url, timeout=10)
+        assert reused.value.code == 403
+    finally:
+        node.stop()
+        node.kill()
+
+
+def test_status_without_running_node(tmp_path):
+    result = run_cli("status", "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "no node is running" in result.stderr
+    assert "Traceback" not in result.stderr
