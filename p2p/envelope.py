@@ -1,0 +1,209 @@
+"""Pure validation of signed gossip envelopes: bytes in, a typed verdict out.
+
+No I/O and no clock reads: the caller passes ``now_ms``. The libp2p validator
+in :mod:`p2p.gossip` is a thin wrapper around :class:`TopicValidator`.
+
+Each :class:`Verdict` maps to an :class:`Action`, as in gossipsub v1.1:
+
+* ``REJECT``: the message is provably bad (malformed, oversized, bad signature,
+  another realm). Honest peers validate before forwarding, so whoever forwarded
+  it is penalised by peer scoring.
+* ``IGNORE``: not worth delivering or forwarding, but an honest peer could
+  have sent it (a duplicate, an older sequence number, a clock out of the
+  window). Dropped without a penalty.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+from ledger.address import AddressError, decode_address
+from node import codec, signing
+from p2p.ads import MAX_AD_BYTES, check_ad_body
+from p2p.topics import ANNOUNCE, LEDGER, SYSOP
+
+
+class Action(enum.Enum):
+    ACCEPT = "accept"
+    IGNORE = "ignore"
+    REJECT = "reject"
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"
+    DUPLICATE = "duplicate"  # this signer+seq (or this exact block) was seen before
+    STALE = "stale"  # a newer seq from this signer was already seen
+    TS_OUT_OF_WINDOW = "ts_out_of_window"
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"  # not canonical msgpack
+    BAD_ENVELOPE = "bad_envelope"  # not {"body", "sig"} with a 64-byte sig
+    BAD_BODY = "bad_body"  # body lacks realm / signer / seq / ts_ms of the right types
+    WRONG_REALM = "wrong_realm"
+    BAD_SIGNER = "bad_signer"  # the signer field names no valid key
+    BAD_SIGNATURE = "bad_signature"
+    MULTI_TOPIC = "multi_topic"  # a pubsub message claiming several topics at once
+
+    @property
+    def action(self) -> Action:
+        if self is Verdict.ACCEPT:
+            return Action.ACCEPT
+        if self in _IGNORED:
+            return Action.IGNORE
+        return Action.REJECT
+
+
+_IGNORED = frozenset({Verdict.DUPLICATE, Verdict.STALE, Verdict.TS_OUT_OF_WINDOW})
+
+
+@dataclass(frozen=True)
+class EnvelopeRules:
+    """What one topic accepts. ``seq_field=None`` means replay is keyed by content hash."""
+
+    kind: str
+    max_bytes: int
+    signer_field: str
+    seq_field: str | None = "seq"
+    ts_window_s: int | None = 60
+    #: Topic-specific schema check run before the signature; returns what is wrong, or None.
+    body_check: Callable[[dict], str | None] | None = None
+
+
+def default_rules(ts_window_s: int = 60) -> dict[str, EnvelopeRules]:
+    """Rules per topic name. Ledger blocks have no time window (old blocks replicate
+    legitimately) and are deduplicated by hash, not by height, so that two blocks at
+    one height (a fork) both reach the ledger as evidence."""
+    return {
+        ANNOUNCE: EnvelopeRules("ad", MAX_AD_BYTES, "address", "seq", ts_window_s, check_ad_body),
+        LEDGER: EnvelopeRules("block", 4 * 1024, "account", None, None),
+        SYSOP: EnvelopeRules("sysop", 8 * 1024, "address", "seq", ts_window_s),
+    }
+
+
+@dataclass(frozen=True)
+class Checked:
+    """The verdict and, when the envelope decoded, what it said."""
+
+    verdict: Verdict
+    body: dict | None = None
+    signer: bytes | None = None
+    replay_key: Any = None
+    detail: str = ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def signer_key(value: Any) -> bytes | None:
+    """A signer field holds an mtor address (text) or a raw 32-byte public key."""
+    if isinstance(value, bytes):
+        return value if len(value) == signing.PUBLIC_KEY_BYTES else None
+    try:
+        return decode_address(value)
+    except AddressError:
+        return None
+
+
+def check_envelope(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: int) -> Checked:
+    """Stateless checks, cheapest first; the signature is verified last."""
+    if len(data) > rules.max_bytes:
+        return Checked(Verdict.TOO_LARGE, detail=f"{len(data)} > {rules.max_bytes} bytes")
+    try:
+        obj = codec.decode(data, max_bytes=rules.max_bytes)
+    except codec.CodecError as exc:
+        return Checked(Verdict.MALFORMED, detail=str(exc))
+    try:
+        body, sig = signing.split_signed(obj)
+    except signing.SignatureError as exc:
+        return Checked(Verdict.BAD_ENVELOPE, detail=str(exc))
+    if not isinstance(body, dict):
+        return Checked(Verdict.BAD_BODY, detail="body is not a map")
+    if not isinstance(body.get("realm"), bytes):
+        return Checked(Verdict.BAD_BODY, detail="body.realm must be bytes")
+    if body["realm"] != realm_id:
+        return Checked(Verdict.WRONG_REALM, detail=f"realm {body['realm'].hex()[:16]}...")
+    if rules.seq_field is not None and not (_is_int(body.get(rules.seq_field)) and body[rules.seq_field] >= 0):
+        return Checked(Verdict.BAD_BODY, detail=f"body.{rules.seq_field} must be a non-negative integer")
+    if rules.ts_window_s is not None:
+        ts = body.get("ts_ms")
+        if not _is_int(ts):
+            return Checked(Verdict.BAD_BODY, detail="body.ts_ms must be an integer")
+        if abs(ts - now_ms) > rules.ts_window_s * 1000:
+            return Checked(Verdict.TS_OUT_OF_WINDOW, detail=f"ts_ms off by {(ts - now_ms) // 1000} s")
+    if rules.signer_field not in body:
+        return Checked(Verdict.BAD_BODY, detail=f"body.{rules.signer_field} is missing")
+    signer = signer_key(body[rules.signer_field])
+    if signer is None:
+        return Checked(Verdict.BAD_SIGNER, detail=f"body.{rules.signer_field} is not an address or key")
+    if rules.body_check is not None:
+        problem = rules.body_check(body)
+        if problem is not None:
+            return Checked(Verdict.BAD_BODY, detail=problem)
+    if not signing.verify(signer, rules.kind, body, sig):
+        return Checked(Verdict.BAD_SIGNATURE, body=body, signer=signer)
+    if rules.seq_field is not None:
+        replay_key: Any = body[rules.seq_field]
+    else:
+        replay_key = hashlib.blake2b(data, digest_size=16).digest()
+    return Checked(Verdict.ACCEPT, body=body, signer=signer, replay_key=replay_key)
+
+
+class ReplayGuard:
+    """Bounded memory of what each signer already said.
+
+    With sequence numbers: the highest seq seen per signer (an equal seq is a
+    DUPLICATE, a lower one STALE). Without: recent content hashes (DUPLICATE).
+    Both tables evict least-recently-used entries past ``max_entries``; an
+    evicted signer's old messages would be accepted again, which the time
+    window bounds for ads and sysop messages.
+    """
+
+    def __init__(self, *, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._latest: OrderedDict[Any, Any] = OrderedDict()
+
+    def verdict(self, signer: bytes, key: Any, *, sequenced: bool) -> Verdict:
+        if sequenced:
+            latest = self._latest.get(signer)
+            if latest is None or key > latest:
+                return Verdict.ACCEPT
+            return Verdict.DUPLICATE if key == latest else Verdict.STALE
+        return Verdict.DUPLICATE if (signer, key) in self._latest else Verdict.ACCEPT
+
+    def record(self, signer: bytes, key: Any, *, sequenced: bool) -> None:
+        slot = signer if sequenced else (signer, key)
+        self._latest[slot] = key
+        self._latest.move_to_end(slot)
+        while len(self._latest) > self.max_entries:
+            self._latest.popitem(last=False)
+
+
+class TopicValidator:
+    """Stateless checks plus this node's replay memory, for one topic."""
+
+    def __init__(self, rules: EnvelopeRules, realm_id: bytes, *, max_replay_entries: int = 10_000) -> None:
+        self.rules = rules
+        self.realm_id = realm_id
+        self.guard = ReplayGuard(max_entries=max_replay_entries)
+
+    def check(self, data: bytes, now_ms: int) -> Checked:
+        """Full verdict without remembering the message (for local pre-publish checks)."""
+        checked = check_envelope(data, self.rules, self.realm_id, now_ms)
+        if checked.verdict is not Verdict.ACCEPT:
+            return checked
+        replay = self.guard.verdict(checked.signer, checked.replay_key, sequenced=self.rules.seq_field is not None)
+        if replay is not Verdict.ACCEPT:
+            return Checked(replay, body=checked.body, signer=checked.signer, replay_key=checked.replay_key)
+        return checked
+
+    def validate(self, data: bytes, now_ms: int) -> Checked:
+        """Full verdict; an accepted message is remembered so its replays are refused."""
+        checked = self.check(data, now_ms)
+        if checked.verdict is Verdict.ACCEPT:
+            self.guard.record(checked.signer, checked.replay_key, sequenced=self.rules.seq_field is not None)
+        return checked

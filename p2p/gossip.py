@@ -1,0 +1,263 @@
+"""Realm gossip: GossipSub on the realm's topics, validated before propagation.
+
+Contract:
+
+* :meth:`Gossip.run` joins the realm's three topics and calls
+  ``task_status.started()`` once messages flow (subscribed, validators set);
+* every inbound message passes the pure :class:`p2p.envelope.TopicValidator`
+  inside py-libp2p's validation step, so nothing invalid is delivered or
+  forwarded; REJECT verdicts lower the forwarder's score (see
+  :mod:`p2p.scoring`), IGNORE verdicts do not;
+* subscribers get :class:`Delivery` objects through bounded memory channels;
+  a subscriber that falls behind loses messages (counted in ``dropped``)
+  rather than slowing the mesh: gossip is lossy and ads repeat;
+* :meth:`Gossip.publish` checks the envelope locally first and raises
+  :class:`GossipPublishError` with the verdict instead of silently dropping.
+
+The node's own messages are delivered to its own subscribers too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from node import codec, signing
+from p2p.envelope import Action, EnvelopeRules, TopicValidator, Verdict, default_rules, signer_key
+from p2p.errors import P2PError
+from p2p.host import MeshHost
+from p2p.scoring import MeshScorer, scoring_params
+from p2p.topics import TOPIC_NAMES, RealmTopics
+
+logger = logging.getLogger(__name__)
+
+GOSSIP_PROTOCOLS = [PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID]
+
+
+class GossipError(P2PError):
+    """The gossip service is not running or was misused."""
+
+
+class GossipPublishError(GossipError):
+    """Our own message failed validation; ``verdict`` says why."""
+
+    def __init__(self, topic: str, verdict: Verdict, detail: str = "") -> None:
+        self.verdict = verdict
+        super().__init__(f"refusing to publish on {topic}: {verdict.value}{': ' + detail if detail else ''}")
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    degree: int = 6
+    degree_low: int = 4
+    degree_high: int = 12
+    heartbeat_interval_s: int = 1
+    subscriber_queue_size: int = 64
+    ts_window_s: int = 60
+    #: Per forwarding peer and topic. py-libp2p's default (10) throttles any relay
+    #: of a mesh with more than ~100 nodes announcing every 10 s.
+    max_messages_per_topic_per_second: float = 200.0
+    max_replay_entries: int = 10_000
+    seen_ttl_s: int = 120
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One validated message. ``signer`` is the Ed25519 key that signed ``body``."""
+
+    topic: str
+    body: dict
+    signer: bytes
+    data: bytes
+    origin_peer: str
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class NoValidationCache:
+    """Shim replacing ``Pubsub.validation_cache``: our validators are stateful
+    (replay guard) and must see every copy, or IGNORE could not be pardoned."""
+
+    def get(self, msg_id: bytes) -> None:
+        return None
+
+    def put(self, msg_id: bytes, result: object) -> None:
+        return None
+
+    def clear_expired(self) -> None:
+        return None
+
+
+def build_router(config: GossipConfig = GossipConfig()) -> GossipSub:
+    """A GossipSub router with the mesh's scoring switched on."""
+    params = scoring_params()
+    router = GossipSub(
+        protocols=GOSSIP_PROTOCOLS,
+        degree=config.degree,
+        degree_low=config.degree_low,
+        degree_high=config.degree_high,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=config.heartbeat_interval_s,
+        gossip_window=3,
+        gossip_history=5,
+        score_params=params,
+        max_messages_per_topic_per_second=config.max_messages_per_topic_per_second,
+    )
+    router.scorer = MeshScorer(params)
+    return router
+
+
+def build_pubsub(mesh: MeshHost, router: GossipSub, config: GossipConfig = GossipConfig()) -> Pubsub:
+    pubsub = Pubsub(mesh.host, router, strict_signing=True, seen_ttl=config.seen_ttl_s)
+    pubsub.validation_cache = NoValidationCache()  # type: ignore[assignment]
+    return pubsub
+
+
+class Gossip:
+    """The realm's gossip service. Construct freely; networking starts in :meth:`run`."""
+
+    def __init__(
+        self,
+        mesh: MeshHost,
+        realm_id: bytes,
+        config: GossipConfig = GossipConfig(),
+        *,
+        now_ms: Callable[[], int] = wall_clock_ms,
+        rules: dict[str, EnvelopeRules] | None = None,
+    ) -> None:
+        self.mesh = mesh
+        self.realm_id = realm_id
+        self.config = config
+        self.topics = RealmTopics(realm_id.hex())
+        self._now_ms = now_ms
+        self.rules = rules or default_rules(config.ts_window_s)
+        self.validators = {
+            name: TopicValidator(self.rules[name], realm_id, max_replay_entries=config.max_replay_entries)
+            for name in TOPIC_NAMES
+        }
+        #: (topic name, verdict) -> count, for every message validated.
+        self.verdicts: Counter[tuple[str, Verdict]] = Counter()
+        #: topic name -> messages a slow subscriber missed.
+        self.dropped: Counter[str] = Counter()
+        self._subscribers: dict[str, list[trio.MemorySendChannel[Delivery]]] = {n: [] for n in TOPIC_NAMES}
+        self._pubsub: Pubsub | None = None
+        self._router: GossipSub | None = None
+
+    # ---- consumers -------------------------------------------------------
+    def subscribe(self, name: str, *, queue_size: int | None = None) -> trio.MemoryReceiveChannel[Delivery]:
+        """A bounded channel of validated messages on topic ``name``; close it to leave."""
+        if name not in TOPIC_NAMES:
+            raise GossipError(f"unknown topic {name!r}")
+        send, receive = trio.open_memory_channel[Delivery](queue_size or self.config.subscriber_queue_size)
+        self._subscribers[name].append(send)
+        return receive
+
+    async def publish(self, name: str, signed: dict | bytes) -> None:
+        """Publish a signed envelope (object or its canonical bytes) on topic ``name``."""
+        pubsub = self._require_running()
+        topic = self.topics.topic(name)
+        data = signed if isinstance(signed, bytes) else codec.encode(signed)
+        checked = self.validators[name].check(data, self._now_ms())
+        if checked.verdict is not Verdict.ACCEPT:
+            raise GossipPublishError(topic, checked.verdict, checked.detail)
+        await pubsub.publish(topic, data)
+
+    # ---- observability ---------------------------------------------------
+    def peer_score(self, peer_id: str) -> float:
+        """The router's score for a peer over this realm's topics."""
+        router = self._router
+        if router is None:
+            return 0.0
+        return router.scorer.score(ID.from_base58(peer_id), list(self.topics.all().values()))
+
+    def topic_peers(self, name: str) -> list[str]:
+        """Connected peers that told us they subscribe to topic ``name``."""
+        pubsub = self._pubsub
+        if pubsub is None:
+            return []
+        return [p.to_base58() for p in pubsub.peer_topics.get(self.topics.topic(name), ())]
+
+    def _require_running(self) -> Pubsub:
+        if self._pubsub is None:
+            raise GossipError("gossip service is not running")
+        return self._pubsub
+
+    # ---- trio shell ------------------------------------------------------
+    def _libp2p_validator(self, name: str, scorer: MeshScorer) -> Callable[[ID, rpc_pb2.Message], bool]:
+        validator = self.validators[name]
+
+        def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            scorer.clear_pardon()
+            if len(msg.topicIDs) != 1:
+                verdict, detail = Verdict.MULTI_TOPIC, f"{len(msg.topicIDs)} topics"
+            else:
+                checked = validator.validate(msg.data, self._now_ms())
+                verdict, detail = checked.verdict, checked.detail
+            self.verdicts[(name, verdict)] += 1
+            if verdict.action is Action.IGNORE:
+                scorer.pardon(forwarder)
+            if verdict.action is not Action.ACCEPT:
+                logger.debug("%s from %s on %s: %s %s", verdict.action.value, forwarder, name, verdict.value, detail)
+            return verdict is Verdict.ACCEPT
+
+        return validate
+
+    def _deliver(self, name: str, msg: rpc_pb2.Message) -> None:
+        rules = self.rules[name]
+        try:
+            body, _sig = signing.split_signed(codec.decode(msg.data, max_bytes=rules.max_bytes))
+            signer = signer_key(body[rules.signer_field])
+            origin = ID(msg.from_id).to_base58()
+        except Exception as exc:  # validated already; a failure here is our bug, not the peer's
+            logger.error("validated %s message failed to decode: %r", name, exc)
+            return
+        delivery = Delivery(self.topics.topic(name), body, signer, bytes(msg.data), origin)
+        for send in list(self._subscribers[name]):
+            try:
+                send.send_nowait(delivery)
+            except trio.WouldBlock:
+                self.dropped[name] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers[name].remove(send)
+
+    async def _pump(self, name: str, subscription) -> None:
+        async for msg in subscription:
+            self._deliver(name, msg)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        router = build_router(self.config)
+        pubsub = build_pubsub(self.mesh, router, self.config)
+        scorer = router.scorer
+        assert isinstance(scorer, MeshScorer)
+        for name, topic in self.topics.all().items():
+            pubsub.set_topic_validator(topic, self._libp2p_validator(name, scorer), False)
+        try:
+            async with background_trio_service(pubsub), background_trio_service(router):
+                await pubsub.wait_until_ready()
+                subscriptions = {name: await pubsub.subscribe(topic) for name, topic in self.topics.all().items()}
+                # Shim: pubsub only learns of connections made after it started.
+                for peer in self.mesh.host.get_connected_peers():
+                    pubsub.manager.run_task(pubsub._handle_new_peer_with_retry, peer)
+                async with trio.open_nursery() as nursery:
+                    for name, subscription in subscriptions.items():
+                        nursery.start_soon(self._pump, name, subscription)
+                    self._pubsub, self._router = pubsub, router
+                    task_status.started()
+        finally:
+            self._pubsub = self._router = None
+            for senders in self._subscribers.values():
+                for send in senders:
+                    send.close()
+                senders.clear()

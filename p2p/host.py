@@ -1,0 +1,232 @@
+"""The node's libp2p host: TCP + Noise + Yamux, keyed by the node's identity.
+
+Contract:
+
+* the peer id is derived from the node's Ed25519 key, so ``peer_id`` is a
+  function of the key file and nothing else;
+* only Noise (no plaintext, secio or TLS) and only Yamux are offered, so a
+  peer cannot negotiate a weaker channel;
+* every listen address is bound exclusively before ``open_mesh_host`` yields;
+  one that cannot be bound raises :class:`P2PListenError` naming it;
+* bootstrap peers are dialled in the background with bounded, backed-off
+  retries; a bootstrap peer that stays unreachable is logged, never fatal;
+* leaving the ``async with`` block (or cancelling it) closes listeners and
+  connections promptly.
+
+It does not: keep bootstrap peers connected forever (gossip and the DHT
+rediscover peers), or discover peers by itself (mDNS and the DHT live
+elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from node.identity import Identity
+from p2p._tcp import ExclusiveTCP
+from p2p.errors import P2PAddressError, P2PDialError, P2PError, P2PListenError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BootstrapPolicy",
+    "MeshHost",
+    "P2PAddressError",
+    "P2PDialError",
+    "P2PError",
+    "P2PListenError",
+    "key_pair_for",
+    "open_mesh_host",
+    "peer_id_for",
+    "peer_id_from_public_key",
+]
+
+
+@dataclass(frozen=True)
+class BootstrapPolicy:
+    """How hard to try each bootstrap address before giving up on it."""
+
+    max_attempts: int = 6
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    dial_timeout_s: float = 10.0
+
+    def backoff_s(self, attempt: int) -> float:
+        """Delay after failed attempt number ``attempt`` (1-based): doubling, capped."""
+        return min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
+
+
+def key_pair_for(identity: Identity) -> KeyPair:
+    """The libp2p key pair for the node's Ed25519 identity (same key, same peer id)."""
+    private = Ed25519PrivateKey.new(identity.seed)
+    return KeyPair(private, private.get_public_key())
+
+
+def peer_id_for(identity: Identity) -> str:
+    """The base58 libp2p peer id that ``identity`` has on the mesh."""
+    return ID.from_pubkey(key_pair_for(identity).public_key).to_base58()
+
+
+def peer_id_from_public_key(public_key: bytes) -> str:
+    """The base58 peer id of a raw 32-byte Ed25519 public key."""
+    return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
+
+
+def parse_multiaddr(text: str, *, what: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as exc:  # multiaddr raises several unrelated types
+        raise P2PAddressError(f"{what} {text!r} is not a valid multiaddr: {exc}") from None
+
+
+class MeshHost:
+    """A running libp2p host. Obtain one from :func:`open_mesh_host`; do not construct it."""
+
+    def __init__(self, host: IHost) -> None:
+        self.host = host
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.get_id().to_base58()
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Full dialable addresses, with the bound port and ``/p2p/<peer id>``."""
+        return [str(addr) for addr in self.host.get_addrs()]
+
+    def connected_peers(self) -> list[str]:
+        return [peer.to_base58() for peer in self.host.get_connected_peers()]
+
+    def is_connected(self, peer_id: str) -> bool:
+        return peer_id in self.connected_peers()
+
+    async def connect(self, addr: str, *, timeout_s: float = 10.0) -> str:
+        """Dial ``addr`` (must end in ``/p2p/<peer id>``); return the peer id.
+
+        Raises :class:`P2PAddressError` for a malformed address and
+        :class:`P2PDialError` when the peer cannot be reached in ``timeout_s``.
+        """
+        maddr = parse_multiaddr(addr, what="peer address")
+        try:
+            info = info_from_p2p_addr(maddr)
+        except Exception as exc:
+            raise P2PAddressError(f"peer address {addr} must end in /p2p/<peer id>: {exc}") from None
+        if info.peer_id == self.host.get_id():
+            raise P2PAddressError(f"peer address {addr} is this node itself")
+        try:
+            with trio.fail_after(timeout_s):
+                await self.host.connect(info)
+        except trio.TooSlowError:
+            raise P2PDialError(f"dialling {addr} timed out after {timeout_s:g} s") from None
+        except Exception as exc:
+            raise P2PDialError(f"cannot reach {addr}: {_reason(exc)}") from None
+        return info.peer_id.to_base58()
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason, reaching through libp2p's wrapped dial errors."""
+    while exc.__cause__ is not None and str(exc.__cause__):
+        exc = exc.__cause__
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _build_host(identity: Identity, transport: ExclusiveTCP) -> IHost:
+    key_pair = key_pair_for(identity)
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        transports=[transport],
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+    )
+
+
+async def _bootstrap_one(mesh: MeshHost, addr: str, policy: BootstrapPolicy) -> None:
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            peer = await mesh.connect(addr, timeout_s=policy.dial_timeout_s)
+        except P2PDialError as exc:
+            if attempt == policy.max_attempts:
+                logger.warning("bootstrap peer unreachable, giving up after %d attempts: %s", attempt, exc)
+                return
+            delay = policy.backoff_s(attempt)
+            logger.info("bootstrap attempt %d failed (%s); retrying in %.1f s", attempt, exc, delay)
+            await trio.sleep(delay)
+        else:
+            logger.info("connected to bootstrap peer %s", peer)
+            return
+
+
+@asynccontextmanager
+async def open_mesh_host(
+    identity: Identity,
+    listen_addrs: Iterable[str],
+    *,
+    bootstrap: Iterable[str] = (),
+    bootstrap_policy: BootstrapPolicy = BootstrapPolicy(),
+) -> AsyncIterator[MeshHost]:
+    """Run a host listening on ``listen_addrs`` for the duration of the block.
+
+    Raises :class:`P2PListenError` (before yielding) if any listen address
+    cannot be bound, and :class:`P2PAddressError` for malformed addresses,
+    including bootstrap ones, so configuration mistakes surface at start.
+    """
+    maddrs = [parse_multiaddr(a, what="listen address") for a in listen_addrs]
+    if not maddrs:
+        raise P2PListenError("no listen address given")
+    boot = [a for a in bootstrap]
+    for addr in boot:
+        parse_multiaddr(addr, what="bootstrap address")
+    transport = ExclusiveTCP()
+    host = _build_host(identity, transport)
+    mesh = MeshHost(host)
+    failure: str | None = None
+    network = host.get_network()
+    async with background_trio_service(network):
+        await network.listen(*maddrs)
+        missing = [m for m in maddrs if str(m) not in network.listeners]
+        if missing:
+            failure = "; ".join(
+                f"cannot listen on {m}: {transport.listen_errors.get(str(m), 'no transport for it')}"
+                for m in missing
+            )
+        else:
+            own = [a for a in boot if _peer_of(a) != mesh.peer_id]
+            async with trio.open_nursery() as nursery:
+                for addr in own:
+                    nursery.start_soon(_bootstrap_one, mesh, addr, bootstrap_policy)
+                try:
+                    yield mesh
+                finally:
+                    nursery.cancel_scope.cancel()
+    if failure is not None:
+        # Raised outside the service context so callers get this error, not an ExceptionGroup.
+        raise P2PListenError(failure)
+
+
+def _peer_of(addr: str) -> str | None:
+    try:
+        return multiaddr.Multiaddr(addr).get_peer_id()
+    except Exception:
+        return None
+

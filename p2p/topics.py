@@ -1,0 +1,92 @@
+"""Realm-namespaced gossip topics and stream protocol ids.
+
+Every name carries the realm id (hex of the genesis hash), so nodes of two
+realms sharing one network never exchange ads, blocks or sysop messages, and
+a stream opened for one realm's protocol cannot reach another realm's handler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libp2p.custom_types import TProtocol
+
+ANNOUNCE = "announce"
+LEDGER = "ledger"
+SYSOP = "sysop"
+TOPIC_NAMES = (ANNOUNCE, LEDGER, SYSOP)
+
+
+def _check_realm(realm_hex: str) -> str:
+    if len(realm_hex) != 64 or any(c not in "0123456789abcdef" for c in realm_hex):
+        raise ValueError(f"realm id must be 64 lower-case hex characters, got {realm_hex!r}")
+    return realm_hex
+
+
+def topic_name(realm_hex: str, name: str) -> str:
+    """``/mtor/<realm_hex>/<name>`` for one of :data:`TOPIC_NAMES`."""
+    if name not in TOPIC_NAMES:
+        raise ValueError(f"unknown topic {name!r}; expected one of {', '.join(TOPIC_NAMES)}")
+    return f"/mtor/{_check_realm(realm_hex)}/{name}"
+
+
+def announce_topic(realm_hex: str) -> str:
+    return topic_name(realm_hex, ANNOUNCE)
+
+
+def ledger_topic(realm_hex: str) -> str:
+    return topic_name(realm_hex, LEDGER)
+
+
+def sysop_topic(realm_hex: str) -> str:
+    return topic_name(realm_hex, SYSOP)
+
+
+def query_protocol(realm_hex: str) -> TProtocol:
+    """Broker -> worker query stream: ``/mtor/<realm_hex>/query/1``."""
+    return TProtocol(f"/mtor/{_check_realm(realm_hex)}/query/1")
+
+
+def sync_protocol(realm_hex: str) -> TProtocol:
+    """Ledger anti-entropy stream: ``/mtor/<realm_hex>/sync/1``."""
+    return TProtocol(f"/mtor/{_check_realm(realm_hex)}/sync/1")
+
+
+def capability_key(realm_hex: str, capability: str) -> str:
+    """DHT provider key for a capability: ``/mtor/<realm_hex>/cap/<name>``."""
+    if not capability or "/" in capability:
+        raise ValueError(f"invalid capability name {capability!r}")
+    return f"/mtor/{_check_realm(realm_hex)}/cap/{capability}"
+
+
+@dataclass(frozen=True)
+class RealmTopics:
+    """The three topic strings of one realm, and the reverse lookup."""
+
+    realm_hex: str
+
+    @property
+    def announce(self) -> str:
+        return announce_topic(self.realm_hex)
+
+    @property
+    def ledger(self) -> str:
+        return ledger_topic(self.realm_hex)
+
+    @property
+    def sysop(self) -> str:
+        return sysop_topic(self.realm_hex)
+
+    def topic(self, name: str) -> str:
+        return topic_name(self.realm_hex, name)
+
+    def all(self) -> dict[str, str]:
+        """Short name -> full topic string."""
+        return {name: topic_name(self.realm_hex, name) for name in TOPIC_NAMES}
+
+    def name_of(self, topic: str) -> str | None:
+        """The short name of one of this realm's topics, or None for any other string."""
+        for name, full in self.all().items():
+            if full == topic:
+                return name
+        return None

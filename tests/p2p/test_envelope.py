@@ -1,0 +1,120 @@
+"""The pure validation core: exact verdicts, no network."""
+
+import pytest
+
+from node import codec, signing
+from node.identity import Identity
+from p2p.envelope import Action, ReplayGuard, TopicValidator, Verdict, check_envelope, default_rules
+from p2p.topics import (
+    RealmTopics,
+    announce_topic,
+    capability_key,
+    query_protocol,
+    sync_protocol,
+)
+from tests.p2p.harness import REALM, signed
+
+NOW = 1_700_000_000_000
+RULES = default_rules(ts_window_s=60)
+SYSOP = RULES["sysop"]
+
+
+def enc(obj) -> bytes:
+    return codec.encode(obj)
+
+
+def test_topic_and_protocol_names():
+    realm_hex = REALM.hex()
+    assert announce_topic(realm_hex) == f"/mtor/{realm_hex}/announce"
+    assert query_protocol(realm_hex) == f"/mtor/{realm_hex}/query/1"
+    assert sync_protocol(realm_hex) == f"/mtor/{realm_hex}/sync/1"
+    assert capability_key(realm_hex, "chat") == f"/mtor/{realm_hex}/cap/chat"
+    topics = RealmTopics(realm_hex)
+    assert topics.name_of(topics.ledger) == "ledger" and topics.name_of("/other") is None
+    with pytest.raises(ValueError):
+        announce_topic("XYZ")
+
+
+def test_verdict_actions():
+    assert Verdict.ACCEPT.action is Action.ACCEPT
+    assert {v for v in Verdict if v.action is Action.IGNORE} == {
+        Verdict.DUPLICATE,
+        Verdict.STALE,
+        Verdict.TS_OUT_OF_WINDOW,
+    }
+
+
+def test_accepts_a_valid_sysop_message():
+    ident = Identity.generate()
+    checked = check_envelope(enc(signed(ident, "sysop", seq=1, ts_ms=NOW)), SYSOP, REALM, NOW)
+    assert checked.verdict is Verdict.ACCEPT and checked.signer == ident.public_key
+
+
+@pytest.mark.parametrize(
+    "data, verdict",
+    [
+        (b"\x00" * (8 * 1024 + 1), Verdict.TOO_LARGE),
+        (b"\xc1", Verdict.MALFORMED),
+        (enc({"body": {}}), Verdict.BAD_ENVELOPE),
+        (enc({"body": [], "sig": b"s" * 64}), Verdict.BAD_BODY),
+        (enc({"body": {"realm": "x"}, "sig": b"s" * 64}), Verdict.BAD_BODY),
+    ],
+)
+def test_structural_verdicts(data, verdict):
+    assert check_envelope(data, SYSOP, REALM, NOW).verdict is verdict
+
+
+def test_semantic_verdicts():
+    ident = Identity.generate()
+
+    def verdict_of(env) -> Verdict:
+        return check_envelope(enc(env), SYSOP, REALM, NOW).verdict
+
+    assert verdict_of(signed(ident, "sysop", seq=1, ts_ms=NOW, realm=b"\x01" * 32)) is Verdict.WRONG_REALM
+    assert verdict_of(signed(ident, "sysop", seq=1, ts_ms=NOW + 61_000)) is Verdict.TS_OUT_OF_WINDOW
+    assert verdict_of(signed(ident, "sysop", seq=1, ts_ms=NOW - 61_000)) is Verdict.TS_OUT_OF_WINDOW
+    assert verdict_of(signed(ident, "sysop", seq=-1, ts_ms=NOW)) is Verdict.BAD_BODY
+    assert verdict_of(signed(ident, "ad", seq=1, ts_ms=NOW)) is Verdict.BAD_SIGNATURE  # wrong kind
+    bad_signer = signed(ident, "sysop", seq=1, ts_ms=NOW)
+    bad_signer["body"]["address"] = "mtor1nope"
+    assert verdict_of(bad_signer) is Verdict.BAD_SIGNER
+    other = Identity.generate()
+    stolen = signed(ident, "sysop", seq=1, ts_ms=NOW)
+    stolen["body"]["address"] = other.address
+    assert verdict_of(stolen) is Verdict.BAD_SIGNATURE
+
+
+def test_replay_guard_by_sequence():
+    ident = Identity.generate()
+    v = TopicValidator(SYSOP, REALM)
+    m5, m6 = (enc(signed(ident, "sysop", seq=s, ts_ms=NOW)) for s in (5, 6))
+    assert v.check(m5, NOW).verdict is Verdict.ACCEPT  # check() does not remember
+    assert v.validate(m5, NOW).verdict is Verdict.ACCEPT
+    assert v.validate(m5, NOW).verdict is Verdict.DUPLICATE
+    assert v.validate(m6, NOW).verdict is Verdict.ACCEPT
+    assert v.validate(m5, NOW).verdict is Verdict.STALE
+    # Another signer's seq space is independent.
+    assert v.validate(enc(signed(Identity.generate(), "sysop", seq=1, ts_ms=NOW)), NOW).verdict is Verdict.ACCEPT
+
+
+def test_ledger_dedups_by_content_so_forks_get_through():
+    ident = Identity.generate()
+    v = TopicValidator(RULES["ledger"], REALM)
+
+    def block(payload: str) -> bytes:
+        body = {"realm": REALM, "account": ident.address, "height": 3, "payload": payload}
+        return enc(signing.sign(ident.signing_key, "block", body))
+
+    assert v.validate(block("a"), NOW).verdict is Verdict.ACCEPT
+    assert v.validate(block("a"), NOW).verdict is Verdict.DUPLICATE
+    assert v.validate(block("b"), NOW).verdict is Verdict.ACCEPT  # same height, other block: evidence
+    assert v.validate(block("c"), NOW + 10**9).verdict is Verdict.ACCEPT  # no time window for blocks
+
+
+def test_replay_guard_is_bounded():
+    guard = ReplayGuard(max_entries=2)
+    for i in range(5):
+        guard.record(bytes([i]) * 32, 1, sequenced=True)
+    assert len(guard._latest) == 2
+    assert guard.verdict(bytes([4]) * 32, 1, sequenced=True) is Verdict.DUPLICATE
+    assert guard.verdict(bytes([0]) * 32, 1, sequenced=True) is Verdict.ACCEPT  # evicted

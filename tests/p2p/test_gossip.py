@@ -1,0 +1,85 @@
+import time
+
+import pytest
+import trio
+
+from node import codec, signing
+from node.identity import Identity
+from p2p.envelope import Verdict
+from p2p.gossip import GossipPublishError
+from tests.p2p.harness import assert_empty, collect, join_raw, open_gossip_mesh, open_raw_node, signed
+from tests.p2p.waiting import wait_until
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def test_valid_messages_cross_a_line_of_three():
+    async with open_gossip_mesh(3) as (a, b, c):
+        at_c = c.gossip.subscribe("announce")
+        at_b = b.gossip.subscribe("sysop")
+        await a.gossip.publish("announce", signed(a.identity, "ad", seq=1, ts_ms=now_ms()))
+        await c.gossip.publish("sysop", signed(c.identity, "sysop", seq=7, ts_ms=now_ms(), text="hi"))
+        (ad,) = await collect(at_c, 1)
+        (op,) = await collect(at_b, 1)
+        assert ad.signer == a.identity.public_key and ad.origin_peer == a.mesh.peer_id
+        assert ad.body["seq"] == 1 and ad.topic.endswith("/announce")
+        assert op.body["text"] == "hi"
+
+
+async def test_local_publish_of_invalid_envelope_raises_with_verdict():
+    async with open_gossip_mesh(1) as (a,):
+        other_realm = signed(a.identity, "ad", seq=1, ts_ms=now_ms(), realm=b"\x01" * 32)
+        with pytest.raises(GossipPublishError) as info:
+            await a.gossip.publish("announce", other_realm)
+        assert info.value.verdict is Verdict.WRONG_REALM
+        ad = signed(a.identity, "ad", seq=1, ts_ms=now_ms())
+        wrong_kind = signing.sign(a.identity.signing_key, "sysop", ad["body"])  # a sysop signature
+        with pytest.raises(GossipPublishError, match="bad_signature"):
+            await a.gossip.publish("announce", wrong_kind)
+
+
+async def test_replays_are_ignored_without_penalising_the_forwarder():
+    async with open_gossip_mesh(2) as (a, b), open_raw_node() as relay:
+        at_b = b.gossip.subscribe("announce")
+        await join_raw(relay, b, b.gossip.topics.announce)
+        t = now_ms()
+        first, second = (signed(a.identity, "ad", seq=s, ts_ms=t) for s in (5, 6))
+        await a.gossip.publish("announce", first)
+        await a.gossip.publish("announce", second)
+        assert [d.body["seq"] for d in await collect(at_b, 2)] == [5, 6]
+        # The relay re-sends both signed ads in new pubsub messages: a replay.
+        for env in (first, second):
+            await relay.publish(b.gossip.topics.announce, codec.encode(env))
+        await wait_until(
+            lambda: b.gossip.verdicts[("announce", Verdict.STALE)] == 1
+            and b.gossip.verdicts[("announce", Verdict.DUPLICATE)] == 1,
+            what="b to ignore both replays",
+        )
+        assert_empty(at_b)
+        assert b.gossip.peer_score(relay.mesh.peer_id) == 0.0  # IGNORE is not penalised
+
+
+async def test_invalid_message_is_rejected_before_propagation():
+    async with open_gossip_mesh(2) as (b, c), open_raw_node() as evil:
+        at_b, at_c = b.gossip.subscribe("announce"), c.gossip.subscribe("announce")
+        await join_raw(evil, b, b.gossip.topics.announce)
+        forged = signed(evil.identity, "ad", seq=1, ts_ms=now_ms())
+        forged["body"]["seq"] = 2  # the signature no longer matches
+        await evil.publish(b.gossip.topics.announce, codec.encode(forged))
+        await wait_until(lambda: b.gossip.verdicts[("announce", Verdict.BAD_SIGNATURE)] == 1, what="b rejects")
+        assert b.gossip.peer_score(evil.mesh.peer_id) < 0
+        await b.gossip.publish("announce", signed(b.identity, "ad", seq=3, ts_ms=now_ms()))
+        (got,) = await collect(at_c, 1)
+        assert got.body["seq"] == 3
+        assert c.gossip.verdicts[("announce", Verdict.BAD_SIGNATURE)] == 0  # never forwarded to c
+        assert [d.body["seq"] for d in await collect(at_b, 1)] == [3]
+
+
+async def test_timestamp_window():
+    async with open_gossip_mesh(1) as (a,):
+        old = signed(a.identity, "ad", seq=1, ts_ms=now_ms() - 10 * 60 * 1000)
+        with pytest.raises(GossipPublishError) as info:
+            await a.gossip.publish("announce", old)
+        assert info.value.verdict is Verdict.TS_OUT_OF_WINDOW

@@ -1,0 +1,116 @@
+import socket
+
+import pytest
+import trio
+
+from node.identity import Identity
+from p2p.host import (
+    BootstrapPolicy,
+    P2PAddressError,
+    P2PDialError,
+    P2PListenError,
+    open_mesh_host,
+    peer_id_for,
+)
+from tests.p2p.waiting import wait_until
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+
+
+async def test_two_hosts_connect_and_see_each_other():
+    a_id, b_id = Identity.generate(), Identity.generate()
+    async with open_mesh_host(a_id, LOCAL) as a, open_mesh_host(b_id, LOCAL) as b:
+        assert a.peer_id == peer_id_for(a_id)
+        assert b.peer_id == peer_id_for(b_id)
+        (addr,) = a.listen_addrs
+        assert addr.startswith("/ip4/127.0.0.1/tcp/") and addr.endswith(f"/p2p/{a.peer_id}")
+        assert not addr.startswith("/ip4/127.0.0.1/tcp/0/")
+        assert await b.connect(addr) == a.peer_id
+        assert b.is_connected(a.peer_id)
+        await wait_until(lambda: a.is_connected(b.peer_id), what="inbound connection seen by a")
+
+
+async def test_peer_id_is_the_identity_key():
+    ident = Identity.from_seed(bytes(range(32)))
+    # Deterministic: the same seed always names the same peer.
+    assert peer_id_for(ident) == peer_id_for(Identity.from_seed(bytes(range(32))))
+    assert peer_id_for(ident).startswith("12D3KooW")  # identity-multihash Ed25519 key
+
+
+async def test_port_in_use_raises_listen_error():
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        addr = f"/ip4/127.0.0.1/tcp/{port}"
+        with pytest.raises(P2PListenError) as info:
+            async with open_mesh_host(Identity.generate(), [addr]):
+                pytest.fail("must not yield")
+    message = str(info.value)
+    assert addr in message and "in use" in message
+    assert "\n" not in message
+
+
+async def test_second_mesh_host_on_same_port_is_refused():
+    # py-libp2p binds with SO_REUSEPORT; our transport must not, or two nodes share a port.
+    async with open_mesh_host(Identity.generate(), LOCAL) as first:
+        port = first.listen_addrs[0].split("/")[4]
+        with pytest.raises(P2PListenError, match=f"tcp/{port}"):
+            async with open_mesh_host(Identity.generate(), [f"/ip4/127.0.0.1/tcp/{port}"]):
+                pytest.fail("must not yield")
+
+
+async def test_malformed_addresses_are_reported():
+    with pytest.raises(P2PAddressError, match="listen address"):
+        async with open_mesh_host(Identity.generate(), ["/ip4/nope/tcp/1"]):
+            pass
+    async with open_mesh_host(Identity.generate(), LOCAL) as a:
+        with pytest.raises(P2PAddressError, match="/p2p/"):
+            await a.connect("/ip4/127.0.0.1/tcp/1")
+
+
+async def test_dial_failure_names_the_address():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connection refused
+        dead = f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id_for(Identity.generate())}"
+        async with open_mesh_host(Identity.generate(), LOCAL) as a:
+            with pytest.raises(P2PDialError) as info:
+                await a.connect(dead, timeout_s=5)
+    assert dead in str(info.value)
+
+
+async def test_bootstrap_connects_in_background():
+    async with open_mesh_host(Identity.generate(), LOCAL) as seed:
+        async with open_mesh_host(Identity.generate(), LOCAL, bootstrap=seed.listen_addrs) as joiner:
+            await wait_until(lambda: joiner.is_connected(seed.peer_id), what="bootstrap connection")
+
+
+async def test_unreachable_bootstrap_is_not_fatal(caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"/ip4/127.0.0.1/tcp/{s.getsockname()[1]}/p2p/{peer_id_for(Identity.generate())}"
+        policy = BootstrapPolicy(max_attempts=2, initial_backoff_s=0.01, dial_timeout_s=2)
+        async with open_mesh_host(Identity.generate(), LOCAL, bootstrap=[dead], bootstrap_policy=policy) as a:
+            await wait_until(
+                lambda: any("giving up after 2 attempts" in r.getMessage() for r in caplog.records),
+                what="bootstrap give-up log",
+            )
+            assert a.connected_peers() == []
+
+
+async def test_host_closes_within_a_second_when_its_nursery_is_cancelled():
+    async def node(addr_out, task_status=trio.TASK_STATUS_IGNORED):
+        async with open_mesh_host(Identity.generate(), LOCAL) as mh:
+            addr_out.append(mh.listen_addrs[0])
+            task_status.started()
+            await trio.sleep_forever()
+
+    async with open_mesh_host(Identity.generate(), LOCAL) as peer:
+        addrs: list[str] = []
+        with trio.fail_after(1.0):  # the deadline covers cancellation and teardown
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node, addrs)
+                await peer.connect(addrs[0])
+                nursery.cancel_scope.cancel()
+        await wait_until(lambda: peer.connected_peers() == [], what="peer to notice the close")
