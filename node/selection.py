@@ -1,0 +1,177 @@
+"""Worker selection (SPEC §5, §7), pure: candidates in, an ordered list out.
+
+Rules, exactly as implemented:
+
+1. A candidate is **excluded** (with a typed :class:`Reason`, checked in this
+   order) when it: lacks the query type (``NO_CAPABILITY``); is a remote
+   adapter for a mesh query or a mesh worker for a remote query
+   (``WRONG_BACKEND``); does not offer the requested model (``NO_MODEL``;
+   an empty request model matches any); is blacklisted (``BLACKLISTED``);
+   missed its ads (``STALE``); has used its daily hours (``DAILY_HOURS_USED``,
+   any worker with a limit); is peaking for this type and the price is below
+   its threshold (``BELOW_PEAK_THRESHOLD``); already failed this query
+   (``ALREADY_TRIED``).
+2. The rest are ordered in tiers: ``IDLE`` (base contributors, idle), then
+   ``BUSY`` (base contributors, busy), then ``PEAK`` (workers with a peak
+   threshold for this type that the price has reached; idle before busy).
+3. Within a tier: higher health first; ties: this node's own worker first
+   (no network hop), then ``worker_id`` ascending (deterministic).
+
+Prices and thresholds are integer ledger units of the quoted price *including*
+the legacy multiplier (what the worker would earn).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+class Tier(enum.IntEnum):
+    IDLE = 0
+    BUSY = 1
+    PEAK = 2
+
+
+class Reason(enum.Enum):
+    NO_CAPABILITY = "no_capability"
+    WRONG_BACKEND = "wrong_backend"
+    NO_MODEL = "no_model"
+    BLACKLISTED = "blacklisted"
+    STALE = "stale"
+    DAILY_HOURS_USED = "daily_hours_used"
+    BELOW_PEAK_THRESHOLD = "below_peak_threshold"
+    ALREADY_TRIED = "already_tried"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What selection knows of one worker at one moment.
+
+    ``peak_threshold_units``: for each type it serves only at peak, the least
+    price (units) at which it joins; types absent are base-contributor types.
+    ``daily_limit_s`` None means no daily limit.
+    """
+
+    worker_id: str
+    capabilities: frozenset[str]
+    models: frozenset[str] = frozenset()
+    health: int = 100
+    blacklisted: bool = False
+    fresh: bool = True
+    busy: bool = False
+    peak_threshold_units: Mapping[str, int] = field(default_factory=dict)
+    daily_used_s: float = 0.0
+    daily_limit_s: float | None = None
+    is_self: bool = False
+    is_remote_adapter: bool = False
+
+
+@dataclass(frozen=True)
+class Request:
+    """The query being placed. ``remote``: its model_type names a remote API."""
+
+    query_type: str
+    price_units: int
+    model_name: str = ""
+    remote: bool = False
+    tried: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Ranked:
+    candidate: Candidate
+    tier: Tier
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    worker_id: str
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class Selection:
+    ranked: tuple[Ranked, ...]
+    excluded: tuple[Exclusion, ...]
+
+    @property
+    def worker_ids(self) -> tuple[str, ...]:
+        return tuple(r.candidate.worker_id for r in self.ranked)
+
+
+def exclusion_reason(c: Candidate, req: Request) -> Reason | None:
+    """Why ``c`` may not take ``req`` (first rule that applies), or None."""
+    if req.query_type not in c.capabilities:
+        return Reason.NO_CAPABILITY
+    if c.is_remote_adapter != req.remote:
+        return Reason.WRONG_BACKEND
+    if req.model_name and req.model_name not in c.models:
+        return Reason.NO_MODEL
+    if c.blacklisted:
+        return Reason.BLACKLISTED
+    if not c.fresh:
+        return Reason.STALE
+    if c.daily_limit_s is not None and c.daily_used_s >= c.daily_limit_s:
+        return Reason.DAILY_HOURS_USED
+    threshold = c.peak_threshold_units.get(req.query_type)
+    if threshold is not None and req.price_units < threshold:
+        return Reason.BELOW_PEAK_THRESHOLD
+    if c.worker_id in req.tried:
+        return Reason.ALREADY_TRIED
+    return None
+
+
+def tier_of(c: Candidate, query_type: str) -> Tier:
+    if query_type in c.peak_threshold_units:
+        return Tier.PEAK
+    return Tier.BUSY if c.busy else Tier.IDLE
+
+
+def select(candidates: Iterable[Candidate], req: Request) -> Selection:
+    """Rank usable candidates for ``req`` and say why the others were left out."""
+    ranked: list[Ranked] = []
+    excluded: list[Exclusion] = []
+    for c in candidates:
+        reason = exclusion_reason(c, req)
+        if reason is None:
+            ranked.append(Ranked(c, tier_of(c, req.query_type)))
+        else:
+            excluded.append(Exclusion(c.worker_id, reason))
+    ranked.sort(key=lambda r: (r.tier, r.candidate.busy, -r.candidate.health,
+                               not r.candidate.is_self, r.candidate.worker_id))
+    return Selection(tuple(ranked), tuple(excluded))
+
+
+class GiveUp(enum.Enum):
+    NO_CANDIDATES_LEFT = "no_candidates_left"  #: every ranked worker has failed
+    MAX_ATTEMPTS = "max_attempts"  #: the retry budget is spent
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Try ``candidate``; this is attempt number ``number`` (1-based)."""
+
+    candidate: Candidate
+    number: int
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    """Stop: tell the user and release the reservation."""
+
+    reason: GiveUp
+    attempts: int
+
+
+def next_attempt(selection: Selection, failed: Iterable[str], max_attempts: int) -> Attempt | Exhausted:
+    """The best-ranked worker not yet failed, within ``max_attempts`` tries in all."""
+    failed_set = set(failed)
+    used = len(failed_set)
+    if used >= max_attempts:
+        return Exhausted(GiveUp.MAX_ATTEMPTS, used)
+    for r in selection.ranked:
+        if r.candidate.worker_id not in failed_set:
+            return Attempt(r.candidate, used + 1)
+    return Exhausted(GiveUp.NO_CANDIDATES_LEFT, used)
