@@ -27,6 +27,7 @@ log = logging.getLogger("mtor-node")
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from inference.device import DeviceError
     from ledger.errors import LedgerError
+    from ledger.wallet_cli import CliError
     from node.datadir import DataDirError
     from node.genesis import GenesisError
     from node.identity import IdentityError
@@ -42,6 +43,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ConsoleBindError,
         P2PError,
         LedgerError,
+        CliError,
         CommandError,
     )
 
@@ -243,6 +245,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    listing = control_request(args.data_dir, "/control/mesh/peers")
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    peers = listing["peers"]
+    print(f"Realm {listing['realm'][:16]}…  {len(peers)} known node(s)")
+    header = f"{'PEER ID':<54} {'STATE':<11} {'HEALTH':>6} {'DEVICE':<6} {'SEEN':>7}  CAPABILITIES (price)"
+    print(header)
+    for peer in peers:
+        caps = ", ".join(
+            f"{name} ({cap['price_milli'] / 1000:g})" for name, cap in sorted(peer["capabilities"].items())
+        ) or "none (broker/console only)"
+        state = "self" if peer["is_self"] else peer["availability"]
+        print(
+            f"{peer['peer_id']:<54} {state:<11} {peer['health']:>6} {peer['device']['kind']:<6} "
+            f"{peer['last_seen_s_ago']:>6.0f}s  {caps}"
+        )
+        for addr in peer["addrs"][:3]:
+            print(f"    {addr}")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------
 
 
@@ -284,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    peers = sub.add_parser("peers", help="list the nodes this node knows, with health and prices")
+    _common(peers)
+    peers.add_argument("--json", action="store_true", help="machine-readable output")
+    peers.set_defaults(func=cmd_peers)
 
     for add in (add_wallet_parser, add_ledger_parser):
         before = set(sub.choices)

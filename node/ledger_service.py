@@ -9,18 +9,46 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from collections import Counter
 from typing import Any, Callable
 
 import trio
 
 from ledger.control_ops import handle_control
-from ledger.ledger import Ledger
+from ledger.errors import LedgerError
+from ledger.ledger import Ledger, Settlement
+from ledger.wallet_ops import receive_all
 from node.config import Settings
 from node.datadir import DataDir
 from node.genesis import Genesis
 from node.identity import Identity
+from p2p.errors import P2PError
 
 log = logging.getLogger(__name__)
+
+
+class _RecordingLedger:
+    """Passes every call through to the ledger and remembers the blocks it stored.
+
+    Wallet and custody operations submit blocks deep inside the ledger
+    package; this lets the node gossip exactly what they added.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self.applied: list[bytes] = []
+
+    def submit(self, data):
+        return self.submit_many([data])[0]
+
+    def submit_many(self, items):
+        results = self._ledger.submit_many(items)
+        for result in results:
+            self.applied.extend(result.applied)
+        return results
+
+    def __getattr__(self, name: str):
+        return getattr(self._ledger, name)
 
 
 class LedgerService:
@@ -30,6 +58,9 @@ class LedgerService:
         self.identity = identity
         self.limiter = trio.CapacityLimiter(1)
         self._summary: dict = {}
+        #: Set by the mesh once gossip runs: ``await publish("ledger", raw_block)``.
+        self.publish: Callable[[str, bytes], Any] | None = None
+        self.gossip_verdicts: Counter[str] = Counter()
 
     @classmethod
     async def open(cls, data: DataDir, genesis: Genesis, identity: Identity, settings: Settings) -> "LedgerService":
@@ -56,12 +87,82 @@ class LedgerService:
         return dict(self._summary)
 
     async def control(self, area: str, op: str, payload: dict) -> tuple[int, dict]:
-        status, result = await self.call(
-            lambda ledger: handle_control(ledger, self.identity, self.data.path, f"{area}/{op}", payload)
-        )
-        if area == "wallet":
+        def run(ledger: Ledger) -> tuple[int, dict, list[bytes]]:
+            recorder = _RecordingLedger(ledger)
+            status, result = handle_control(recorder, self.identity, self.data.path, f"{area}/{op}", payload)
+            return status, result, [ledger.get_block(h).raw for h in recorder.applied]
+
+        status, result, new_blocks = await self.call(run)
+        if new_blocks:
+            await self.announce_blocks(new_blocks)
             await self.refresh_summary()
         return status, result
+
+    async def run_recorded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(ledger, *args)`` and gossip every block it stored."""
+
+        def run(ledger: Ledger):
+            recorder = _RecordingLedger(ledger)
+            value = fn(recorder, *args)
+            return value, [ledger.get_block(h).raw for h in recorder.applied]
+
+        value, new_blocks = await self.call(run)
+        if new_blocks:
+            await self.announce_blocks(new_blocks)
+        return value
+
+    async def announce_blocks(self, raw_blocks: list[bytes]) -> None:
+        """Gossip blocks this node created; peers that miss them catch up by sync."""
+        if self.publish is None:
+            return
+        for raw in raw_blocks:
+            try:
+                await self.publish("ledger", raw)
+            except P2PError as exc:
+                log.warning("could not gossip a new block: %s", exc)
+
+    async def on_gossip_block(self, delivery) -> None:
+        """A validated ``ledger`` gossip message: hand the block to the ledger."""
+        result = await self.call(lambda ledger: ledger.submit(delivery.data))
+        self.gossip_verdicts[result.verdict.value] += 1
+        if result.verdict.value not in ("accepted", "duplicate", "pending_previous", "pending_source"):
+            log.info("gossiped block from %s: %s %s", delivery.origin_peer, result.verdict.value, result.detail)
+
+    async def auto_receive(self, identity: Identity, quiet_s: float) -> int:
+        """Claim what is owed to ``identity``: genesis allocations, and sends that have settled.
+
+        Only settled sends (seen with no conflicting block for ``quiet_s``) are
+        received, so an equivocating payer cannot drag this chain into a fork
+        cascade.
+        """
+
+        def claim(ledger: Ledger) -> int:
+            ready = set()
+            for source, _amount in ledger.receivable(identity.public_key):
+                if ledger.get_block(source) is None:  # a genesis allocation: final by definition
+                    ready.add(source)
+                elif ledger.settled(source, quiet_s) is Settlement.SETTLED:
+                    ready.add(source)
+            if not ready:
+                return 0
+            return len(receive_all(ledger, identity, only=ready)["received"])
+
+        claimed = await self.run_recorded(claim)
+        if claimed:
+            log.info("received %d incoming payment(s) into %s", claimed, identity.address)
+            await self.refresh_summary()
+        return claimed
+
+    async def run_auto_receive(self, quiet_s: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the node wallet's incoming payments claimed, every ``quiet_s`` (min 1 s)."""
+        await self.auto_receive(self.identity, quiet_s)
+        task_status.started()
+        while True:
+            await trio.sleep(max(1.0, quiet_s))
+            try:
+                await self.auto_receive(self.identity, quiet_s)
+            except LedgerError as exc:
+                log.warning("could not receive incoming payments: %s", exc)
 
     async def close(self) -> None:
         """Flush and close; callers shield this so shutdown cannot interrupt it."""

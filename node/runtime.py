@@ -28,11 +28,16 @@ from inference.device import Device, select_device
 from node import __version__
 from node.config import Settings
 from node.datadir import DataDir, initialise
+from node.events import EventBus
 from node.genesis import Genesis
 from node.identity import Identity
+from node.health import HealthPolicy
 from node.ledger_service import LedgerService
+from node.mesh_service import MeshService
+from node.registry import PeerRegistry
 from node.watchdog import Watchdog
-from p2p.host import MeshHost, open_mesh_host
+from p2p.ads import AdContent
+from p2p.host import MeshHost, open_mesh_host, peer_id_for
 from webui.app import create_app
 from webui.auth import SysopAuth
 
@@ -91,6 +96,11 @@ class Node:
         self.options = options
         self.auth = SysopAuth(data.admin_secret())
         self.watchdog = Watchdog(interval_s=settings.node.watchdog_interval_s)
+        self.bus = EventBus()
+        self.registry = PeerRegistry(
+            HealthPolicy.from_config(settings.health, settings.p2p), self.bus, self_peer_id=peer_id_for(identity)
+        )
+        self.mesh_service: MeshService | None = None
         self.ledger: LedgerService | None = None
         self.mesh: MeshHost | None = None
         self.console_url = ""
@@ -141,7 +151,35 @@ class Node:
             "watchdog": {"stalls": self.watchdog.stalls, "max_loop_lag_s": round(self.watchdog.max_lag_s, 4)},
         }
 
+    def describe(self) -> AdContent:
+        """This node's ad: what it serves, on what, how busy (see p2p/ads.py)."""
+        return AdContent(
+            capabilities={},
+            device_kind=self.device.kind,
+            vram_mb=self.device.vram_mb,
+            queued=0,
+            running=0,
+            operator={"mode": "base"},
+            version=__version__,
+        )
+
+    def peers(self) -> list[dict]:
+        """Every known worker (this node included) with its ad and health."""
+        now = trio.current_time()
+        connected = set(self.mesh.connected_peers()) if self.mesh else set()
+        listing = []
+        for entry in self.registry.snapshot(now):
+            addrs = []
+            if self.mesh is not None and not entry["is_self"]:
+                addrs = self.mesh.known_addrs(entry["peer_id"])
+            elif self.mesh is not None:
+                addrs = self.mesh.listen_addrs
+            listing.append(entry | {"addrs": addrs, "connected": entry["peer_id"] in connected or entry["is_self"]})
+        return listing
+
     async def control(self, area: str, op: str, payload: dict) -> tuple[int, dict]:
+        if area == "mesh" and op == "peers":
+            return 200, {"realm": self.genesis.realm_hex, "peers": self.peers()}
         if self.ledger is None:
             return 503, {"error": "ledger is not open yet"}
         return await self.ledger.control(area, op, payload)
@@ -163,8 +201,21 @@ class Node:
                     self.identity, self.options.listen, bootstrap=self.options.bootstrap
                 ) as mesh:
                     self.mesh = mesh
+                    self.mesh_service = MeshService(
+                        mesh,
+                        self.genesis.realm_id,
+                        self.identity,
+                        self.registry,
+                        self.describe,
+                        announce_interval_s=self.settings.p2p.announce_interval_s,
+                        health_check_interval_s=self.settings.health.health_check_interval_s,
+                        on_block=self.ledger.on_gossip_block,
+                    )
                     async with trio.open_nursery() as nursery:
                         await nursery.start(self.watchdog.run)
+                        await nursery.start(self.mesh_service.run)
+                        self.ledger.publish = self.mesh_service.gossip.publish
+                        await nursery.start(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s)
                         await self._serve_console(nursery, sock)
                         self.data.write_runtime(self._runtime_info())
                         task_status.started(self)

@@ -119,6 +119,14 @@ class MeshHost:
     def is_connected(self, peer_id: str) -> bool:
         return peer_id in self.connected_peers()
 
+    def known_addrs(self, peer_id: str) -> list[str]:
+        """Addresses the peerstore holds for ``peer_id`` (empty if unknown or malformed)."""
+        try:
+            pid = ID.from_base58(peer_id)
+            return [str(addr) for addr in self.host.get_peerstore().addrs(pid)]
+        except Exception:  # noqa: BLE001 - peerstore raises for unknown peers
+            return []
+
     async def connect(self, addr: str, *, timeout_s: float = 10.0) -> str:
         """Dial ``addr`` (must end in ``/p2p/<peer id>``); return the peer id.
 

@@ -1,0 +1,126 @@
+"""Which stored blocks count: the fork rule as a pure function of a set of blocks.
+
+Given every stored block (each already valid by :mod:`ledger.validate`), a
+block is *effective* when all of these hold:
+
+* its previous block is effective (or it is at height 0);
+* it is *selected* at its height: if the account has more than one block at
+  some height, the lowest such height ``f`` is the account's fork point; blocks
+  below ``f`` are selected (there is only one per height there), at ``f`` only
+  the block with the lowest hash is selected, and nothing above ``f`` is;
+* if it receives a send, that send is effective (allocations always are).
+
+This is a definition by induction over the hash DAG (a block can only name
+blocks that existed before it), so it has exactly one answer for a given set,
+whatever order the blocks arrived in. The survivor at ``f`` is chosen by hash
+alone, not "the lowest hash that is itself valid": the latter is circular when
+one conflicting block's validity depends, through other accounts, on its sibling.
+
+:func:`derive` is the from-scratch reference used by ``verify`` and the tests;
+:mod:`ledger.cascade` maintains the same result incrementally.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from ledger.blocks import Block
+
+
+@dataclass
+class DerivedState:
+    """Everything derived from the blocks. Keys are raw bytes."""
+
+    effective: set[bytes] = field(default_factory=set)
+    frontiers: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
+    balances: dict[bytes, int] = field(default_factory=dict)
+    #: (recipient, source) -> amount, for effective sends/allocations not effectively received
+    receivable: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
+    fork_heights: dict[bytes, int] = field(default_factory=dict)
+    tip_heights: dict[bytes, int] = field(default_factory=dict)
+    supply: int = 0
+
+
+def fork_heights(blocks: Mapping[bytes, Block]) -> tuple[dict[bytes, int], dict[tuple[bytes, int], list[bytes]]]:
+    """Per account, the lowest height holding more than one block; and blocks per (account, height)."""
+    at: dict[tuple[bytes, int], list[bytes]] = defaultdict(list)
+    for block in blocks.values():
+        at[(block.account, block.height)].append(block.hash)
+    forks: dict[bytes, int] = {}
+    for (account, height), hashes in at.items():
+        hashes.sort()
+        if len(hashes) > 1 and height < forks.get(account, height + 1):
+            forks[account] = height
+    return forks, at
+
+
+def derive(blocks: Mapping[bytes, Block], allocations: Mapping[bytes, tuple[bytes, int]]) -> DerivedState:
+    """Compute the effective state of ``blocks`` (hash -> Block) from scratch.
+
+    Blocks whose named previous/source is absent from ``blocks`` are treated as
+    not effective (a consistent store has none).
+    """
+    forks, at = fork_heights(blocks)
+    state = DerivedState(fork_heights=forks, supply=sum(amount for _, amount in allocations.values()))
+    children: dict[bytes, list[bytes]] = defaultdict(list)
+    waiting: dict[bytes, int] = {}
+    ready: deque[bytes] = deque()
+    for block in blocks.values():
+        deps = [d for d in (block.previous, block.source) if d is not None and d not in allocations]
+        deps = list(dict.fromkeys(deps))
+        for dep in deps:
+            children[dep].append(block.hash)
+        waiting[block.hash] = len(deps)
+        if not deps:
+            ready.append(block.hash)
+        tip = state.tip_heights.get(block.account, -1)
+        state.tip_heights[block.account] = max(tip, block.height)
+    effective = state.effective
+    while ready:
+        block = blocks[ready.popleft()]
+        if _selected(block, forks, at) and _deps_effective(block, effective, allocations):
+            effective.add(block.hash)
+        for child in children.get(block.hash, ()):
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                ready.append(child)
+    received: set[bytes] = set()
+    for h in effective:
+        block = blocks[h]
+        frontier = state.frontiers.get(block.account)
+        if frontier is None or frontier[0] < block.height:
+            state.frontiers[block.account] = (block.height, block.hash)
+            state.balances[block.account] = block.balance
+        if block.type in ("open", "receive"):
+            received.add(block.source)
+        elif block.type == "mint":
+            state.supply += block.amount
+    for source, (recipient, amount) in allocations.items():
+        if source not in received:
+            state.receivable[(recipient, source)] = amount
+    for h in effective:
+        block = blocks[h]
+        if block.type == "send" and h not in received:
+            state.receivable[(block.to, h)] = block.amount
+    return state
+
+
+def _selected(block: Block, forks: Mapping[bytes, int], at: Mapping[tuple[bytes, int], list[bytes]]) -> bool:
+    fork = forks.get(block.account)
+    if fork is None or block.height < fork:
+        return True
+    return block.height == fork and at[(block.account, fork)][0] == block.hash
+
+
+def _deps_effective(block: Block, effective: set[bytes], allocations: Mapping[bytes, object]) -> bool:
+    if block.previous is not None and block.previous not in effective:
+        return False
+    return block.source is None or block.source in allocations or block.source in effective
+
+
+def bank_invariant(state: DerivedState) -> tuple[bool, int, int]:
+    """``sum(balances) + sum(receivable) == supply``: returns (holds, left side, supply)."""
+    held = sum(state.balances.values()) + sum(state.receivable.values())
+    return held == state.supply, held, state.supply

@@ -1,0 +1,11 @@
+"""Exceptions of the ledger package that callers (the CLI, the node) treat as expected failures."""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened or used; the message says why."""
+
+
+class LedgerLocked(LedgerError):
+    """The LevelDB directory is locked by another process (normally the running node)."""

@@ -1,0 +1,416 @@
+"""The ledger: a signed block lattice on LevelDB, behind one lock.
+
+:class:`Ledger` is synchronous and thread-safe (one internal lock); the node
+calls it from a worker thread with a single writer. Each ``submit`` validates
+(:mod:`ledger.validate`), stores the block and every index update in one
+``WriteBatch`` (``sync=True``: fsync'd before ``submit`` returns, so an
+acknowledged block survives power loss; ``sync=False``: survives a process
+crash but maybe not a machine crash), then applies any pool blocks it unblocked
+in the same batch. ``submit_many`` puts a whole batch of blocks in one
+``WriteBatch`` (one fsync) for sync and bulk import.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ledger import store
+from ledger.blocks import Block, BlockError, alloc_id, parse_block
+from ledger.errors import LedgerError, LedgerLocked
+from ledger.forks import ForkProof
+from ledger.pool import PendingPool
+from ledger.txn import AccountState, LedgerTxn, RealmFacts, decode_stored, effective_in, load_account
+from ledger.validate import validate
+from ledger.verdicts import Result, Verdict
+from ledger.verify import VerifyReport, quick_check, verify_store
+from node.genesis import Genesis
+
+_CACHE_BLOCKS = 20_000
+_CACHE_ACCOUNTS = 50_000
+
+
+class Settlement(enum.Enum):
+    """Whether a payment can be relied on (see :meth:`Ledger.settled`)."""
+
+    UNKNOWN = "unknown"  #: not stored here
+    NOT_EFFECTIVE = "not_effective"  #: stored but does not count (fork or cascade)
+    CONFLICTED = "conflicted"  #: its account equivocated at or below its height
+    QUIET_PERIOD = "quiet_period"  #: counts, but seen too recently
+    SETTLED = "settled"  #: counts and seen without conflict for the quiet period
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    block: Block
+    effective: bool
+    seen_ms: int
+
+
+def realm_facts(genesis: Genesis) -> RealmFacts:
+    allocations = {
+        alloc_id(genesis.realm_id, i): (account, units) for i, (account, units) in enumerate(genesis.allocations)
+    }
+    return RealmFacts(genesis.realm_id, frozenset(genesis.mint_authorities), allocations)
+
+
+class Ledger:
+    """One realm's ledger in one LevelDB directory. Use :meth:`open`; call :meth:`close`."""
+
+    def __init__(self, db, genesis: Genesis, *, sync: bool, pool: PendingPool, clock_ms: Callable[[], int]) -> None:
+        self._db = db
+        self.genesis = genesis
+        self.facts = realm_facts(genesis)
+        self.sync = sync
+        self._pool = pool
+        self._clock_ms = clock_ms
+        self._lock = threading.RLock()
+        self._accounts: dict[bytes, AccountState] = {}
+        self._blocks: dict[bytes, Block] = {}
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        genesis: Genesis,
+        *,
+        sync: bool = True,
+        check: bool = True,
+        pool_max_blocks: int = 4096,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> "Ledger":
+        """Open or create the ledger at ``path`` for ``genesis``'s realm.
+
+        A fresh store is initialised from the genesis (allocations become
+        receivable). An existing one must belong to the same realm; with
+        ``check`` its frontiers and balances are cross-checked (O(accounts)).
+        Raises :class:`LedgerLocked` if another process holds it and
+        :class:`LedgerError` for any other problem.
+        """
+        try:
+            db = store.open_db(Path(path))
+        except store.StoreLocked as exc:
+            raise LedgerLocked(str(exc)) from exc
+        except store.StoreError as exc:
+            raise LedgerError(str(exc)) from exc
+        clock = clock_ms or (lambda: int(time.time() * 1000))
+        ledger = cls(db, genesis, sync=sync, pool=PendingPool(pool_max_blocks), clock_ms=clock)
+        try:
+            ledger._init_or_check(check)
+        except Exception:
+            db.close()
+            raise
+        return ledger
+
+    def _init_or_check(self, check: bool) -> None:
+        version = self._db.get(store.META + b"version")
+        if version is None:
+            with self._db.write_batch(sync=True) as batch:
+                for source, (account, units) in self.facts.allocations.items():
+                    batch.put(store.RECEIVABLE + account + source, store.u64(units))
+                batch.put(store.META + b"realm", self.facts.realm)
+                batch.put(store.META + b"supply", store.u64(sum(u for _, u in self.facts.allocations.values())))
+                batch.put(store.META + b"count", store.u64(0))
+                batch.put(store.META + b"version", store.u64(store.SCHEMA_VERSION))
+            return
+        if store.from_u64(version) != store.SCHEMA_VERSION:
+            raise LedgerError(f"ledger schema version {store.from_u64(version)} is not {store.SCHEMA_VERSION}")
+        realm = self._db.get(store.META + b"realm")
+        if realm != self.facts.realm:
+            raise LedgerError(
+                f"this ledger belongs to realm {(realm or b'').hex()[:16]}..., "
+                f"not {self.genesis.realm_hex[:16]}... (wrong genesis or data dir)"
+            )
+        if check:
+            problem = quick_check(self._db)
+            if problem:
+                raise LedgerError(f"ledger store is inconsistent: {problem} (run `mtor-node ledger verify`)")
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+    def submit(self, data: bytes | Block) -> Result:
+        """Validate and store one block (bytes or a :class:`Block`); see :class:`Result`."""
+        return self.submit_many([data])[0]
+
+    def submit_many(self, items: Iterable[bytes | Block]) -> list[Result]:
+        """Submit blocks in order, committing everything stored in ONE WriteBatch.
+
+        Results are exactly what one-by-one ``submit`` calls would return.
+        """
+        with self._lock:
+            self._check_open()
+            txn = LedgerTxn(self._db, self.facts, self._accounts, self._blocks)
+            now = self._clock_ms()
+            results = [self._submit_one(txn, item, now) for item in items]
+            txn.commit(sync=self.sync)
+            self._trim_caches()
+            return results
+
+    def _submit_one(self, txn: LedgerTxn, item: bytes | Block, now: int) -> Result:
+        try:
+            block = item if isinstance(item, Block) else parse_block(item)
+        except BlockError as exc:
+            return Result(exc.verdict, None, detail=str(exc))
+        if block.hash in self._pool:
+            return Result(Verdict.DUPLICATE, block.hash, detail="already waiting in the pending pool")
+        if txn.is_stored(block):
+            return Result(Verdict.DUPLICATE, block.hash, detail="already stored")
+        finding = validate(block, txn)
+        if finding.verdict.pending:
+            missing = block.previous if finding.verdict is Verdict.PENDING_PREVIOUS else block.source
+            if not self._pool.add(block, missing):
+                return Result(Verdict.POOL_FULL, block.hash, detail="pending pool is full")
+            return Result(finding.verdict, block.hash, detail=finding.detail)
+        if finding.verdict is not Verdict.ACCEPTED:
+            return Result(finding.verdict, block.hash, detail=finding.detail)
+        verdict = txn.apply(block, now)
+        applied = [block.hash]
+        self._drain_pool(txn, block.hash, applied, now)
+        return Result(verdict, block.hash, tuple(applied), detail=finding.detail)
+
+    def _drain_pool(self, txn: LedgerTxn, stored: bytes, applied: list[bytes], now: int) -> None:
+        queue = [stored]
+        while queue:
+            for block in self._pool.take(queue.pop()):
+                if txn.is_stored(block):
+                    continue
+                finding = validate(block, txn, signature_checked=True)
+                if finding.verdict.pending:
+                    missing = block.previous if finding.verdict is Verdict.PENDING_PREVIOUS else block.source
+                    self._pool.add(block, missing)
+                elif finding.verdict is Verdict.ACCEPTED:
+                    txn.apply(block, now)
+                    applied.append(block.hash)
+                    queue.append(block.hash)
+
+    def _trim_caches(self) -> None:
+        for cache, limit in ((self._blocks, _CACHE_BLOCKS), (self._accounts, _CACHE_ACCOUNTS)):
+            if len(cache) > limit:
+                for key in list(islice(cache, len(cache) - limit // 2)):
+                    del cache[key]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LedgerError("ledger is closed")
+
+    # ------------------------------------------------------------------ reading
+    def _account(self, account: bytes) -> AccountState:
+        st = self._accounts.get(account)
+        return st if st is not None else load_account(self._db.get, account)
+
+    def balance(self, account: bytes) -> int:
+        """Effective balance in units (0 for an unknown account)."""
+        with self._lock:
+            self._check_open()
+            raw = self._db.get(store.BALANCE + account)
+            return store.from_u64(raw) if raw is not None else 0
+
+    def receivable(self, account: bytes) -> list[tuple[bytes, int]]:
+        """(source, units) that ``account`` may receive: effective sends to it and unclaimed allocations."""
+        with self._lock:
+            self._check_open()
+            prefix = store.RECEIVABLE + account
+            return [(k[len(prefix):], store.from_u64(v)) for k, v in self._db.iterator(prefix=prefix)]
+
+    def frontier(self, account: bytes) -> tuple[int, bytes] | None:
+        """(height, hash) of the account's last effective block, or None."""
+        with self._lock:
+            self._check_open()
+            raw = self._db.get(store.FRONTIER + account)
+            return (store.from_u64(raw[:8]), raw[8:]) if raw is not None else None
+
+    def frontier_block(self, account: bytes) -> Block | None:
+        found = self.frontier(account)
+        return self.get_block(found[1]) if found else None
+
+    def account_state(self, account: bytes) -> AccountState:
+        """The derived record (tip height, fork height, effective frontier, balance)."""
+        with self._lock:
+            self._check_open()
+            st = self._account(account)
+            return AccountState(st.account, st.tip_height, st.fork_height, st.eff_height, st.eff_hash, st.balance)
+
+    def frontiers(self) -> dict[bytes, tuple[int, bytes]]:
+        """Every account's effective (height, hash)."""
+        with self._lock:
+            self._check_open()
+            n = len(store.FRONTIER)
+            return {k[n:]: (store.from_u64(v[:8]), v[8:]) for k, v in self._db.iterator(prefix=store.FRONTIER)}
+
+    def state_hash(self) -> bytes:
+        """One 32-byte value over every account's (effective frontier, fork height).
+
+        Replicas that hold the same set of blocks have the same state hash.
+        """
+        with self._lock:
+            self._check_open()
+            h = hashlib.blake2b(b"mtor/v1/state" + self.facts.realm, digest_size=32)
+            for key, rec in self._db.iterator(prefix=store.ACCOUNT):
+                account = key[1:]
+                frontier = self._db.get(store.FRONTIER + account) or bytes(40)
+                fork = rec[8:16] if len(rec) == 16 else b"\xff" * 8
+                h.update(account + frontier + fork)
+            return h.digest()
+
+    def get_block(self, block_hash: bytes) -> Block | None:
+        with self._lock:
+            self._check_open()
+            block = self._blocks.get(block_hash)
+            if block is not None:
+                return block
+            raw = self._db.get(store.BLOCK + block_hash)
+            return decode_stored(raw)[1] if raw is not None else None
+
+    def first_seen_ms(self, block_hash: bytes) -> int | None:
+        with self._lock:
+            self._check_open()
+            raw = self._db.get(store.BLOCK + block_hash)
+            return store.from_u64(raw[:8]) if raw is not None else None
+
+    def is_effective(self, block_hash: bytes) -> bool:
+        """Whether a stored block counts under the fork rule."""
+        with self._lock:
+            block = self.get_block(block_hash)
+            return block is not None and effective_in(self._account(block.account), block)
+
+    def blocks_from(self, account: bytes, height: int = 0) -> list[bytes]:
+        """Raw bytes of every stored block of ``account`` at ``height`` and above (forks included), for sync."""
+        with self._lock:
+            self._check_open()
+            start = store.chain_key(account, height)
+            stop = store.CHAIN + account + b"\xff" * 41
+            out = []
+            for key in self._db.iterator(start=start, stop=stop, include_value=False):
+                out.append(self._db.get(store.BLOCK + key[-32:])[8:])
+            return out
+
+    def history(self, account: bytes) -> list[HistoryEntry]:
+        """Every stored block of ``account`` by height (then hash), with whether it counts."""
+        with self._lock:
+            self._check_open()
+            st = self._account(account)
+            out = []
+            for key in self._db.iterator(prefix=store.CHAIN + account, include_value=False):
+                seen, block = decode_stored(self._db.get(store.BLOCK + key[-32:]))
+                out.append(HistoryEntry(block, effective_in(st, block), seen))
+            return out
+
+    def by_reference(self, ref: bytes) -> list[bytes]:
+        """Hashes of stored sends carrying ``ref``."""
+        with self._lock:
+            self._check_open()
+            prefix = store.ref_key(ref)
+            return [k[len(prefix):] for k in self._db.iterator(prefix=prefix, include_value=False)]
+
+    def supply(self) -> int:
+        """Genesis allocations plus effective mints, in units."""
+        with self._lock:
+            self._check_open()
+            return store.from_u64(self._db.get(store.META + b"supply"))
+
+    def check_bank(self) -> tuple[bool, int, int]:
+        """Bank invariant: sum(balances) + sum(receivable) == supply. Returns (holds, held, supply)."""
+        with self._lock:
+            self._check_open()
+            held = sum(store.from_u64(v) for _, v in self._db.iterator(prefix=store.BALANCE))
+            held += sum(store.from_u64(v) for _, v in self._db.iterator(prefix=store.RECEIVABLE))
+            supply = self.supply()
+            return held == supply, held, supply
+
+    def settled(self, send_hash: bytes, quiet_s: float, now_ms: int | None = None) -> Settlement:
+        """Whether a payment counts and has been seen with no conflict for ``quiet_s`` seconds.
+
+        Honest nodes receive (and workers deliver against) only settled sends,
+        which keeps them out of fork cascades.
+        """
+        with self._lock:
+            block = self.get_block(send_hash)
+            if block is None:
+                return Settlement.UNKNOWN
+            st = self._account(block.account)
+            if st.fork_height is not None and st.fork_height <= block.height:
+                return Settlement.CONFLICTED
+            if not effective_in(st, block):
+                return Settlement.NOT_EFFECTIVE
+            now = self._clock_ms() if now_ms is None else now_ms
+            if now - (self.first_seen_ms(send_hash) or now) < quiet_s * 1000:
+                return Settlement.QUIET_PERIOD
+            return Settlement.SETTLED
+
+    def fork_proofs(self) -> list[ForkProof]:
+        """A proof for every frozen account: its two lowest-hash blocks at its fork point."""
+        with self._lock:
+            self._check_open()
+            proofs = []
+            for key, rec in self._db.iterator(prefix=store.ACCOUNT):
+                if len(rec) == 16:
+                    account, fork = key[1:], store.from_u64(rec[8:])
+                    prefix = store.chain_key(account, fork)
+                    hashes = [k[len(prefix):] for k in islice(self._db.iterator(prefix=prefix, include_value=False), 2)]
+                    proofs.append(ForkProof(self.get_block(hashes[0]).raw, self.get_block(hashes[1]).raw))
+            return proofs
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._pool)
+
+    def stats(self) -> dict:
+        """Counts for people and metrics (JSON-able)."""
+        with self._lock:
+            self._check_open()
+            accounts = frozen = 0
+            for _, rec in self._db.iterator(prefix=store.ACCOUNT):
+                accounts += 1
+                frozen += len(rec) == 16
+            return {
+                "realm": self.genesis.realm_hex,
+                "blocks": store.from_u64(self._db.get(store.META + b"count")),
+                "accounts": accounts,
+                "frozen_accounts": frozen,
+                "supply_units": self.supply(),
+                "pending_pool": len(self._pool),
+                "sync_writes": self.sync,
+            }
+
+    def verify(self) -> VerifyReport:
+        """Re-validate every block and rebuild every index from scratch; report problems (O(blocks))."""
+        with self._lock:
+            self._check_open()
+            return verify_store(self._db, self.facts)
+
+    # ------------------------------------------------------------------ auxiliary keyspaces
+    def aux_get(self, prefix: bytes, key: bytes) -> bytes | None:
+        with self._lock:
+            self._check_open()
+            return self._db.get(prefix + key)
+
+    def aux_put(self, prefix: bytes, key: bytes, value: bytes) -> None:
+        """Durably write one record of an auxiliary keyspace (custody); sync follows the ledger's mode."""
+        if prefix not in (store.CUSTODY_WALLET, store.CUSTODY_GRANT):
+            raise ValueError("auxiliary writes are limited to the custody keyspaces")
+        with self._lock:
+            self._check_open()
+            self._db.put(prefix + key, value, sync=self.sync)
+
+    def aux_count(self, prefix: bytes) -> int:
+        with self._lock:
+            self._check_open()
+            return sum(1 for _ in self._db.iterator(prefix=prefix, include_value=False))

@@ -1,0 +1,133 @@
+"""LevelDB keyspaces of the ledger and an atomic write transaction over them.
+
+One plyvel DB, one-byte key prefixes (all integers big-endian so that
+LevelDB's byte order is numeric order):
+
+====  ================================  ==========================================
+pfx   key                               value
+====  ================================  ==========================================
+B     hash                              first-seen ms (8) + canonical block bytes
+C     account + height(8) + hash        empty  (chain: every stored block per height)
+A     account                           tip height(8) + fork height(8, or absent)
+F     account                           effective frontier: height(8) + hash
+L     account                           effective balance (8)
+P     recipient + source                amount (8): receivable ("pending" in Nano)
+R     source + receiving hash           height (8) of the receiving block
+X     len(ref)(1) + ref + send hash     empty  (reference index)
+M     name                              meta: version, realm, supply, block count
+W/G   custody keyspaces (ledger/custody.py)
+====  ================================  ==========================================
+
+B, C, R and X only ever grow. A, F, L, P and the supply are derived and may
+be rewritten when a fork changes what counts; blocks are never rewritten.
+A :class:`Txn` gathers every write of one submit in memory (reads see them)
+and commits them in one ``WriteBatch`` (``sync`` = fsync before returning).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import plyvel
+
+SCHEMA_VERSION = 1
+_U64 = struct.Struct(">Q")
+
+BLOCK = b"B"
+CHAIN = b"C"
+ACCOUNT = b"A"
+FRONTIER = b"F"
+BALANCE = b"L"
+RECEIVABLE = b"P"
+RECEIVED = b"R"
+REFERENCE = b"X"
+META = b"M"
+CUSTODY_WALLET = b"W"
+CUSTODY_GRANT = b"G"
+DERIVED = (ACCOUNT, FRONTIER, BALANCE, RECEIVABLE)
+
+
+class StoreError(Exception):
+    """The store cannot be opened or is inconsistent."""
+
+
+class StoreLocked(StoreError):
+    """Another process (normally a running node) holds the LevelDB lock."""
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def from_u64(data: bytes) -> int:
+    return _U64.unpack(data)[0]
+
+
+def chain_key(account: bytes, height: int, block_hash: bytes = b"") -> bytes:
+    return CHAIN + account + _U64.pack(height) + block_hash
+
+
+def ref_key(ref: bytes, send_hash: bytes = b"") -> bytes:
+    return REFERENCE + bytes([len(ref)]) + ref + send_hash
+
+
+def open_db(path: Path, *, create: bool = True) -> plyvel.DB:
+    """Open (creating if asked) the LevelDB at ``path``; a held lock raises :class:`StoreLocked`."""
+    try:
+        return plyvel.DB(str(path), create_if_missing=create)
+    except plyvel.IOError as exc:
+        if "lock" in str(exc).lower():
+            raise StoreLocked(f"ledger {path} is in use by another process (is the node running?)") from exc
+        raise StoreError(f"cannot open ledger {path}: {exc}") from exc
+    except plyvel.Error as exc:
+        raise StoreError(f"cannot open ledger {path}: {exc}") from exc
+
+
+class Txn:
+    """Buffered writes over ``db`` with read-your-writes; nothing touches disk until :meth:`commit`."""
+
+    __slots__ = ("db", "writes")
+
+    def __init__(self, db: plyvel.DB) -> None:
+        self.db = db
+        self.writes: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.writes:
+            return self.writes[key]
+        return self.db.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.writes[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.writes[key] = None
+
+    def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every live (key, value) under ``prefix`` in key order, including buffered writes."""
+        merged = dict(self.db.iterator(prefix=prefix))
+        for key, value in self.writes.items():
+            if key.startswith(prefix):
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+        return sorted(merged.items())
+
+    def commit(self, *, sync: bool) -> None:
+        if not self.writes:
+            return
+        with self.db.write_batch(sync=sync) as batch:
+            for key, value in self.writes.items():
+                if value is None:
+                    batch.delete(key)
+                else:
+                    batch.put(key, value)
+        self.writes = {}
+
+
+def iterate(db: plyvel.DB, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Committed (key, value) pairs under ``prefix``, in key order."""
+    yield from db.iterator(prefix=prefix)

@@ -1,0 +1,243 @@
+"""One ledger write transaction: the read view validation needs, plus applying blocks.
+
+:class:`LedgerTxn` reads through its buffered writes, so a batch of blocks
+(or a block and the pool blocks it unblocks) can be validated and applied in
+sequence and then committed as one ``WriteBatch``. It keeps the derived
+indexes (account record, frontier, balance, receivable, supply) equal to
+:func:`ledger.effective.derive` of the stored blocks; forks hand over to
+:mod:`ledger.cascade`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import plyvel
+
+from ledger import cascade, store
+from ledger.blocks import Block, parse_block
+from ledger.verdicts import Verdict
+
+
+@dataclass(frozen=True)
+class RealmFacts:
+    """What the genesis fixes for validation."""
+
+    realm: bytes
+    mint_authorities: frozenset[bytes]
+    allocations: dict[bytes, tuple[bytes, int]]  # alloc id -> (account, units)
+
+
+@dataclass(slots=True)
+class AccountState:
+    """Derived per-account record. ``eff_height`` is -1 when nothing of the account counts."""
+
+    account: bytes
+    tip_height: int = -1
+    fork_height: int | None = None
+    eff_height: int = -1
+    eff_hash: bytes | None = None
+    balance: int = 0
+
+    def copy(self) -> "AccountState":
+        return AccountState(self.account, self.tip_height, self.fork_height, self.eff_height, self.eff_hash,
+                            self.balance)
+
+
+def load_account(db_get, account: bytes) -> AccountState:
+    """Read an account's derived record with ``db_get`` (a ``get(key)`` function)."""
+    st = AccountState(account)
+    raw = db_get(store.ACCOUNT + account)
+    if raw is None:
+        return st
+    st.tip_height = store.from_u64(raw[:8])
+    if len(raw) == 16:
+        st.fork_height = store.from_u64(raw[8:])
+    frontier = db_get(store.FRONTIER + account)
+    if frontier is not None:
+        st.eff_height = store.from_u64(frontier[:8])
+        st.eff_hash = frontier[8:]
+        st.balance = store.from_u64(db_get(store.BALANCE + account) or store.u64(0))
+    return st
+
+
+def decode_stored(raw: bytes) -> tuple[int, Block]:
+    """Split a B-keyspace value into (first-seen ms, block)."""
+    return store.from_u64(raw[:8]), parse_block(raw[8:])
+
+
+class LedgerTxn:
+    """Validation view + writer for one transaction. Not thread-safe; the Ledger's lock guards it."""
+
+    def __init__(self, db: plyvel.DB, facts: RealmFacts, accounts: dict, blocks: dict) -> None:
+        self.txn = store.Txn(db)
+        self.facts = facts
+        self.realm = facts.realm
+        self.mint_authorities = facts.mint_authorities
+        self._committed_accounts = accounts
+        self._committed_blocks = blocks
+        self.accounts: dict[bytes, AccountState] = {}
+        self.changed: set[bytes] = set()
+        self.blocks: dict[bytes, Block] = {}
+        self._new_receives: dict[bytes, list[tuple[bytes, int]]] = {}  # R entries not yet committed
+        self.supply_delta = 0
+        self.count_delta = 0
+
+    # ------------------------------------------------------------ view (validate.View)
+    def get_block(self, block_hash: bytes) -> Block | None:
+        block = self.blocks.get(block_hash) or self._committed_blocks.get(block_hash)
+        if block is not None:
+            return block
+        raw = self.txn.get(store.BLOCK + block_hash)
+        if raw is None:
+            return None
+        block = parse_block(raw[8:])
+        self._committed_blocks[block_hash] = block
+        return block
+
+    def is_stored(self, block: Block) -> bool:
+        """Whether ``block`` is already stored (a duplicate)."""
+        if block.height > self.account(block.account).tip_height:
+            return False  # nothing of the account is stored that high
+        return self.has_block(block.hash)
+
+    def has_block(self, block_hash: bytes) -> bool:
+        if block_hash in self.blocks or block_hash in self._committed_blocks:
+            return True
+        return self.txn.get(store.BLOCK + block_hash) is not None
+
+    def allocation(self, source: bytes) -> tuple[bytes, int] | None:
+        return self.facts.allocations.get(source)
+
+    def received_heights(self, source: bytes, block: Block) -> list[int]:
+        # Below an account's fork point there is one block per height, so a
+        # height test is an ancestor test; above it, walk the chain.
+        st = self.account(block.account)
+        fork = st.fork_height
+        if (
+            fork is None
+            and st.eff_height == st.tip_height
+            and source not in self._new_receives
+            and self.txn.get(store.RECEIVABLE + block.account + source) is not None
+        ):
+            return []  # fast path: still receivable, and every block of the chain counts
+        return [
+            height
+            for receiver, height in self.receives_of(source)
+            if height < block.height and (fork is None or height < fork or self._is_ancestor(receiver, height, block))
+        ]
+
+    def _is_ancestor(self, older: bytes, height: int, block: Block) -> bool:
+        cursor: Block | None = block
+        while cursor is not None and cursor.height > height:
+            cursor = self.get_block(cursor.previous) if cursor.previous is not None else None
+        return cursor is not None and cursor.hash == older
+
+    # ------------------------------------------------------------ derived state
+    def account(self, account: bytes) -> AccountState:
+        st = self.accounts.get(account)
+        if st is None:
+            committed = self._committed_accounts.get(account)
+            st = committed.copy() if committed is not None else load_account(self.txn.get, account)
+            self.accounts[account] = st
+        return st
+
+    def mark(self, st: AccountState) -> None:
+        self.changed.add(st.account)
+
+    def is_effective(self, block_hash: bytes) -> bool:
+        """Whether a stored block (or an allocation id) currently counts."""
+        if block_hash in self.facts.allocations:
+            return True
+        block = self.get_block(block_hash)
+        return block is not None and effective_in(self.account(block.account), block)
+
+    def blocks_at(self, account: bytes, height: int) -> list[bytes]:
+        """Hashes of every stored block at (account, height), lowest first."""
+        prefix = store.chain_key(account, height)
+        return [key[len(prefix):] for key, _ in self.txn.scan(prefix)]
+
+    def receives_of(self, source: bytes) -> list[tuple[bytes, int]]:
+        """(hash, height) of every stored block that receives ``source``."""
+        prefix = store.RECEIVED + source
+        n = len(prefix)
+        found = [(key[n:], store.from_u64(value)) for key, value in self.txn.db.iterator(prefix=prefix)]
+        return found + self._new_receives.get(source, [])
+
+    def set_receivable(self, recipient: bytes, source: bytes, amount: int | None) -> None:
+        key = store.RECEIVABLE + recipient + source
+        if amount is None:
+            self.txn.delete(key)
+        else:
+            self.txn.put(key, store.u64(amount))
+
+    # ------------------------------------------------------------ applying
+    def apply(self, block: Block, seen_ms: int) -> Verdict:
+        """Store a block that passed validation and update every index.
+
+        Returns FROZEN for a block above its account's fork point (evidence
+        only), FORK for a block at an occupied height, else ACCEPTED.
+        """
+        st = self.account(block.account)
+        self._store_block(block, seen_ms)
+        self.mark(st)
+        if st.fork_height is not None and block.height > st.fork_height:
+            st.tip_height = max(st.tip_height, block.height)
+            return Verdict.FROZEN
+        if block.height <= st.tip_height:
+            st.fork_height = block.height if st.fork_height is None else min(st.fork_height, block.height)
+            cascade.recompute(self, block.account, block.height)
+            return Verdict.FORK
+        st.tip_height = block.height
+        extends = block.previous == st.eff_hash if block.previous is not None else st.eff_height < 0
+        if extends and (block.source is None or self.is_effective(block.source)):
+            st.eff_height, st.eff_hash, st.balance = block.height, block.hash, block.balance
+            if block.type == "send":
+                self.set_receivable(block.to, block.hash, block.amount)
+            elif block.type == "mint":
+                self.supply_delta += block.amount
+            else:
+                self.set_receivable(block.account, block.source, None)
+        return Verdict.ACCEPTED
+
+    def _store_block(self, block: Block, seen_ms: int) -> None:
+        put = self.txn.put
+        put(store.BLOCK + block.hash, store.u64(seen_ms) + block.raw)
+        put(store.chain_key(block.account, block.height, block.hash), b"")
+        if block.source is not None:
+            put(store.RECEIVED + block.source + block.hash, store.u64(block.height))
+            self._new_receives.setdefault(block.source, []).append((block.hash, block.height))
+        if block.ref is not None:
+            put(store.ref_key(block.ref, block.hash), b"")
+        self.blocks[block.hash] = block
+        self.count_delta += 1
+
+    def commit(self, *, sync: bool) -> None:
+        """Write account records, meta counters and every buffered write in one batch."""
+        for account in self.changed:
+            st = self.accounts[account]
+            rec = store.u64(st.tip_height) + (b"" if st.fork_height is None else store.u64(st.fork_height))
+            self.txn.put(store.ACCOUNT + account, rec)
+            if st.eff_height < 0:
+                self.txn.delete(store.FRONTIER + account)
+                self.txn.delete(store.BALANCE + account)
+            else:
+                self.txn.put(store.FRONTIER + account, store.u64(st.eff_height) + st.eff_hash)
+                self.txn.put(store.BALANCE + account, store.u64(st.balance))
+        for name, delta in ((b"supply", self.supply_delta), (b"count", self.count_delta)):
+            if delta:
+                key = store.META + name
+                self.txn.put(key, store.u64(store.from_u64(self.txn.get(key) or store.u64(0)) + delta))
+        self.txn.commit(sync=sync)
+        for account in self.changed:
+            self._committed_accounts[account] = self.accounts[account]
+        self._committed_blocks.update(self.blocks)
+
+
+def effective_in(st: AccountState, block: Block) -> bool:
+    """Whether ``block`` counts, given its account's derived record."""
+    if st.eff_height < block.height:
+        return False
+    if st.fork_height is None or block.height < st.fork_height:
+        return True
+    return block.height == st.fork_height and st.eff_hash == block.hash

@@ -1,0 +1,146 @@
+"""The node's life in the mesh: gossip, its own ads, DHT records, the registry.
+
+:class:`MeshService` owns, in one nursery, the realm's :class:`p2p.gossip.Gossip`,
+the :class:`p2p.ads.Announcer` that publishes this node's ad, the
+:class:`p2p.dht.CapabilityDHT` provider records for each capability it
+serves, the task that feeds validated ads into the :class:`PeerRegistry`,
+and the health checker that probes known workers every
+``health_check_interval_s`` (SPEC.md §5). It calls ``task_status.started()``
+once gossip flows and the first ad is out.
+
+Health probes blame the worker only when this node can still reach the
+mesh; when every probe fails at once (we lost our own network), nobody is
+blamed (``Blame.NETWORK``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from node.health import Blame, Fault, FaultKind
+from node.registry import PeerRegistry
+from p2p.ads import AdContent, AdVerdict, Announcer, parse_ad
+from p2p.dht import CapabilityDHT
+from p2p.gossip import Delivery, Gossip, GossipConfig
+from p2p.host import MeshHost
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0
+
+
+class MeshService:
+    def __init__(
+        self,
+        mesh: MeshHost,
+        realm_id: bytes,
+        identity,
+        registry: PeerRegistry,
+        describe: Callable[[], AdContent],
+        *,
+        announce_interval_s: float,
+        health_check_interval_s: float,
+        on_block: Callable[[Delivery], Awaitable[None]] | None = None,
+        gossip_config: GossipConfig = GossipConfig(),
+    ) -> None:
+        self.mesh = mesh
+        self.realm_id = realm_id
+        self.identity = identity
+        self.registry = registry
+        self.describe = describe
+        self.health_check_interval_s = health_check_interval_s
+        self.on_block = on_block
+        self.gossip = Gossip(mesh, realm_id, gossip_config)
+        self.announcer = Announcer(self.gossip, identity, describe, interval_s=announce_interval_s)
+        self.dht = CapabilityDHT(mesh, realm_id.hex())
+        self.rejected_ads = 0
+        self._stale_reported: set[str] = set()
+
+    def capabilities_changed(self) -> None:
+        """Publish a fresh ad soon and refresh DHT records (call after any change)."""
+        self.announcer.changed()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.gossip.run)
+            await nursery.start(self.dht.run)
+            ads = self.gossip.subscribe("announce")
+            nursery.start_soon(self._consume_ads, ads)
+            if self.on_block is not None:
+                nursery.start_soon(self._consume_blocks, self.gossip.subscribe("ledger"))
+            await nursery.start(self.announcer.run)
+            nursery.start_soon(self._provide_capabilities)
+            nursery.start_soon(self._check_health)
+            task_status.started()
+
+    async def _consume_ads(self, channel: trio.MemoryReceiveChannel[Delivery]) -> None:
+        async with channel:
+            async for delivery in channel:
+                parsed = parse_ad(delivery.data, realm_id=self.realm_id)
+                if parsed.verdict is not AdVerdict.OK or parsed.ad is None:
+                    self.rejected_ads += 1
+                    log.debug("ignored ad from %s: %s %s", delivery.origin_peer, parsed.verdict.value, parsed.detail)
+                    continue
+                self.registry.on_ad(parsed.ad, trio.current_time())
+
+    async def _consume_blocks(self, channel: trio.MemoryReceiveChannel[Delivery]) -> None:
+        async with channel:
+            async for delivery in channel:
+                await self.on_block(delivery)
+
+    async def _provide_capabilities(self) -> None:
+        for name in self.describe().capabilities:
+            try:
+                await self.dht.provide(name)
+            except Exception as exc:  # noqa: BLE001 - a DHT hiccup must not stop the node
+                log.warning("could not publish DHT record for %s: %s", name, exc)
+
+    async def _check_health(self) -> None:
+        while True:
+            await trio.sleep(self.health_check_interval_s)
+            await self.check_health_once()
+
+    async def check_health_once(self) -> None:
+        """Probe every other known worker once, concurrently, and record the outcomes."""
+        peers = [e.peer_id for e in self.registry.entries() if not e.is_self]
+        results: dict[str, bool] = {}
+
+        async def probe(peer_id: str) -> None:
+            results[peer_id] = await self._reachable(peer_id)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in peers:
+                nursery.start_soon(probe, peer_id)
+        now = trio.current_time()
+        we_are_cut_off = len(results) > 1 and not any(results.values())
+        for peer_id, ok in results.items():
+            if ok:
+                self.registry.record_success(peer_id, now)
+            else:
+                blame = Blame.NETWORK if we_are_cut_off else Blame.WORKER
+                self.registry.record_fault(peer_id, Fault(FaultKind.CHECK_UNANSWERED, blame), now)
+        self.registry.newly_stale(now, self._stale_reported)
+
+    async def _reachable(self, peer_id: str) -> bool:
+        if self.mesh.is_connected(peer_id):
+            return True
+        host = self.mesh.host
+        try:
+            pid = ID.from_base58(peer_id)
+            addrs = host.get_peerstore().addrs(pid)
+        except Exception:  # noqa: BLE001 - unknown or malformed: unreachable
+            return False
+        if not addrs:
+            return False
+        with trio.move_on_after(PROBE_TIMEOUT_S):
+            try:
+                await host.connect(PeerInfo(pid, addrs))
+                return True
+            except Exception as exc:  # noqa: BLE001 - any dial failure means unreachable
+                log.debug("health probe of %s failed: %s", peer_id, exc)
+        return False
