@@ -28,6 +28,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from inference.device import DeviceError
     from ledger.errors import LedgerError
     from ledger.wallet_cli import CliError
+    from node.capabilities import CapabilityError
     from node.datadir import DataDirError
     from node.genesis import GenesisError
     from node.identity import IdentityError
@@ -41,6 +42,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         config_mod.ConfigError,
         DeviceError,
         ConsoleBindError,
+        CapabilityError,
         P2PError,
         LedgerError,
         CliError,
@@ -133,6 +135,8 @@ def _start_settings(args: argparse.Namespace, settings: config_mod.Settings) -> 
         changes["p2p"]["listen"] = ",".join(args.listen)
     if args.bootstrap:
         changes["p2p"]["bootstrap"] = ",".join(args.bootstrap)
+    if args.capabilities is not None:
+        changes["inference"]["capabilities"] = args.capabilities
     return config_mod.override(settings, changes)
 
 
@@ -216,7 +220,8 @@ def control_request(data_dir: Path, path: str, payload: dict | None = None, time
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:
-            message = json.loads(exc.read()).get("error", exc.reason)
+            body = json.loads(exc.read())
+            message = body.get("error") or body.get("message") or exc.reason
         except ValueError:
             message = exc.reason
         raise CommandError(f"node refused: {message}") from exc
@@ -268,6 +273,21 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ask(args: argparse.Namespace) -> int:
+    payload = {"type": args.type, "prompt": args.prompt, "model": args.model or ""}
+    outcome = control_request(args.data_dir, "/control/query/ask", payload, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(outcome, indent=2))
+        return 0
+    print(outcome["result"])
+    print(
+        f"-- {outcome['cost']:g} tokens to {outcome['worker_address']} "
+        f"({outcome['processing_time']:.2f} s, waited {outcome['queue_wait']:.2f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------
 
 
@@ -302,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--listen", metavar="MULTIADDR", action="append", help="libp2p listen address (repeatable)")
     start.add_argument("--bootstrap", metavar="MULTIADDR", nargs="+", action="extend", help="peers to join")
     start.add_argument("--no-mdns", action="store_true", help="do not look for peers with mDNS")
+    start.add_argument("--capabilities", metavar="LIST", help="query types to serve: auto, none, or e.g. chat:reverse,whisper")
     start.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     start.set_defaults(func=cmd_start)
 
@@ -314,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(peers)
     peers.add_argument("--json", action="store_true", help="machine-readable output")
     peers.set_defaults(func=cmd_peers)
+
+    ask = sub.add_parser("ask", help="send a query into the mesh, paid from the node wallet")
+    _common(ask)
+    ask.add_argument("type", help="query type: chat, vision, imagine, whisper, bark, speech")
+    ask.add_argument("prompt")
+    ask.add_argument("--model", help="model name (default: any)")
+    ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    ask.add_argument("--json", action="store_true", help="machine-readable output")
+    ask.set_defaults(func=cmd_ask)
 
     for add in (add_wallet_parser, add_ledger_parser):
         before = set(sub.choices)

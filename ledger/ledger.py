@@ -25,6 +25,7 @@ from ledger import store
 from ledger.blocks import Block, BlockError, alloc_id, parse_block
 from ledger.errors import LedgerError, LedgerLocked
 from ledger.forks import ForkProof
+from ledger.holds import HOLD, Hold, HoldError, InsufficientFunds, hold_key
 from ledger.pool import PendingPool
 from ledger.txn import AccountState, LedgerTxn, RealmFacts, decode_stored, effective_in, load_account
 from ledger.validate import validate
@@ -395,6 +396,79 @@ class Ledger:
         with self._lock:
             self._check_open()
             return verify_store(self._db, self.facts)
+
+    # ------------------------------------------------------------------ escrow holds
+    def holds(self, account: bytes | None = None) -> list[Hold]:
+        """Every hold (of ``account``, if given), oldest key first."""
+        prefix = HOLD + (account or b"")
+        with self._lock:
+            self._check_open()
+            return [Hold.decode(k, v) for k, v in self._db.iterator(prefix=prefix)]
+
+    def held_units(self, account: bytes) -> int:
+        return sum(h.units for h in self.holds(account))
+
+    def available(self, account: bytes) -> int:
+        """What ``account`` may still commit: balance minus its holds on this node."""
+        with self._lock:
+            return self.balance(account) - self.held_units(account)
+
+    def place_hold(self, account: bytes, query_id: bytes, units: int, now_ms: int | None = None) -> Hold:
+        """Reserve ``units`` of ``account`` for a query, durably; raise if not covered."""
+        if not 0 < units < 2**63:
+            raise HoldError("a hold must be for more than 0 and less than 2^63 units")
+        key = hold_key(account, query_id)
+        with self._lock:
+            self._check_open()
+            if self._db.get(key) is not None:
+                raise HoldError(f"query {query_id.hex()} already holds tokens")
+            available = self.available(account)
+            if units > available:
+                raise InsufficientFunds(available, units)
+            hold = Hold(account, query_id, units, self._clock_ms() if now_ms is None else now_ms)
+            self._db.put(key, hold.encode(), sync=self.sync)
+            return hold
+
+    def get_hold(self, account: bytes, query_id: bytes) -> Hold | None:
+        key = hold_key(account, query_id)
+        with self._lock:
+            self._check_open()
+            value = self._db.get(key)
+            return None if value is None else Hold.decode(key, value)
+
+    def update_hold(self, hold: Hold) -> None:
+        with self._lock:
+            self._check_open()
+            if self._db.get(hold.key) is None:
+                raise HoldError(f"no hold for query {hold.query_id.hex()}")
+            self._db.put(hold.key, hold.encode(), sync=self.sync)
+
+    def release_hold(self, account: bytes, query_id: bytes) -> bool:
+        """Drop a hold (failure, cancel, timeout); False if there was none."""
+        key = hold_key(account, query_id)
+        with self._lock:
+            self._check_open()
+            if self._db.get(key) is None:
+                return False
+            self._db.delete(key, sync=self.sync)
+            return True
+
+    def submit_releasing(self, data: bytes | Block, account: bytes, query_id: bytes) -> Result:
+        """Store a payment block and delete its hold in one WriteBatch (both or neither).
+
+        The hold is deleted only if the block is ACCEPTED (or was already
+        stored by an earlier attempt: DUPLICATE), never on a refusal.
+        """
+        key = hold_key(account, query_id)
+        with self._lock:
+            self._check_open()
+            txn = LedgerTxn(self._db, self.facts, self._accounts, self._blocks)
+            result = self._submit_one(txn, data, self._clock_ms())
+            if result.verdict in (Verdict.ACCEPTED, Verdict.DUPLICATE):
+                txn.txn.delete(key)
+            txn.commit(sync=self.sync)
+            self._trim_caches()
+            return result
 
     # ------------------------------------------------------------------ auxiliary keyspaces
     def aux_get(self, prefix: bytes, key: bytes) -> bytes | None:

@@ -101,8 +101,10 @@ def send(ledger: Ledger, identity: Identity, address: str, amount_units: int, re
         raise WalletError("amount must be more than 0 and less than 2^63 units")
     prev = _usable_frontier(ledger, identity)
     balance = prev.balance if prev is not None else 0
-    if prev is None or amount_units > balance:
-        raise WalletError(f"insufficient funds: balance is {format_units(balance)}, "
+    held = ledger.held_units(identity.public_key)
+    if prev is None or amount_units > balance - held:
+        on_hold = f" ({format_units(held)} of it on hold for running queries)" if held else ""
+        raise WalletError(f"insufficient funds: balance is {format_units(balance)}{on_hold}, "
                           f"sending {format_units(amount_units)}", 402)
     block = B.make_send(identity, prev, to, amount_units, now_ms or _now(), ref)
     _submit(ledger, block)

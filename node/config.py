@@ -98,8 +98,9 @@ class PowerSection:
 @dataclass(frozen=True)
 class InferenceSection:
     gpu: bool = _key(False, "Run models on CUDA (fails at start when no CUDA device is present).")
-    capabilities: str = _key("auto", "Comma-separated capabilities to serve; 'auto' = all this node can; 'none' = broker only.")
+    capabilities: str = _key("auto", "Comma-separated query types to serve, optionally type:model (e.g. chat:reverse); 'auto' = all this node can; 'none' = broker only.")
     model_idle_unload_s: float = _key(600.0, "Unload a model after this many idle seconds.")
+    memory_budget_mb: int = _key(8192, "Most memory loaded models may use; a model that would not fit is refused.")
 
 
 @dataclass(frozen=True)

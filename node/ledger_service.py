@@ -47,6 +47,11 @@ class _RecordingLedger:
             self.applied.extend(result.applied)
         return results
 
+    def submit_releasing(self, data, account, query_id):
+        result = self._ledger.submit_releasing(data, account, query_id)
+        self.applied.extend(result.applied)
+        return result
+
     def __getattr__(self, name: str):
         return getattr(self._ledger, name)
 

@@ -33,3 +33,7 @@ def setup_logging(level: str, log_dir: Path | None, *, max_bytes: int, backups: 
     quiet = logging.WARNING if level.lower() != "debug" else logging.DEBUG
     for name in ("libp2p", "hypercorn.access", "multiaddr", "async_service"):
         logging.getLogger(name).setLevel(quiet)
+    # py-libp2p's DHT logs peers' ordinary stream closes and our realm-scoped
+    # provider keys as errors (see docs/p2p-notes.md); keep them for debugging only.
+    if level.lower() != "debug":
+        logging.getLogger("libp2p.kad_dht").setLevel(logging.CRITICAL)

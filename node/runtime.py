@@ -25,7 +25,10 @@ import hypercorn.trio
 import trio
 
 from inference.device import Device, select_device
+from inference.manager import ModelManager
 from node import __version__
+from node.broker import Ask, Broker, BrokerRefused
+from node.capabilities import LocalWorker, build_backends
 from node.config import Settings
 from node.datadir import DataDir, initialise
 from node.events import EventBus
@@ -34,9 +37,12 @@ from node.identity import Identity
 from node.health import HealthPolicy
 from node.ledger_service import LedgerService
 from node.mesh_service import MeshService
+from node.pricing import PriceBook
+from node.queue_service import QueueService
 from node.registry import PeerRegistry
 from node.watchdog import Watchdog
-from p2p.ads import AdContent
+from p2p.ads import AdContent, Capability
+from p2p.query_stream import QueryClient, QueryServer
 from p2p.host import MeshHost, open_mesh_host, peer_id_for
 from webui.app import create_app
 from webui.auth import SysopAuth
@@ -101,6 +107,16 @@ class Node:
             HealthPolicy.from_config(settings.health, settings.p2p), self.bus, self_peer_id=peer_id_for(identity)
         )
         self.mesh_service: MeshService | None = None
+        self.models = ModelManager(
+            memory_budget_mb=settings.inference.memory_budget_mb,
+            idle_unload_s=settings.inference.model_idle_unload_s,
+        )
+        for backend in build_backends(settings.inference.capabilities, device.kind):
+            self.models.register(backend)
+        self.local = LocalWorker(self.models)
+        self.prices = PriceBook.from_config(settings.pricing)
+        self.queue: QueueService = QueueService.from_config(settings.queue, self.bus, on_expired=self._on_expired)
+        self.broker: Broker | None = None
         self.ledger: LedgerService | None = None
         self.mesh: MeshHost | None = None
         self.console_url = ""
@@ -145,20 +161,34 @@ class Node:
             "device": {"kind": self.device.kind, "name": self.device.name, "vram_mb": self.device.vram_mb},
             # The broker queue and model loading arrive with their own services;
             # until then there is honestly nothing queued and nothing loaded.
-            "queue": {"depth": 0, "running": 0},
-            "loaded_models": [],
+            "queue": {"depth": self.queue.depth, "running": self.local.running},
+            "serves": self.local.serves(),
+            "loaded_models": [info.name for info in self.models.describe() if self.models.is_loaded(info.name)],
+            "broker": {"completed": self.broker.completed, "failed": self.broker.failed} if self.broker else None,
             "ledger": self.ledger.summary() if self.ledger else None,
             "watchdog": {"stalls": self.watchdog.stalls, "max_loop_lag_s": round(self.watchdog.max_lag_s, 4)},
         }
 
+    def _on_expired(self, entries) -> None:
+        if self.broker is not None:
+            self.broker.on_expired(entries)
+
     def describe(self) -> AdContent:
         """This node's ad: what it serves, on what, how busy (see p2p/ads.py)."""
+        now = trio.current_time()
+        capabilities = {}
+        for query_type, models in self.local.serves().items():
+            quote = self.prices.quote(query_type, "mesh", now)
+            latency = self.prices.tracker.average(query_type, now) if hasattr(self.prices, "tracker") else None
+            capabilities[query_type] = Capability(
+                tuple(models), quote.units // 1000, int((latency or 0) * 1000)
+            )
         return AdContent(
-            capabilities={},
+            capabilities=capabilities,
             device_kind=self.device.kind,
             vram_mb=self.device.vram_mb,
-            queued=0,
-            running=0,
+            queued=self.queue.depth,
+            running=self.local.running,
             operator={"mode": "base"},
             version=__version__,
         )
@@ -180,9 +210,36 @@ class Node:
     async def control(self, area: str, op: str, payload: dict) -> tuple[int, dict]:
         if area == "mesh" and op == "peers":
             return 200, {"realm": self.genesis.realm_hex, "peers": self.peers()}
+        if area == "query":
+            return await self._control_query(op, payload)
         if self.ledger is None:
             return 503, {"error": "ledger is not open yet"}
         return await self.ledger.control(area, op, payload)
+
+    async def _control_query(self, op: str, payload: dict) -> tuple[int, dict]:
+        """The operator's own queries, paid from the node wallet."""
+        if self.broker is None:
+            return 503, {"error": "the broker is not running yet"}
+        query_type = str(payload.get("type", ""))
+        try:
+            if op == "quote":
+                quote = self.broker.quote(query_type)
+                return 200, {"type": query_type, "price_units": quote.units, "price": quote.units / 1_000_000}
+            if op == "ask":
+                ask = Ask(
+                    payer=self.identity,
+                    type=query_type,
+                    prompt=str(payload.get("prompt", "")),
+                    model=str(payload.get("model") or ""),
+                )
+                with trio.fail_after(self.settings.queue.queue_timeout_s + self.settings.queue.query_timeout_s * 4):
+                    outcome = await self.broker.ask(ask)
+                return (200 if outcome["status"] == "done" else 502), outcome
+        except BrokerRefused as exc:
+            return exc.status, {"error": str(exc), "code": exc.code}
+        except trio.TooSlowError:
+            return 504, {"error": "the query did not finish in time"}
+        return 404, {"error": f"unknown query operation {op!r}"}
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -216,6 +273,7 @@ class Node:
                         await nursery.start(self.mesh_service.run)
                         self.ledger.publish = self.mesh_service.gossip.publish
                         await nursery.start(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s)
+                        await self._start_queries(nursery, mesh)
                         await self._serve_console(nursery, sock)
                         self.data.write_runtime(self._runtime_info())
                         task_status.started(self)
@@ -229,6 +287,27 @@ class Node:
                         await self.ledger.close()
         finally:
             sock.close()
+
+    async def _start_queries(self, nursery: trio.Nursery, mesh: MeshHost) -> None:
+        """Worker side (answer queries) and broker side (place them), both on this node."""
+        realm = self.genesis.realm_id
+        server = QueryServer(mesh, realm, self.identity, self.local.handle, capabilities=self.local.serves())
+        await nursery.start(server.run)
+        await nursery.start(self.queue.run)
+        self.broker = Broker(
+            identity=self.identity,
+            realm_id=realm,
+            ledger=self.ledger,
+            registry=self.registry,
+            prices=self.prices,
+            queue=self.queue,
+            client=QueryClient(mesh, realm),
+            local=self.local,
+            self_peer_id=self.peer_id,
+            query_timeout_s=self.settings.queue.query_timeout_s,
+        )
+        await nursery.start(self.broker.run)
+        await nursery.start(self.models.serve_idle_unloader)
 
     async def _serve_console(self, nursery: trio.Nursery, sock: socket.socket) -> None:
         config = hypercorn.config.Config()

@@ -66,7 +66,7 @@ def create_app(node: "Node") -> QuartTrio:
     async def control_op(area: str, op: str):
         if not is_sysop():
             return refuse()
-        if area not in ("wallet", "ledger", "mesh"):
+        if area not in ("wallet", "ledger", "mesh", "query"):
             return jsonify({"error": f"unknown control area {area!r}"}), 404
         payload = {}
         if request.method == "POST":

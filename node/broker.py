@@ -1,0 +1,404 @@
+"""The broker pipeline: quote → hold → queue → select → dispatch → verify → settle.
+
+Any node can broker. :meth:`Broker.submit` prices a query with the surge
+rules (:mod:`node.pricing`), reserves that price against the payer's
+balance (a durable ledger hold), and puts it in the fair queue. The
+dispatcher (:meth:`Broker.run`) takes queries in fair order, picks workers
+(:mod:`node.selection` over the live :class:`PeerRegistry`), sends the
+signed query over libp2p (or runs it here when this node is the best
+worker), and on a verified receipt pays the worker with one ledger ``send``
+that references the receipt hash, deleting the hold in the same write.
+
+Guarantees:
+
+* nothing is charged unless a receipt that binds this query to this result
+  verified; the payment and the hold's removal are one atomic write;
+* a failure, timeout, cancel or expiry releases the hold; a broker restart
+  releases holds of queries that were still running and pays those that
+  had already been receipted (see :mod:`ledger.holds`);
+* only faults blamed on the worker lower its health; each attempt is
+  reported to the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ledger.address import encode_address
+from ledger.blocks import make_send
+from ledger.holds import Hold, HoldState, InsufficientFunds
+from ledger.ledger import Ledger
+from ledger.verdicts import Verdict
+from node import codec, signing
+from node.capabilities import LocalWorker
+from node.fairqueue import QueueEntry, QueueRefused
+from node.health import Blame, Fault, FaultKind
+from node.identity import Identity
+from node.ledger_service import LedgerService
+from node.pricing import PriceBook, Quote, UnknownQueryType
+from node.queue_service import QueueService
+from node.registry import PeerRegistry
+from node.selection import Exhausted, Request, next_attempt, select
+from p2p.query_stream import QueryClient, QueryFailed, WorkerFault
+from p2p.query_stream import wall_ms
+from p2p.query_wire import QueryLimits, make_query, make_receipt, result_bytes
+from p2p.query_wire import Query as WireQuery
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+class BrokerRefused(Exception):
+    """A query was refused before it was queued; ``code`` is stable, the message is for the user."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A user's query as it enters the broker."""
+
+    payer: Identity
+    type: str
+    prompt: str
+    model: str = ""
+    media: bytes | None = None
+    media_type: str | None = None
+    max_price_units: int | None = None
+
+
+@dataclass
+class Ticket:
+    """One query's life in this broker. ``done`` is set when ``outcome`` is final."""
+
+    query_id: bytes
+    ask: Ask
+    quote: Quote
+    enqueued_at: float
+    done: trio.Event = field(default_factory=trio.Event)
+    outcome: dict | None = None
+    attempts: list[dict] = field(default_factory=list)
+    cancel_scope: trio.CancelScope | None = None
+
+    @property
+    def payer_key(self) -> bytes:
+        return self.ask.payer.public_key
+
+
+class Broker:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        realm_id: bytes,
+        ledger: LedgerService,
+        registry: PeerRegistry,
+        prices: PriceBook,
+        queue: QueueService,
+        client: QueryClient,
+        local: LocalWorker | None,
+        self_peer_id: str,
+        query_timeout_s: float,
+        max_dispatch: int = 8,
+        limits: QueryLimits = QueryLimits(),
+    ) -> None:
+        self.identity = identity
+        self.realm_id = realm_id
+        self.ledger = ledger
+        self.registry = registry
+        self.prices = prices
+        self.queue = queue
+        self.client = client
+        self.local = local
+        self.self_peer_id = self_peer_id
+        self.query_timeout_s = query_timeout_s
+        self.limits = limits
+        self._dispatch_slots = trio.Semaphore(max_dispatch)
+        self._tickets: dict[bytes, Ticket] = {}
+        self._nonce = int.from_bytes(os.urandom(4), "big") << 16
+        self.completed = 0
+        self.failed = 0
+
+    # -- entering -------------------------------------------------------------------------
+
+    def quote(self, query_type: str, model_type: str = "mesh") -> Quote:
+        try:
+            return self.prices.quote(query_type, model_type, trio.current_time())
+        except UnknownQueryType as exc:
+            raise BrokerRefused("unknown_type", str(exc)) from exc
+
+    async def submit(self, ask: Ask) -> Ticket:
+        """Price, hold and queue ``ask``; raise :class:`BrokerRefused` saying why not."""
+        if not ask.prompt.strip() and ask.media is None:
+            raise BrokerRefused("empty_prompt", "the prompt is empty")
+        if len(ask.prompt) > self.limits.max_prompt_chars:
+            raise BrokerRefused("prompt_too_long", f"the prompt is over {self.limits.max_prompt_chars} characters")
+        if ask.media is not None and len(ask.media) > self.limits.max_media_bytes:
+            raise BrokerRefused("media_too_large", f"the attachment is over {self.limits.max_media_bytes} bytes")
+        quote = self.quote(ask.type)
+        if ask.max_price_units is not None and quote.units > ask.max_price_units:
+            raise BrokerRefused("price_over_max", f"the price is {quote.tokens} tokens, over your maximum", 402)
+        query_id = secrets.token_bytes(16)
+        try:
+            await self.ledger.call(lambda ledger: ledger.place_hold(ask.payer.public_key, query_id, quote.units))
+        except InsufficientFunds as exc:
+            raise BrokerRefused("insufficient_funds", f"not enough tokens: {exc}", 402) from exc
+        ticket = Ticket(query_id, ask, quote, trio.current_time())
+        self._tickets[query_id] = ticket
+        try:
+            await self.queue.put(query_id, ask.payer.address, ticket)
+        except QueueRefused as exc:
+            await self._release(ticket)
+            del self._tickets[query_id]
+            raise BrokerRefused("queue_full", str(exc), 503) from exc
+        return ticket
+
+    async def ask(self, ask: Ask) -> dict:
+        """Submit and wait for the outcome (what the REST and CLI paths use)."""
+        ticket = await self.submit(ask)
+        await ticket.done.wait()
+        return ticket.outcome
+
+    def cancel(self, query_id: bytes) -> bool:
+        """Cancel a queued or running query; its hold is released."""
+        ticket = self._tickets.get(query_id)
+        if ticket is None:
+            return False
+        if ticket.cancel_scope is not None:
+            ticket.cancel_scope.cancel()
+            return True
+        entry = self.queue.cancel(query_id)
+        if entry is not None:
+            self._finish_later(ticket, "cancelled", "cancelled by the user")
+        return True
+
+    def terminate_user(self, payer_address: str) -> int:
+        """The sysop's terminate: every queued and running query of one payer."""
+        count = 0
+        for entry in self.queue.remove_user(payer_address):
+            self._finish_later(entry.item, "cancelled", "terminated by the sysop")
+            count += 1
+        for ticket in list(self._tickets.values()):
+            if ticket.ask.payer.address == payer_address and ticket.cancel_scope is not None:
+                ticket.cancel_scope.cancel()
+                count += 1
+        return count
+
+    def on_expired(self, entries: list[QueueEntry]) -> None:
+        for entry in entries:
+            self._finish_later(entry.item, "expired", "waited too long in the queue")
+
+    # -- the dispatcher -------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.recover()
+            task_status.started()
+            while True:
+                entry = await self.queue.get()
+                await self._dispatch_slots.acquire()
+                nursery.start_soon(self._process_and_free, entry.item)
+
+    async def _process_and_free(self, ticket: Ticket) -> None:
+        try:
+            await self._process(ticket)
+        finally:
+            self._dispatch_slots.release()
+
+    def _finish_later(self, ticket: Ticket, status: str, message: str) -> None:
+        self._nursery.start_soon(self._finish, ticket, status, message)
+
+    async def _process(self, ticket: Ticket) -> None:
+        wait_s = trio.current_time() - ticket.enqueued_at
+        failed_workers: list[str] = []
+        with trio.CancelScope() as scope:
+            ticket.cancel_scope = scope
+            while True:
+                selection = select(
+                    self.registry.candidates(trio.current_time()),
+                    Request(ticket.ask.type, ticket.quote.units, model_name=ticket.ask.model,
+                            tried=frozenset(failed_workers)),
+                )
+                attempt = next_attempt(selection, failed_workers, MAX_ATTEMPTS)
+                if isinstance(attempt, Exhausted):
+                    reasons = "; ".join(a["message"] for a in ticket.attempts) or "no worker serves this query"
+                    await self._finish(ticket, "failed", f"no worker could answer ({reasons})", wait_s=wait_s)
+                    return
+                worker = attempt.candidate.worker_id
+                try:
+                    answer = await self._dispatch(ticket, worker)
+                except QueryFailed as exc:
+                    self._note_failure(ticket, worker, exc.code, str(exc), exc.blame, exc.fault)
+                    failed_workers.append(worker)
+                    if not exc.retryable:
+                        await self._finish(ticket, "failed", str(exc), wait_s=wait_s)
+                        return
+                    continue
+                try:
+                    await self._settle(ticket, worker, answer, wait_s)
+                except Exception as exc:  # noqa: BLE001 - a payment problem must not kill the dispatcher
+                    log.error("query %s: payment failed: %s", ticket.query_id.hex()[:8], exc)
+                    await self._finish(ticket, "failed", f"payment could not be made: {exc}", wait_s=wait_s)
+                return
+        await self._finish(ticket, "cancelled", "cancelled", wait_s=wait_s)
+
+    def _note_failure(self, ticket: Ticket, worker: str, code: str, message: str, blame: Blame, fault: Fault) -> None:
+        ticket.attempts.append({"worker": worker, "code": code, "message": message, "blame": blame.value})
+        self.registry.record_fault(worker, fault, trio.current_time())
+        log.info("query %s: worker %s failed (%s, blamed on %s)", ticket.query_id.hex()[:8], worker[-8:], code, blame.value)
+
+    def _signed_query(self, ticket: Ticket) -> dict:
+        self._nonce += 1
+        now = wall_ms()
+        ask = ticket.ask
+        return make_query(
+            self.identity, realm_id=self.realm_id, query_id=ticket.query_id, payer=ask.payer.address,
+            type=ask.type, model=ask.model, prompt=ask.prompt, media=ask.media, media_type=ask.media_type,
+            max_price_units=ask.max_price_units or ticket.quote.units, price_units=ticket.quote.units,
+            nonce=self._nonce, ts_ms=now, expiry_ms=now + int(self.query_timeout_s * 1000) + 5000,
+        )
+
+    async def _dispatch(self, ticket: Ticket, worker: str) -> dict:
+        signed = self._signed_query(ticket)
+        started = trio.current_time()
+        if worker == self.self_peer_id and self.local is not None:
+            answer = await self._run_locally(signed, started)
+        else:
+            result = await self.client.call(worker, signed, timeout_s=self.query_timeout_s)
+            answer = {"result_type": result.result_type, "data": result.data, "receipt": result.receipt,
+                      "processing_ms": result.processing_ms}
+        self.registry.record_success(worker, trio.current_time())
+        self.prices.record(ticket.ask.type, trio.current_time() - started, trio.current_time())
+        return answer
+
+    async def _run_locally(self, signed: dict, started: float) -> dict:
+        query = WireQuery(**{k: signed["body"][k] for k in (
+            "realm", "query_id", "broker", "payer", "type", "model", "prompt", "media", "media_type",
+            "max_price_units", "price_units", "nonce", "ts_ms", "expiry_ms")}, signed=signed)
+        try:
+            with trio.fail_after(self.query_timeout_s):
+                result = await self.local.handle(query, None)
+        except WorkerFault as exc:
+            raise QueryFailed(exc.code, str(exc), blame=Blame.WORKER, retryable=exc.retryable,
+                              peer_id=self.self_peer_id) from exc
+        except trio.TooSlowError as exc:
+            raise QueryFailed("timeout", "this node's own backend timed out", blame=Blame.WORKER,
+                              retryable=True, peer_id=self.self_peer_id) from exc
+        processing_ms = int((trio.current_time() - started) * 1000)
+        receipt = make_receipt(self.identity, query, result_type=result.result_type,
+                               result=result_bytes(result.result_type, result.data),
+                               processing_ms=processing_ms, ts_ms=wall_ms())
+        return {"result_type": result.result_type, "data": result.data, "receipt": receipt,
+                "processing_ms": processing_ms}
+
+    # -- paying ---------------------------------------------------------------------------
+
+    async def _settle(self, ticket: Ticket, worker: str, answer: dict, wait_s: float) -> None:
+        receipt = answer["receipt"]
+        worker_key = receipt["body"]["worker"]
+        receipt_hash = signing.digest("receipt", receipt["body"])
+        payer = ticket.ask.payer
+        if worker_key == payer.public_key:
+            await self._release(ticket)  # the payer did the work: nothing to move
+        else:
+            receipt_bytes = codec.encode(receipt)
+            await self.ledger.run_recorded(_pay, payer, ticket.query_id, worker_key, receipt_hash, receipt_bytes)
+        self.completed += 1
+        ticket.outcome = {
+            "query_id": ticket.query_id.hex(),
+            "status": "done",
+            "type": ticket.ask.type,
+            "result_type": answer["result_type"],
+            "result": answer["data"],
+            "cost_units": ticket.quote.units,
+            "cost": ticket.quote.units / 1_000_000,
+            "worker": worker,
+            "worker_address": encode_address(worker_key),
+            "receipt_hash": receipt_hash.hex(),
+            "processing_time": answer["processing_ms"] / 1000,
+            "queue_wait": round(wait_s, 3),
+            "attempts": ticket.attempts,
+        }
+        self._close(ticket)
+
+    async def _release(self, ticket: Ticket) -> None:
+        with trio.CancelScope(shield=True):
+            await self.ledger.call(lambda ledger: ledger.release_hold(ticket.payer_key, ticket.query_id))
+
+    async def _finish(self, ticket: Ticket, status: str, message: str, *, wait_s: float = 0.0) -> None:
+        await self._release(ticket)
+        self.failed += 1
+        ticket.outcome = {
+            "query_id": ticket.query_id.hex(),
+            "status": status,
+            "type": ticket.ask.type,
+            "message": message,
+            "cost_units": 0,
+            "cost": 0,
+            "queue_wait": round(wait_s, 3),
+            "attempts": ticket.attempts,
+        }
+        self._close(ticket)
+
+    def _close(self, ticket: Ticket) -> None:
+        ticket.cancel_scope = None
+        self._tickets.pop(ticket.query_id, None)
+        ticket.done.set()
+
+    async def recover(self) -> dict:
+        """At start: pay receipted holds, release the rest (their queries died with us)."""
+        result = await self.ledger.run_recorded(_recover_holds, self._custodial_lookup())
+        if result["paid"] or result["released"]:
+            log.info("recovered holds: %d paid, %d released", result["paid"], result["released"])
+        return result
+
+    def _custodial_lookup(self):
+        return {self.identity.public_key: self.identity}
+
+
+def _pay(ledger: Ledger, payer: Identity, query_id: bytes, worker_key: bytes, receipt_hash: bytes,
+         receipt_bytes: bytes) -> None:
+    """Mark the hold receipted, then send payer → worker and drop the hold in one write."""
+    hold = ledger.get_hold(payer.public_key, query_id)
+    if hold is None:
+        raise RuntimeError(f"hold for query {query_id.hex()} vanished before payment")
+    ledger.update_hold(hold.receipted(worker_key, receipt_bytes))
+    _send_for_hold(ledger, payer, hold, worker_key, receipt_hash)
+
+
+def _send_for_hold(ledger: Ledger, payer: Identity, hold: Hold, worker_key: bytes, receipt_hash: bytes) -> None:
+    existing = ledger.by_reference(receipt_hash)
+    if existing:  # paid before a crash: only the hold is left to drop
+        ledger.release_hold(payer.public_key, hold.query_id)
+        return
+    state = ledger.account_state(payer.public_key)
+    prev = ledger.get_block(state.eff_hash)
+    block = make_send(payer, prev, worker_key, hold.units, int(time.time() * 1000), receipt_hash)
+    result = ledger.submit_releasing(block.raw, payer.public_key, hold.query_id)
+    if result.verdict not in (Verdict.ACCEPTED, Verdict.DUPLICATE):
+        raise RuntimeError(f"payment block refused: {result.verdict.value} {result.detail}")
+
+
+def _recover_holds(ledger: Ledger, identities: dict[bytes, Identity]) -> dict:
+    paid = released = 0
+    for hold in ledger.holds():
+        payer = identities.get(hold.account)
+        if hold.state is HoldState.RECEIPTED and payer is not None and hold.receipt and hold.worker:
+            receipt = codec.decode(hold.receipt)
+            _send_for_hold(ledger, payer, hold, hold.worker, signing.digest("receipt", receipt["body"]))
+            paid += 1
+        else:
+            ledger.release_hold(hold.account, hold.query_id)
+            released += 1
+    return {"paid": paid, "released": released}
