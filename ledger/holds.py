@@ -23,9 +23,8 @@ import enum
 from dataclasses import dataclass, replace
 
 from ledger.errors import LedgerError
+from ledger.store import HOLD
 from node import codec
-
-HOLD = b"H"
 QUERY_ID_BYTES = 16
 
 

@@ -16,6 +16,7 @@ R     source + receiving hash           height (8) of the receiving block
 X     len(ref)(1) + ref + send hash     empty  (reference index)
 M     name                              meta: version, realm, supply, block count
 W/G   custody keyspaces (ledger/custody.py)
+H     account + query id(16)           escrow hold (ledger/holds.py)
 ====  ================================  ==========================================
 
 B, C, R and X only ever grow. A, F, L, P and the supply are derived and may
@@ -46,6 +47,7 @@ REFERENCE = b"X"
 META = b"M"
 CUSTODY_WALLET = b"W"
 CUSTODY_GRANT = b"G"
+HOLD = b"H"  # escrow holds (ledger/holds.py): account + query id -> hold record
 DERIVED = (ACCOUNT, FRONTIER, BALANCE, RECEIVABLE)
 
 

@@ -23,7 +23,8 @@ from ledger.verdicts import Verdict
 
 _MAX_REPORTED = 20
 _KNOWN = {store.BLOCK, store.CHAIN, store.ACCOUNT, store.FRONTIER, store.BALANCE, store.RECEIVABLE,
-          store.RECEIVED, store.REFERENCE, store.META, store.CUSTODY_WALLET, store.CUSTODY_GRANT}
+          store.RECEIVED, store.REFERENCE, store.META, store.CUSTODY_WALLET, store.CUSTODY_GRANT,
+          store.HOLD}
 
 
 @dataclass
@@ -157,6 +158,7 @@ def _compare_indexes(db: plyvel.DB, blocks: dict[bytes, Block], facts, report: V
     for key in db.iterator(include_value=False):
         if key[:1] not in _KNOWN:
             report.add(f"unknown key {key.hex()[:24]}")
+    _check_holds(db, report)
     supply = db.get(store.META + b"supply")
     if supply is None or store.from_u64(supply) != derived.supply:
         report.add(f"meta: supply should be {derived.supply}")
@@ -187,3 +189,22 @@ def quick_check(db: plyvel.DB) -> str | None:
         if balance is None or store.from_u64(balance) != block.balance:
             return f"balance of {account.hex()[:16]} does not match its frontier block"
     return None
+
+
+def _check_holds(db, report) -> None:
+    """Every hold decodes, and no account has more held than its balance."""
+    from ledger.holds import Hold, HoldError
+
+    held: dict[bytes, int] = {}
+    for key, value in db.iterator(prefix=store.HOLD):
+        try:
+            hold = Hold.decode(key, value)
+        except HoldError as exc:
+            report.add(f"hold {key[1:].hex()[:24]}: {exc}")
+            continue
+        held[hold.account] = held.get(hold.account, 0) + hold.units
+    for account, units in held.items():
+        raw = db.get(store.BALANCE + account)
+        balance = store.from_u64(raw) if raw else 0
+        if units > balance:
+            report.add(f"holds of {account.hex()[:16]} ({units}) exceed its balance ({balance})")

@@ -1,0 +1,79 @@
+"""Escrow holds: reserved tokens cannot be spent twice, and payment drops the hold atomically."""
+
+from __future__ import annotations
+
+import pytest
+
+from ledger import wallet_ops
+from ledger.holds import HoldError, HoldState, InsufficientFunds
+from ledger.ledger import Ledger
+from ledger.verdicts import Verdict
+from tests.ledger.conftest import UNIT, ident
+
+QID = bytes(range(16))
+QID2 = bytes(range(1, 17))
+
+
+@pytest.fixture
+def funded(ledger, builder, founder):
+    assert ledger.submit(builder.claim(founder).raw).verdict is Verdict.ACCEPTED
+    return ledger
+
+
+def test_hold_reserves_and_blocks_spending(funded, founder):
+    worker = ident(7)
+    funded.place_hold(founder.public_key, QID, 600 * UNIT)
+    assert funded.available(founder.public_key) == 400 * UNIT
+    assert funded.balance(founder.public_key) == 1_000 * UNIT  # a hold moves nothing
+    with pytest.raises(InsufficientFunds) as refused:
+        funded.place_hold(founder.public_key, QID2, 500 * UNIT)
+    assert refused.value.available == 400 * UNIT
+    with pytest.raises(wallet_ops.WalletError, match="on hold"):
+        wallet_ops.send(funded, founder, worker.address, 500 * UNIT)
+    assert funded.balance(founder.public_key) == 1_000 * UNIT
+    with pytest.raises(HoldError, match="already holds"):
+        funded.place_hold(founder.public_key, QID, 1)
+    assert funded.release_hold(founder.public_key, QID)
+    assert not funded.release_hold(founder.public_key, QID)
+    assert funded.available(founder.public_key) == 1_000 * UNIT
+
+
+def test_payment_and_hold_removal_are_one_write(funded, builder, founder):
+    worker = ident(7)
+    hold = funded.place_hold(founder.public_key, QID, 5 * UNIT)
+    funded.update_hold(hold.receipted(worker.public_key, b"receipt-bytes"))
+    assert funded.get_hold(founder.public_key, QID).state is HoldState.RECEIPTED
+    payment = builder.send(founder, worker, 5 * UNIT, ref=b"r" * 32)
+
+    refused = funded.submit_releasing(builder.send(founder, worker, 10_000 * UNIT, prev=payment).raw,
+                                      founder.public_key, QID)
+    assert refused.verdict is not Verdict.ACCEPTED
+    assert funded.get_hold(founder.public_key, QID) is not None  # a refused payment keeps the hold
+
+    result = funded.submit_releasing(payment.raw, founder.public_key, QID)
+    assert result.verdict is Verdict.ACCEPTED
+    assert funded.get_hold(founder.public_key, QID) is None
+    assert funded.balance(founder.public_key) == 995 * UNIT
+    assert funded.by_reference(b"r" * 32) == [payment.hash]
+
+
+def test_holds_survive_reopen(tmp_path, genesis, builder, founder):
+    path = tmp_path / "ledger"
+    with Ledger.open(path, genesis, sync=True) as led:
+        led.submit(builder.claim(founder).raw)
+        led.place_hold(founder.public_key, QID, 3 * UNIT)
+    with Ledger.open(path, genesis, sync=True) as led:
+        (hold,) = led.holds(founder.public_key)
+        assert hold.units == 3 * UNIT and hold.query_id == QID
+        assert led.available(founder.public_key) == 997 * UNIT
+        assert led.verify().ok
+
+
+def test_bad_holds_refused(funded, founder):
+    with pytest.raises(HoldError):
+        funded.place_hold(founder.public_key, QID, 0)
+    with pytest.raises(HoldError):
+        funded.place_hold(founder.public_key, b"short", 1)
+    stranger = ident(9)
+    with pytest.raises(InsufficientFunds):
+        funded.place_hold(stranger.public_key, QID, 1)
