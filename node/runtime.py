@@ -44,6 +44,7 @@ from node.watchdog import Watchdog
 from p2p.ads import AdContent, Capability
 from p2p.query_stream import QueryClient, QueryServer
 from p2p.host import MeshHost, open_mesh_host, peer_id_for
+from p2p.mdns import MdnsDiscovery, MdnsError, realm_service_tag
 from webui.app import create_app
 from webui.auth import SysopAuth
 
@@ -271,6 +272,8 @@ class Node:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(self.watchdog.run)
                         await nursery.start(self.mesh_service.run)
+                        if self.settings.p2p.mdns:
+                            await self._start_mdns(nursery, mesh)
                         self.ledger.publish = self.mesh_service.gossip.publish
                         await nursery.start(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s)
                         await self._start_queries(nursery, mesh)
@@ -287,6 +290,14 @@ class Node:
                         await self.ledger.close()
         finally:
             sock.close()
+
+    async def _start_mdns(self, nursery: trio.Nursery, mesh: MeshHost) -> None:
+        """mDNS finds realm peers on the LAN; a host without multicast just goes without it."""
+        discovery = MdnsDiscovery(mesh, service_tag=realm_service_tag(self.genesis.realm_id))
+        try:
+            await nursery.start(discovery.run)
+        except MdnsError as exc:
+            log.warning("mDNS discovery is off: %s", exc)
 
     async def _start_queries(self, nursery: trio.Nursery, mesh: MeshHost) -> None:
         """Worker side (answer queries) and broker side (place them), both on this node."""
