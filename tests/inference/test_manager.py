@@ -1,0 +1,198 @@
+"""ModelManager: lazy loading, one load per model, budget, idle unload, prompt cancellation."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from inference.base import BackendError, Cancelled, MemoryBudgetExceeded, ModelLoadError
+from inference.manager import ModelManager, UnknownBackend
+
+from .fakes import CountingBackend
+
+
+def make(budget_mb: int = 100, idle_s: float = 60.0) -> ModelManager:
+    return ModelManager(memory_budget_mb=budget_mb, idle_unload_s=idle_s)
+
+
+async def test_lazy_load_on_first_run_and_results_stream():
+    mgr = make()
+    backend = CountingBackend("a")
+    name = mgr.register(backend)
+    assert backend.loads == 0 and not mgr.is_loaded(name)
+    seen = []
+
+    async def on_progress(event):
+        seen.append(event)
+
+    assert await mgr.run(name, 5, on_progress=on_progress) == [0, 1, 2, 3, 4]
+    assert seen == [0, 1, 2, 3, 4]
+    assert backend.loads == 1 and mgr.is_loaded(name)
+    await mgr.run(name, 2)
+    assert backend.loads == 1
+
+
+async def test_concurrent_first_calls_share_one_load():
+    mgr = make()
+    backend = CountingBackend("a")
+    mgr.register(backend)
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(mgr.run, "a", 3)
+    assert backend.loads == 1
+
+
+async def test_load_failure_is_typed_and_names_the_backend():
+    mgr = make()
+    mgr.register(CountingBackend("broken", fail_load=True))
+    with pytest.raises(ModelLoadError) as info:
+        await mgr.run("broken", 1)
+    assert info.value.backend == "broken"
+    assert "weights are corrupt" in str(info.value)
+
+
+async def test_unknown_backend():
+    mgr = make()
+    with pytest.raises(UnknownBackend):
+        await mgr.run("nope", 1)
+    with pytest.raises(UnknownBackend):
+        mgr.find("imagine")
+
+
+async def test_budget_evicts_idle_lru_then_refuses_when_busy():
+    mgr = make(budget_mb=100)
+    a, b, c = (CountingBackend(n, memory_mb=60) for n in "abc")
+    for backend in (a, b, c):
+        mgr.register(backend)
+    await mgr.run("a", 1)
+    await mgr.run("b", 1)  # a is idle: evicted to make room
+    assert not a.loaded and b.loaded and a.unloads == 1
+
+    # while b is busy, c cannot fit and b must not be unloaded
+    import threading
+    b.gate = threading.Semaphore(0)
+    started = trio.Event()
+
+    async def on_progress(_):
+        started.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: mgr.run("b", 2, on_progress=on_progress))
+        b.gate.release()
+        await started.wait()
+        with pytest.raises(MemoryBudgetExceeded) as info:
+            await mgr.run("c", 1)
+        assert info.value.needed_mb == 60 and info.value.budget_mb == 100
+        assert "refusing to load" in str(info.value)
+        b.gate.release()
+    assert b.loaded and not c.loaded
+
+
+async def test_model_bigger_than_budget_is_refused():
+    mgr = make(budget_mb=50)
+    mgr.register(CountingBackend("huge", memory_mb=51))
+    with pytest.raises(MemoryBudgetExceeded):
+        await mgr.run("huge", 1)
+
+
+async def test_unload_idle_respects_idle_time(mock_clock):
+    mgr = make(idle_s=30)
+    backend = CountingBackend("a")
+    mgr.register(backend)
+    await mgr.run("a", 1)
+    mock_clock.jump(29.9)
+    assert await mgr.unload_idle() == [] and backend.loaded
+    mock_clock.jump(0.1)
+    assert await mgr.unload_idle() == ["a"] and not backend.loaded
+
+
+async def test_idle_unloader_service_unloads_idle_models(autojump_clock):
+    mgr = make(idle_s=30)
+    backend = CountingBackend("a")
+    mgr.register(backend)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mgr.serve_idle_unloader)
+        await mgr.run("a", 1)
+        await trio.sleep(29)
+        assert backend.loaded
+        while backend.loaded:  # virtual time: the service fires within idle_s / 4
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert backend.unloads == 1
+
+
+async def test_cancel_stops_the_worker_promptly():
+    mgr = make()
+    backend = CountingBackend("a")
+    mgr.register(backend)
+    seen = []
+    with trio.CancelScope() as scope:
+        async def on_progress(event):
+            seen.append(event)
+            if len(seen) == 3:
+                scope.cancel()
+
+        await mgr.run("a", 10_000_000, on_progress=on_progress)
+    assert scope.cancelled_caught
+    # the worker saw the cancel at its next check and has finished by the time run() returned
+    assert not backend.running
+    assert seen == [0, 1, 2]
+    assert backend.stopped_at is not None and backend.stopped_at <= 4
+
+
+async def test_cancel_from_outside_while_worker_is_between_tokens():
+    import threading
+    mgr = make()
+    backend = CountingBackend("a", gate=threading.Semaphore(0))
+    mgr.register(backend)
+    first = trio.Event()
+
+    async def on_progress(_):
+        first.set()
+
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: mgr.run("a", 1000, on_progress=on_progress))
+            backend.gate.release()
+            await first.wait()
+            scope.cancel()
+            backend.gate.release()  # let the worker reach its next cancel check
+    assert not backend.running
+    assert backend.stopped_at == 1
+
+
+async def test_cancelled_error_is_raised_when_the_token_fires_without_trio_cancel():
+    mgr = make()
+
+    class SelfCancelling(CountingBackend):
+        def run(self, request, progress, cancel):
+            cancel.cancel()
+            return super().run(request, progress, cancel)
+
+    mgr.register(SelfCancelling("s"))
+    with pytest.raises(Cancelled):
+        await mgr.run("s", 3)
+
+
+async def test_untyped_run_errors_are_wrapped_with_the_backend_name():
+    mgr = make()
+
+    class Exploding(CountingBackend):
+        def run(self, request, progress, cancel):
+            raise RuntimeError("kaboom")
+
+    mgr.register(Exploding("x"))
+    with pytest.raises(BackendError, match="^x: RuntimeError: kaboom") as info:
+        await mgr.run("x", 1)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+async def test_unload_refuses_while_running_and_aclose_unloads():
+    mgr = make()
+    backend = CountingBackend("a")
+    mgr.register(backend)
+    await mgr.run("a", 1)
+    assert await mgr.unload("a") and not backend.loaded
+    await mgr.run("a", 1)
+    await mgr.aclose()
+    assert not backend.loaded and backend.unloads == 2
