@@ -274,12 +274,28 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    import base64
+    import mimetypes
+
     payload = {"type": args.type, "prompt": args.prompt, "model": args.model or ""}
+    if args.media:
+        try:
+            payload["media_b64"] = base64.b64encode(Path(args.media).read_bytes()).decode("ascii")
+            payload["media_type"] = mimetypes.guess_type(args.media)[0] or "application/octet-stream"
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.media}: {exc.strerror}") from exc
     outcome = control_request(args.data_dir, "/control/query/ask", payload, timeout_s=args.timeout)
+    binary = outcome.get("result_encoding") == "base64"
+    if binary and args.out:
+        Path(args.out).write_bytes(base64.b64decode(outcome["result"]))
     if args.json:
         print(json.dumps(outcome, indent=2))
         return 0
-    print(outcome["result"])
+    if binary:
+        where = args.out or "(use --out FILE to save it)"
+        print(f"{outcome['result_type']} result, {len(base64.b64decode(outcome['result']))} bytes {where}")
+    else:
+        print(outcome["result"])
     print(
         f"-- {outcome['cost']:g} tokens to {outcome['worker_address']} "
         f"({outcome['processing_time']:.2f} s, waited {outcome['queue_wait']:.2f} s)",
@@ -341,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("type", help="query type: chat, vision, imagine, whisper, bark, speech")
     ask.add_argument("prompt")
     ask.add_argument("--model", help="model name (default: any)")
+    ask.add_argument("--media", metavar="FILE", help="audio or image to send (whisper, vision)")
+    ask.add_argument("--out", metavar="FILE", help="write an image or audio result here")
     ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     ask.add_argument("--json", action="store_true", help="machine-readable output")
     ask.set_defaults(func=cmd_ask)

@@ -36,7 +36,7 @@ from ledger.holds import Hold, HoldState, InsufficientFunds
 from ledger.ledger import Ledger
 from ledger.verdicts import Verdict
 from node import codec, signing
-from node.capabilities import LocalWorker
+from node.capabilities import LocalWorker, wire_type
 from node.fairqueue import QueueEntry, QueueRefused
 from node.health import Blame, Fault, FaultKind
 from node.identity import Identity
@@ -264,7 +264,8 @@ class Broker:
         ask = ticket.ask
         return make_query(
             self.identity, realm_id=self.realm_id, query_id=ticket.query_id, payer=ask.payer.address,
-            type=ask.type, model=ask.model, prompt=ask.prompt, media=ask.media, media_type=ask.media_type,
+            type=wire_type(ask.type), model=ask.model, prompt=ask.prompt, media=ask.media,
+            media_type=(ask.media_type or "application/octet-stream") if ask.media is not None else None,
             max_price_units=ask.max_price_units or ticket.quote.units, price_units=ticket.quote.units,
             nonce=self._nonce, ts_ms=now, expiry_ms=now + int(self.query_timeout_s * 1000) + 5000,
         )

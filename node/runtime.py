@@ -11,6 +11,8 @@ final write short.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import logging
 import os
@@ -112,7 +114,7 @@ class Node:
             memory_budget_mb=settings.inference.memory_budget_mb,
             idle_unload_s=settings.inference.model_idle_unload_s,
         )
-        for backend in build_backends(settings.inference.capabilities, device.kind):
+        for backend in build_backends(settings.inference.capabilities, device, data.path / "models", settings.inference):
             self.models.register(backend)
         self.local = LocalWorker(self.models)
         self.prices = PriceBook.from_config(settings.pricing)
@@ -227,14 +229,23 @@ class Node:
                 quote = self.broker.quote(query_type)
                 return 200, {"type": query_type, "price_units": quote.units, "price": quote.units / 1_000_000}
             if op == "ask":
+                try:
+                    media = base64.b64decode(payload["media_b64"], validate=True) if payload.get("media_b64") else None
+                except (binascii.Error, TypeError) as exc:
+                    return 400, {"error": f"media_b64 is not valid base64: {exc}"}
                 ask = Ask(
                     payer=self.identity,
                     type=query_type,
                     prompt=str(payload.get("prompt", "")),
                     model=str(payload.get("model") or ""),
+                    media=media,
+                    media_type=str(payload["media_type"]) if payload.get("media_type") else None,
                 )
                 with trio.fail_after(self.settings.queue.queue_timeout_s + self.settings.queue.query_timeout_s * 4):
-                    outcome = await self.broker.ask(ask)
+                    outcome = dict(await self.broker.ask(ask))
+                if isinstance(outcome.get("result"), bytes):
+                    outcome["result"] = base64.b64encode(outcome["result"]).decode("ascii")
+                    outcome["result_encoding"] = "base64"
                 return (200 if outcome["status"] == "done" else 502), outcome
         except BrokerRefused as exc:
             return exc.status, {"error": str(exc), "code": exc.code}
@@ -302,7 +313,7 @@ class Node:
     async def _start_queries(self, nursery: trio.Nursery, mesh: MeshHost) -> None:
         """Worker side (answer queries) and broker side (place them), both on this node."""
         realm = self.genesis.realm_id
-        server = QueryServer(mesh, realm, self.identity, self.local.handle, capabilities=self.local.serves())
+        server = QueryServer(mesh, realm, self.identity, self.local.handle, capabilities=self.local.serves_wire())
         await nursery.start(server.run)
         await nursery.start(self.queue.run)
         self.broker = Broker(

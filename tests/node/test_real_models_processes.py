@@ -1,0 +1,57 @@
+"""Real models through the mesh: a broker node sends speech work to a worker node.
+
+The worker serves its default models (``--capabilities auto``): Piper speaks a
+sentence (bark), and the WAV it returns is then transcribed by Whisper
+(whisper) through the same broker — a round trip across two processes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.harness import NodeProcess, run_cli
+from tests.node.test_broker_processes import FAST, _json, _wait
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def test_speech_round_trip_across_nodes(tmp_path):
+    from inference.tts import default_voice
+    from inference.whisper import default_model_dir
+
+    assert default_voice() is not None and default_model_dir() is not None, "default models must be installed"
+    broker_dir, worker_dir = tmp_path / "broker", tmp_path / "worker"
+    assert run_cli("init", "--data-dir", str(broker_dir), "--realm", "voices").returncode == 0
+    assert run_cli("init", "--data-dir", str(worker_dir), "--join", str(broker_dir / "genesis.mtor")).returncode == 0
+    broker = NodeProcess(broker_dir, extra_args=("--capabilities", "none"), env=FAST).start()
+    worker = NodeProcess(
+        worker_dir, extra_args=("--capabilities", "bark,whisper", "--bootstrap", broker.listen_addrs[0]), env=FAST
+    ).start()
+    try:
+        def worker_serves_speech():
+            peers = {p["peer_id"]: p for p in _json(broker, "peers")["peers"]}
+            return worker.peer_id in peers and {"bark", "whisper"} <= set(peers[worker.peer_id]["capabilities"])
+
+        _wait(worker_serves_speech, 20, "the worker's speech ad")
+        wav = tmp_path / "said.wav"
+        spoken = run_cli("ask", "bark", "The quick brown fox jumps over the lazy dog.", "--out", str(wav),
+                         "--data-dir", str(broker_dir), "--json", timeout_s=180)
+        assert spoken.returncode == 0, spoken.stderr + worker.output
+        assert json.loads(spoken.stdout)["worker"] == worker.peer_id
+        assert wav.read_bytes()[:4] == b"RIFF"
+
+        heard = run_cli("ask", "whisper", "", "--media", str(wav), "--data-dir", str(broker_dir), "--json",
+                        timeout_s=180)
+        assert heard.returncode == 0, heard.stderr + worker.output
+        words = _words(json.loads(heard.stdout)["result"])
+        expected = _words("The quick brown fox jumps over the lazy dog.")
+        assert len(set(words) & set(expected)) >= len(expected) - 2, words
+    finally:
+        for node in (broker, worker):
+            node.stop()
+            node.kill()
+    for node in (broker, worker):
+        assert "Traceback" not in node.output, node.output
