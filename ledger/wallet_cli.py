@@ -99,6 +99,9 @@ def add_ledger_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("block")
     _common(p, wallet=False)
     p.set_defaults(func=run_ledger_show)
+    p = sub.add_parser("sync-status", help="how this running node's ledger compares with each peer's")
+    _common(p, wallet=False)
+    p.set_defaults(func=run_ledger_sync_status)
     return led
 
 
@@ -344,3 +347,21 @@ def run_ledger_stats(args) -> int:
 def run_ledger_show(args) -> int:
     r = _run_op(args, "ledger/show", {"block": args.block})
     return _emit(args, r, [f"{k:<16}{v}" for k, v in r.items()])
+
+
+@_guard
+def run_ledger_sync_status(args) -> int:
+    """Sync state lives in the running node's memory, so this always asks the node."""
+    status = _remote(args.data_dir, "ledger/sync-status", {})
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    rows = []
+    for peer in status.get("peers", []):
+        rows.append([peer["peer"][-12:], "yes" if peer.get("connected") else "no",
+                     {True: "yes", False: "no"}.get(peer.get("equal"), "?"), peer.get("syncs", 0),
+                     peer.get("pulled_total", 0), peer.get("accepted_total", 0), peer.get("last_error") or ""])
+    header = ["PEER", "CONNECTED", "IN SYNC", "SYNCS", "PULLED", "ACCEPTED", "LAST ERROR"]
+    lines = [f"sync every {status.get('interval_s')} s; {len(rows)} peer(s)"] + (_table(rows, header) if rows else [])
+    print("\n".join(lines))
+    return 0

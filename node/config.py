@@ -63,6 +63,7 @@ class LedgerSection:
     sync_writes: bool = _key(True, "fsync every ledger write batch (durable across power loss). false = survives process crashes only.")
     demo_grant_budget_tokens: int = _key(100_000, "Most tokens this node gives away as 100-token welcome grants to new browser wallets.")
     settle_quiet_s: float = _key(2.0, "A payment counts as settled after being seen this long with no conflicting block.")
+    sync_interval_s: float = _key(30.0, "Seconds between anti-entropy syncs with one connected peer (new peers are synced at once).")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import trio
 from ledger.control_ops import handle_control
 from ledger.errors import LedgerError
 from ledger.ledger import Ledger, Settlement
+from ledger.verdicts import Verdict
 from ledger.wallet_ops import receive_all
 from node.config import Settings
 from node.datadir import DataDir
@@ -130,6 +131,10 @@ class LedgerService:
         """A validated ``ledger`` gossip message: hand the block to the ledger."""
         result = await self.call(lambda ledger: ledger.submit(delivery.data))
         self.gossip_verdicts[result.verdict.value] += 1
+        if result.verdict is Verdict.FORK and result.hash is not None:
+            from node.sync_service import spread_fork_evidence
+
+            await spread_fork_evidence(self, result.hash)
         if result.verdict.value not in ("accepted", "duplicate", "pending_previous", "pending_source"):
             log.info("gossiped block from %s: %s %s", delivery.origin_peer, result.verdict.value, result.detail)
 

@@ -42,6 +42,7 @@ from node.mesh_service import MeshService
 from node.pricing import PriceBook
 from node.queue_service import QueueService
 from node.registry import PeerRegistry
+from node.sync_service import SyncService
 from node.watchdog import Watchdog
 from p2p.ads import AdContent, Capability
 from p2p.query_stream import QueryClient, QueryServer
@@ -120,6 +121,7 @@ class Node:
         self.prices = PriceBook.from_config(settings.pricing)
         self.queue: QueueService = QueueService.from_config(settings.queue, self.bus, on_expired=self._on_expired)
         self.broker: Broker | None = None
+        self.sync: SyncService | None = None
         self.ledger: LedgerService | None = None
         self.mesh: MeshHost | None = None
         self.console_url = ""
@@ -215,6 +217,10 @@ class Node:
             return 200, {"realm": self.genesis.realm_hex, "peers": self.peers()}
         if area == "query":
             return await self._control_query(op, payload)
+        if area == "ledger" and op == "sync-status":
+            if self.sync is None:
+                return 503, {"error": "ledger sync is not running yet"}
+            return 200, self.sync.status()
         if self.ledger is None:
             return 503, {"error": "ledger is not open yet"}
         return await self.ledger.control(area, op, payload)
@@ -286,6 +292,10 @@ class Node:
                         if self.settings.p2p.mdns:
                             await self._start_mdns(nursery, mesh)
                         self.ledger.publish = self.mesh_service.gossip.publish
+                        self.sync = SyncService(
+                            mesh, self.genesis.realm_id, self.ledger, interval_s=self.settings.ledger.sync_interval_s
+                        )
+                        await nursery.start(self.sync.run)
                         await nursery.start(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s)
                         await self._start_queries(nursery, mesh)
                         await self._serve_console(nursery, sock)

@@ -96,6 +96,10 @@ def test_payment_replicates_to_every_node(tmp_path):
         states = {json.loads(run_cli("ledger", "stats", "--data-dir", str(n.data_dir), "--json").stdout)["state_hash"]
                   for n in nodes}
         assert len(states) == 1
+        sync = json.loads(run_cli("ledger", "sync-status", "--data-dir", str(c.data_dir), "--json").stdout)
+        assert {p["peer"] for p in sync["peers"]} & {a.peer_id, b.peer_id}
+        table = run_cli("ledger", "sync-status", "--data-dir", str(c.data_dir))
+        assert table.returncode == 0 and "IN SYNC" in table.stdout, table.stderr
     finally:
         for node in nodes:
             node.stop()

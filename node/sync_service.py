@@ -1,0 +1,277 @@
+"""The node's ledger replication: a sync server, syncs on connect and on a timer, fork evidence.
+
+:class:`SyncService` owns, in one nursery, the :class:`p2p.sync_stream.SyncServer`
+and two loops of :class:`p2p.sync_stream.SyncClient` syncs:
+
+* **on connect**: a py-libp2p notifee puts each newly connected peer on a
+  bounded channel (a full channel drops the event and counts it; the timer
+  below still reaches that peer), and the peer is synced soon after;
+* **on a timer**: every ``interval_s`` one connected peer, round-robin.
+
+At most ``max_concurrent`` syncs run at once and never two with one peer.
+Per-peer outcomes are kept for ``mtor-node ledger sync-status``
+(:meth:`SyncService.status`, JSON-able). When a sync freezes an account here
+(a FORK verdict), both conflicting blocks are gossiped on ``ledger``
+(:func:`spread_fork_evidence`) so every node freezes it too; the lead's
+gossip path should call the same helper on a FORK verdict.
+
+Blocks learnt by sync are not re-gossiped: they are old news, and every node
+syncs with its peers anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.abc import INotifee
+
+from ledger.replication import blocks_at
+from p2p.errors import P2PError
+from p2p.host import MeshHost
+from p2p.sync_stream import SyncClient, SyncError, SyncReport, SyncServer
+from p2p.sync_wire import SyncLimits
+
+log = logging.getLogger(__name__)
+
+MAX_TRACKED_PEERS = 256
+
+
+async def spread_fork_evidence(ledger_service: Any, block_hash: bytes) -> int:
+    """Gossip the two lowest-hash blocks at the fork point of ``block_hash``'s account.
+
+    Call after any submit that returned ``Verdict.FORK``. Returns how many
+    blocks were published. A block this node already saw on gossip is refused
+    by ``Gossip.publish``'s local replay check (DUPLICATE); that is logged at
+    debug level and is harmless: peers that lack it get it from the sibling's
+    receivers or by sync.
+    """
+
+    def evidence(ledger) -> list[bytes]:
+        block = ledger.get_block(block_hash)
+        if block is None:
+            return []
+        fork_height = ledger.account_state(block.account).fork_height
+        if fork_height is None:
+            return []
+        return blocks_at(ledger, block.account, fork_height, 2)
+
+    raws = await ledger_service.call(evidence)
+    publish = ledger_service.publish
+    if publish is None or len(raws) < 2:
+        return 0
+    sent = 0
+    for raw in raws:
+        try:
+            await publish("ledger", raw)
+            sent += 1
+        except P2PError as exc:
+            log.debug("fork evidence not gossiped: %s", exc)
+    log.info("account frozen by a fork; gossiped %d of its conflicting blocks", sent)
+    return sent
+
+
+@dataclass
+class PeerSyncStatus:
+    """What this node knows about syncing with one peer."""
+
+    peer: str
+    syncs: int = 0
+    failures: int = 0
+    last_sync_unix_s: float | None = None
+    last_duration_s: float | None = None
+    remote_state_hash: str | None = None
+    equal: bool | None = None
+    last_pulled: int = 0
+    last_accepted: int = 0
+    pulled_total: int = 0
+    accepted_total: int = 0
+    last_error: str | None = None
+    last_error_code: str | None = None
+    verdicts: Counter = field(default_factory=Counter)
+
+    def to_json(self) -> dict:
+        return {
+            "peer": self.peer,
+            "syncs": self.syncs,
+            "failures": self.failures,
+            "last_sync_unix_s": self.last_sync_unix_s,
+            "last_duration_s": None if self.last_duration_s is None else round(self.last_duration_s, 4),
+            "remote_state_hash": self.remote_state_hash,
+            "equal": self.equal,
+            "last_pulled": self.last_pulled,
+            "last_accepted": self.last_accepted,
+            "pulled_total": self.pulled_total,
+            "accepted_total": self.accepted_total,
+            "last_error": self.last_error,
+            "last_error_code": self.last_error_code,
+            "verdicts": dict(self.verdicts),
+        }
+
+
+class _ConnectNotifee(INotifee):
+    """Hands newly connected peer ids to the service without ever blocking libp2p."""
+
+    def __init__(self, send: trio.MemorySendChannel[str]) -> None:
+        self.send = send
+        self.dropped = 0
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        try:
+            self.send.send_nowait(conn.muxed_conn.peer_id.to_base58())
+        except trio.WouldBlock:
+            self.dropped += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        return None
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+
+class SyncService:
+    """Replicates the ledger with connected peers. Construct freely; :meth:`run` serves."""
+
+    def __init__(
+        self,
+        mesh: MeshHost,
+        realm_id: bytes,
+        ledger_service: Any,
+        *,
+        interval_s: float = 30.0,
+        limits: SyncLimits = SyncLimits(),
+        max_concurrent: int = 2,
+        connect_queue_size: int = 64,
+    ) -> None:
+        if interval_s <= 0 or max_concurrent < 1 or connect_queue_size < 1:
+            raise ValueError("interval_s, max_concurrent and connect_queue_size must be positive")
+        self.mesh = mesh
+        self.realm_id = realm_id
+        self.ledger_service = ledger_service
+        self.interval_s = interval_s
+        self.connect_queue_size = connect_queue_size
+        self.server = SyncServer(mesh, realm_id, ledger_service.call, limits=limits)
+        self.client = SyncClient(mesh, realm_id, ledger_service.call, limits=limits)
+        self.peers: OrderedDict[str, PeerSyncStatus] = OrderedDict()
+        self.forks_spread = 0
+        self._limiter = trio.CapacityLimiter(max_concurrent)
+        self._busy: set[str] = set()
+        self._next = 0
+        self._notifee: _ConnectNotifee | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # -- what the CLI sees -------------------------------------------------
+    def status(self) -> dict:
+        """JSON-able state for ``mtor-node ledger sync-status``."""
+        connected = set(self.mesh.connected_peers())
+        return {
+            "interval_s": self.interval_s,
+            "syncing": sorted(self._busy),
+            "forks_spread": self.forks_spread,
+            "connect_events_dropped": self._notifee.dropped if self._notifee else 0,
+            "server": dict(self.server.stats),
+            "peers": [st.to_json() | {"connected": st.peer in connected} for st in self.peers.values()],
+        }
+
+    # -- actions -----------------------------------------------------------
+    async def sync_now(self, peer_id: str) -> SyncReport | None:
+        """Sync with ``peer_id`` now (None if a sync with it is already running); records the outcome."""
+        if peer_id in self._busy:
+            return None
+        self._busy.add(peer_id)
+        try:
+            async with self._limiter:
+                return await self._sync(peer_id)
+        finally:
+            self._busy.discard(peer_id)
+
+    async def _sync(self, peer_id: str) -> SyncReport | None:
+        st = self._status_of(peer_id)
+        st.syncs += 1
+        try:
+            report = await self.client.sync_with(peer_id)
+        except SyncError as exc:
+            st.failures += 1
+            st.last_error, st.last_error_code = str(exc), exc.code
+            log.info("%s", exc)
+            return None
+        st.last_sync_unix_s = time.time()
+        st.last_duration_s = report.duration_s
+        st.remote_state_hash = report.remote_state_hash.hex()
+        st.equal = report.equal_after
+        st.last_pulled, st.last_accepted = report.pulled, report.accepted
+        st.pulled_total += report.pulled
+        st.accepted_total += report.accepted
+        st.verdicts.update(report.verdicts)
+        st.last_error = st.last_error_code = None
+        if report.accepted:
+            log.info("synced %d block(s) from %s in %.2f s (%d pulled)", report.accepted, peer_id,
+                     report.duration_s, report.pulled)
+            refresh = getattr(self.ledger_service, "refresh_summary", None)
+            if refresh is not None:
+                await refresh()
+        for block_hash in report.forks:
+            self.forks_spread += await spread_fork_evidence(self.ledger_service, block_hash) > 0
+        return report
+
+    def _status_of(self, peer_id: str) -> PeerSyncStatus:
+        st = self.peers.get(peer_id)
+        if st is None:
+            st = self.peers[peer_id] = PeerSyncStatus(peer_id)
+            while len(self.peers) > MAX_TRACKED_PEERS:
+                self.peers.popitem(last=False)
+        self.peers.move_to_end(peer_id)
+        return st
+
+    # -- trio shell --------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve syncs and sync with peers until cancelled; ``started()`` once the server listens."""
+        network = self.mesh.host.get_network()
+        send, receive = trio.open_memory_channel[str](self.connect_queue_size)
+        notifee = self._notifee = _ConnectNotifee(send)
+        network.register_notifee(notifee)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.server.run)
+                for peer in self.mesh.connected_peers()[: self.connect_queue_size]:
+                    send.send_nowait(peer)
+                nursery.start_soon(self._sync_new_peers, receive)
+                nursery.start_soon(self._sync_periodically)
+                task_status.started()
+        finally:
+            network.remove_notifee(notifee)
+            send.close()
+            self._nursery = None
+
+    async def _sync_new_peers(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        async with receive:
+            async for peer_id in receive:
+                nursery = self._nursery
+                if nursery is not None and peer_id not in self._busy:
+                    nursery.start_soon(self.sync_now, peer_id)
+
+    async def _sync_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.interval_s)
+            peers = sorted(self.mesh.connected_peers())
+            if not peers:
+                continue
+            peer_id = peers[self._next % len(peers)]
+            self._next += 1
+            await self.sync_now(peer_id)
