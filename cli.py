@@ -319,6 +319,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from inference.models_cli import add_models_parser
     from ledger.wallet_cli import add_ledger_parser, add_wallet_parser
+    from node.sim.cli import add_sim_parser
 
     parser = argparse.ArgumentParser(prog="mtor-node", description="A masterless, speech-first AI mesh node.")
     parser.add_argument("--version", action="version", version=f"mtor-node {__version__}")
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="machine-readable output")
     ask.set_defaults(func=cmd_ask)
 
-    for add in (add_wallet_parser, add_ledger_parser, add_models_parser):
+    for add in (add_wallet_parser, add_ledger_parser, add_models_parser, add_sim_parser):
         before = set(sub.choices)
         add(sub)
         for name in set(sub.choices) - before:

@@ -279,8 +279,10 @@ class Broker:
             result = await self.client.call(worker, signed, timeout_s=self.query_timeout_s)
             answer = {"result_type": result.result_type, "data": result.data, "receipt": result.receipt,
                       "processing_ms": result.processing_ms}
-        self.registry.record_success(worker, trio.current_time())
-        self.prices.record(ticket.ask.type, trio.current_time() - started, trio.current_time())
+        now = trio.current_time()
+        self.registry.record_success(worker, now)
+        # The price follows what users wait for: queue wait plus service (SPEC §7; as node/sim).
+        self.prices.record(ticket.ask.type, now - ticket.enqueued_at, now)
         return answer
 
     async def _run_locally(self, signed: dict, started: float) -> dict:
