@@ -38,14 +38,15 @@ from ledger.verdicts import Verdict
 from node import codec, signing
 from node.capabilities import LocalWorker, wire_type
 from node.fairqueue import QueueEntry, QueueRefused
-from node.health import Blame, Fault, FaultKind
+from node.health import Blame, Fault
 from node.identity import Identity
 from node.ledger_service import LedgerService
 from node.pricing import PriceBook, Quote, UnknownQueryType
 from node.queue_service import QueueService
 from node.registry import PeerRegistry
 from node.selection import Exhausted, Request, next_attempt, select
-from p2p.query_stream import QueryClient, QueryFailed, WorkerFault
+from p2p.query_client import QueryClient, QueryFailed
+from p2p.query_stream import WorkerFault
 from p2p.query_stream import wall_ms
 from p2p.query_wire import QueryLimits, make_query, make_receipt, result_bytes
 from p2p.query_wire import Query as WireQuery

@@ -45,7 +45,8 @@ from node.registry import PeerRegistry
 from node.sync_service import SyncService
 from node.watchdog import Watchdog
 from p2p.ads import AdContent, Capability
-from p2p.query_stream import QueryClient, QueryServer
+from p2p.query_client import QueryClient
+from p2p.query_stream import QueryServer
 from p2p.host import MeshHost, open_mesh_host, peer_id_for
 from p2p.mdns import MdnsDiscovery, MdnsError, realm_service_tag
 from webui.app import create_app

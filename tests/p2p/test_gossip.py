@@ -1,7 +1,6 @@
 import time
 
 import pytest
-import trio
 
 from node import codec, signing
 from node.identity import Identity

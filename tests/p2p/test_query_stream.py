@@ -15,26 +15,19 @@ import trio
 from node.health import Blame, FaultKind
 from node.identity import Identity
 from p2p.host import MeshHost, open_mesh_host, peer_id_for
-from p2p.query_stream import (
-    CallResult,
-    HandlerResult,
-    ProgressSink,
-    QueryClient,
-    QueryFailed,
-    QueryServer,
-    WorkerFault,
-    public_key_of,
-    wall_ms,
-)
-from p2p.query_wire import (
+from p2p.query_client import CallResult, QueryClient, QueryFailed, public_key_of
+from p2p.query_stream import HandlerResult, ProgressSink, QueryServer, WorkerFault, wall_ms
+from p2p.query_frames import (
     FrameDecoder,
     ProgressFrame,
+    ResultFrame,
+    encode_frame,
+)
+from p2p.query_wire import (
     Query,
     QueryLimits,
     ReceiptVerdict,
-    ResultFrame,
     check_receipt,
-    encode_frame,
     make_query,
     make_receipt,
     result_bytes,

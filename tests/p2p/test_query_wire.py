@@ -11,27 +11,29 @@ from hypothesis import strategies as st
 from node import codec, signing
 from node.health import Blame
 from node.identity import Identity
-from p2p.query_wire import (
-    QUERY_TYPES,
+from p2p.query_frames import (
     CancelFrame,
     ErrorFrame,
     FrameDecoder,
     FrameError,
     FrameProblem,
-    NonceWindow,
     ProgressFrame,
-    QueryCheck,
     QueryFrame,
-    QueryLimits,
-    QueryVerdict,
-    ReceiptVerdict,
     ResultFrame,
-    check_query,
-    check_receipt,
     decode_frame,
     decode_frames,
     encode_frame,
     error_frame,
+)
+from p2p.query_wire import (
+    QUERY_TYPES,
+    NonceWindow,
+    QueryCheck,
+    QueryLimits,
+    QueryVerdict,
+    ReceiptVerdict,
+    check_query,
+    check_receipt,
     make_query,
     make_receipt,
     result_bytes,
