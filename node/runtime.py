@@ -350,7 +350,9 @@ class Node:
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")
         config.graceful_timeout = max(0.5, self.settings.node.shutdown_grace_s - 1.0)
-        config.websocket_max_message_size = self.settings.console.max_ws_message_bytes
+        # Hypercorn closes the socket on anything over its limit; leave headroom so the console
+        # can answer a merely oversized message with a clear error instead (webui/ws.py).
+        config.websocket_max_message_size = 4 * self.settings.console.max_ws_message_bytes
         app = create_app(self)
         await nursery.start(
             partial(hypercorn.trio.serve, app, config, shutdown_trigger=self._shutdown.wait)

@@ -19,6 +19,13 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+#: Short mesh intervals for multi-node tests, set the way an operator would (MTOR_<SECTION>_<KEY>).
+FAST = {
+    "MTOR_P2P_ANNOUNCE_INTERVAL_S": "1",
+    "MTOR_HEALTH_HEALTH_CHECK_INTERVAL_S": "1",
+    "MTOR_LEDGER_SETTLE_QUIET_S": "0.5",
+}
+
 
 def node_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli", *args]
@@ -127,3 +134,25 @@ class NodeProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def cli_json(node: NodeProcess, *args: str) -> dict:
+    """Run ``mtor-node ARGS --data-dir <node> --json`` and return the parsed output."""
+    import json
+
+    result = run_cli(*args, "--data-dir", str(node.data_dir), "--json")
+    if result.returncode != 0:
+        raise AssertionError(f"mtor-node {' '.join(args)} failed: {result.stderr}")
+    return json.loads(result.stdout)
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    """Poll ``predicate`` (a cheap query of a running node) until it is truthy or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.2)

@@ -1,8 +1,12 @@
-"""The console's Quart (trio) application: page, health, sysop login, control API.
+"""The console's Quart (trio) application: page, health, sysop login, control API,
+the WebSocket bus ``/ws``, the REST mirror ``/api/*``, the OpenAI-compatible ``/v1/*``
+and ``/metrics``.
 
-The app holds no state of its own: everything comes from the ``node``
-object it is built for (see ``node.runtime.Node``), so the same app serves
-a real node and an in-process test mesh.
+Node state comes from the ``node`` object the app is built for (see
+``node.runtime.Node``); what the console keeps of its own (users, bans, API
+keys, counters) lives in :class:`webui.state.ConsoleState`. The console's
+background tasks (event fan-out, the user-file writer, query waiters) run
+in one nursery started before serving and cancelled after.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quart import Response, jsonify, redirect, request, send_from_directory
+import trio
+from quart import Response, jsonify, redirect, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
+from webui import openai_api, rest, ws
 from webui.auth import COOKIE_NAME
+from webui.state import MAX_MEDIA_BYTES, ConsoleState
 
 if TYPE_CHECKING:
     from node.runtime import Node
@@ -22,11 +29,54 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_CONTROL_BODY_BYTES = 64 * 1024
+#: Queries carry media (base64): up to the query protocol's 4 MiB limit, plus encoding.
+MAX_CONTROL_QUERY_BYTES = 6 * 1024 * 1024
+#: Largest HTTP body: a base64 attachment of MAX_MEDIA_BYTES plus its JSON envelope.
+MAX_HTTP_BODY_BYTES = MAX_MEDIA_BYTES * 4 // 3 + 64 * 1024
 
 
 def create_app(node: "Node") -> QuartTrio:
     app = QuartTrio(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = node.settings.console.max_ws_message_bytes
+    app.config["MAX_CONTENT_LENGTH"] = max(node.settings.console.max_ws_message_bytes, MAX_HTTP_BODY_BYTES)
+    state = ConsoleState.build(node)
+    app.extensions["mtor_console"] = state
+    stop = trio.CancelScope()
+
+    async def run_console(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with stop:
+            async with trio.open_nursery() as nursery:
+                state.nursery = nursery
+                await nursery.start(state.store.run_writer)
+                await nursery.start(state.hub.follow, state)
+                task_status.started()
+
+    @app.before_serving
+    async def start_console() -> None:
+        await app.nursery.start(run_console)
+
+    @app.after_serving
+    async def stop_console() -> None:
+        for conn in list(state.hub.connections.values()):
+            conn.close()
+        stop.cancel()
+
+    @app.after_request
+    async def drain_body(response: Response) -> Response:
+        # A view that answered without reading the request body (an auth refusal, say) must
+        # still consume it, or the next request on the same keep-alive connection stalls.
+        if request.method in ("POST", "PUT", "PATCH"):
+            try:
+                await request.get_data()
+            except Exception:  # noqa: BLE001 - an over-long body: hypercorn closes that connection anyway
+                response.headers["Connection"] = "close"
+        return response
+
+    @app.websocket("/ws")
+    async def bus():
+        await ws.serve(state, websocket._get_current_object())
+
+    rest.register(app, state)
+    openai_api.register(app, state)
 
     def is_sysop() -> bool:
         return node.auth.is_sysop(request.headers.get("Authorization"), request.cookies.get(COOKIE_NAME))
@@ -45,6 +95,10 @@ def create_app(node: "Node") -> QuartTrio:
     @app.get("/health")
     async def health() -> Response:
         return jsonify(node.health())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(await _gauges(node, state)), mimetype="text/plain; version=0.0.4")
 
     @app.get("/sysop/login")
     async def sysop_login():
@@ -71,7 +125,7 @@ def create_app(node: "Node") -> QuartTrio:
         payload = {}
         if request.method == "POST":
             body = await request.get_data()
-            if len(body) > MAX_CONTROL_BODY_BYTES:
+            if len(body) > (MAX_CONTROL_QUERY_BYTES if area == "query" else MAX_CONTROL_BODY_BYTES):
                 return jsonify({"error": "request body too large"}), 413
             payload = await request.get_json(force=True, silent=True)
             if not isinstance(payload, dict):
@@ -82,3 +136,26 @@ def create_app(node: "Node") -> QuartTrio:
         return jsonify(result), status
 
     return app
+
+
+async def _gauges(node: "Node", state: ConsoleState) -> dict[str, tuple[str, float]]:
+    """Values read from the node at scrape time."""
+    gauges: dict[str, tuple[str, float]] = {
+        "mtor_queue_depth": ("Queries waiting in this broker's fair queue.", node.queue.depth),
+        "mtor_peers": ("Workers this node knows (itself included).", len(node.peers())),
+        "mtor_console_connections": ("Open console WebSocket connections.", len(state.hub.connections)),
+        "mtor_console_users": ("Distinct console users connected now.", state.hub.users_now()),
+        "mtor_console_dropped_slow_total": ("Console connections dropped for not reading.", state.hub.dropped_slow),
+        "mtor_events_dropped_total": ("Event-bus subscribers dropped for being slow.", node.bus.dropped_total),
+    }
+    if node.broker is not None:
+        gauges["mtor_broker_completed_total"] = ("Queries this broker completed.", node.broker.completed)
+        gauges["mtor_broker_failed_total"] = ("Queries this broker failed, cancelled or expired.", node.broker.failed)
+    if node.ledger is not None:
+        summary = node.ledger.summary()
+        gauges["mtor_ledger_blocks"] = ("Blocks in this node's ledger.", summary.get("blocks", 0) or 0)
+        gauges["mtor_ledger_accounts"] = ("Accounts in this node's ledger.", summary.get("accounts", 0) or 0)
+        key = node.identity.public_key
+        balance = await node.ledger.call(lambda ledger: ledger.balance(key))
+        gauges["mtor_node_wallet_tokens"] = ("Balance of this node's own wallet.", balance / 1_000_000)
+    return gauges

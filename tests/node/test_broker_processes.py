@@ -3,32 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 
-from tests.harness import NodeProcess, run_cli
-
-FAST = {
-    "MTOR_P2P_ANNOUNCE_INTERVAL_S": "1",
-    "MTOR_HEALTH_HEALTH_CHECK_INTERVAL_S": "1",
-    "MTOR_LEDGER_SETTLE_QUIET_S": "0.5",
-}
-
-
-def _json(node: NodeProcess, *args: str) -> dict:
-    result = run_cli(*args, "--data-dir", str(node.data_dir), "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+from tests.harness import FAST, NodeProcess, cli_json, run_cli, wait_for
 
 
 def test_broker_pays_the_worker_by_receipt(tmp_path):
@@ -40,9 +16,9 @@ def test_broker_pays_the_worker_by_receipt(tmp_path):
         worker_dir, extra_args=("--capabilities", "chat:reverse", "--bootstrap", broker.listen_addrs[0]), env=FAST
     ).start()
     try:
-        _wait(lambda: worker.peer_id in {p["peer_id"] for p in _json(broker, "peers")["peers"]}, 15, "the worker's ad")
-        payer = _json(broker, "wallet", "balance")
-        worker_address = _json(worker, "wallet", "address")["address"]
+        wait_for(lambda: worker.peer_id in {p["peer_id"] for p in cli_json(broker, "peers")["peers"]}, 15, "the worker's ad")
+        payer = cli_json(broker, "wallet", "balance")
+        worker_address = cli_json(worker, "wallet", "address")["address"]
         quote = run_cli("ask", "chat", "stressed", "--data-dir", str(broker_dir), "--json")
         assert quote.returncode == 0, quote.stderr + broker.output + worker.output
         outcome = json.loads(quote.stdout)
@@ -53,18 +29,18 @@ def test_broker_pays_the_worker_by_receipt(tmp_path):
         price = outcome["cost_units"]
         assert price >= 1_000_000  # at least one token (SPEC §7)
 
-        after = _json(broker, "wallet", "balance")
+        after = cli_json(broker, "wallet", "balance")
         assert after["balance_units"] == payer["balance_units"] - price
         # The worker's node claims the settled payment by itself.
-        _wait(lambda: _json(worker, "wallet", "balance")["balance_units"] == price, 15, "the worker to be paid")
-        history = _json(broker, "wallet", "history")
+        wait_for(lambda: cli_json(worker, "wallet", "balance")["balance_units"] == price, 15, "the worker to be paid")
+        history = cli_json(broker, "wallet", "history")
         payment = [e for e in history["entries"] if e.get("ref") == outcome["receipt_hash"]]
         assert len(payment) == 1, history
 
         # A query no one can answer is refused cleanly and costs nothing.
         failed = run_cli("ask", "imagine", "a red cat", "--data-dir", str(broker_dir), "--json")
         assert failed.returncode == 1 and "Traceback" not in failed.stderr
-        assert _json(broker, "wallet", "balance")["balance_units"] == after["balance_units"]
+        assert cli_json(broker, "wallet", "balance")["balance_units"] == after["balance_units"]
     finally:
         for node in (broker, worker):
             node.stop()

@@ -8,32 +8,14 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
-from tests.harness import NodeProcess, run_cli
-
-FAST = {
-    "MTOR_P2P_ANNOUNCE_INTERVAL_S": "1",
-    "MTOR_HEALTH_HEALTH_CHECK_INTERVAL_S": "1",
-    "MTOR_LEDGER_SETTLE_QUIET_S": "0.5",
-}
+from tests.harness import FAST, NodeProcess, run_cli, wait_for
 
 
 def _peers(node: NodeProcess) -> dict[str, dict]:
     result = run_cli("peers", "--data-dir", str(node.data_dir), "--json")
     assert result.returncode == 0, result.stderr
     return {p["peer_id"]: p for p in json.loads(result.stdout)["peers"]}
-
-
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _realm_of_three(tmp_path):
@@ -55,7 +37,7 @@ def test_three_nodes_see_each_other_and_a_killed_node_fades(tmp_path):
     try:
         ids = {n.peer_id for n in nodes}
         for node in nodes:
-            _wait(lambda: set(_peers(node)) >= ids, 15, f"{node.data_dir.name} to see all three ads")
+            wait_for(lambda: set(_peers(node)) >= ids, 15, f"{node.data_dir.name} to see all three ads")
         seen_by_b = _peers(b)[c.peer_id]
         assert seen_by_b["availability"] == "available"
         assert seen_by_b["device"]["kind"] == "cpu"
@@ -67,7 +49,7 @@ def test_three_nodes_see_each_other_and_a_killed_node_fades(tmp_path):
             entry = _peers(a)[c.peer_id]
             return entry if entry["availability"] == "stale" and entry["health"] < 100 else None
 
-        faded = _wait(c_faded, 20, "the killed node to become unavailable with lower health")
+        faded = wait_for(c_faded, 20, "the killed node to become unavailable with lower health")
         assert faded["health"] <= 90
         assert _peers(a)[b.peer_id]["availability"] == "available"
     finally:
@@ -82,7 +64,7 @@ def test_payment_replicates_to_every_node(tmp_path):
     a, b, c = nodes
     try:
         for node in nodes:
-            _wait(lambda: len(_peers(node)) == 3, 15, "all ads")
+            wait_for(lambda: len(_peers(node)) == 3, 15, "all ads")
         b_address = json.loads(run_cli("wallet", "address", "--data-dir", str(b.data_dir), "--json").stdout)["address"]
         sent = run_cli("wallet", "send", b_address, "25", "--data-dir", str(a.data_dir), "--json")
         assert sent.returncode == 0, sent.stderr
@@ -92,7 +74,7 @@ def test_payment_replicates_to_every_node(tmp_path):
             return json.loads(out.stdout)
 
         # B's node receives the settled payment by itself; C sees the result by gossip.
-        _wait(lambda: balance_on(c, b_address)["balance_units"] == 25_000_000, 20, "B's receive to reach C")
+        wait_for(lambda: balance_on(c, b_address)["balance_units"] == 25_000_000, 20, "B's receive to reach C")
         states = {json.loads(run_cli("ledger", "stats", "--data-dir", str(n.data_dir), "--json").stdout)["state_hash"]
                   for n in nodes}
         assert len(states) == 1

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.harness import NodeProcess, run_cli
-from tests.node.test_broker_processes import FAST, _json, _wait
+from tests.harness import FAST, NodeProcess, cli_json, run_cli, wait_for
 
 
 def _words(text: str) -> list[str]:
@@ -32,10 +31,10 @@ def test_speech_round_trip_across_nodes(tmp_path):
     ).start()
     try:
         def worker_serves_speech():
-            peers = {p["peer_id"]: p for p in _json(broker, "peers")["peers"]}
+            peers = {p["peer_id"]: p for p in cli_json(broker, "peers")["peers"]}
             return worker.peer_id in peers and {"bark", "whisper"} <= set(peers[worker.peer_id]["capabilities"])
 
-        _wait(worker_serves_speech, 20, "the worker's speech ad")
+        wait_for(worker_serves_speech, 20, "the worker's speech ad")
         wav = tmp_path / "said.wav"
         spoken = run_cli("ask", "bark", "The quick brown fox jumps over the lazy dog.", "--out", str(wav),
                          "--data-dir", str(broker_dir), "--json", timeout_s=180)
