@@ -13,8 +13,10 @@ the console from those three.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import trio
 
 from inference.base import BackendError, InvalidRequest
 from inference.chat import ChatRequest
@@ -39,9 +41,11 @@ def wire_type(query_type: str) -> str:
 class LocalWorker:
     """Runs queries on this node's registered backends (see :class:`ModelManager`)."""
 
-    def __init__(self, manager: ModelManager, enabled: Iterable[str] | None = None) -> None:
+    def __init__(self, manager: ModelManager, enabled: Iterable[str] | None = None,
+                 on_models_changed: Callable[[str, str], None] | None = None) -> None:
         self.manager = manager
         self.enabled = None if enabled is None else frozenset(enabled)
+        self.on_models_changed = on_models_changed
         self.running = 0
         self.served = 0
 
@@ -80,6 +84,23 @@ class LocalWorker:
     def _backend(self, query: Query) -> str:
         return self.manager.find(query.type, query.model or None)
 
+    async def _ensure_loaded(self, name: str, progress: ProgressSink | None) -> None:
+        """Load ``name`` before its first run, saying so (loading can take a minute)."""
+        if self.manager.is_loaded(name):
+            return
+        log.info("loading model %s (first use)…", name)
+        self._changed("loading", name)
+        if progress is not None:
+            await progress.status(f"loading model {name}")
+        started = trio.current_time()
+        await self.manager.ensure_loaded(name)
+        log.info("model %s loaded in %.1f s", name, trio.current_time() - started)
+        self._changed("loaded", name)
+
+    def _changed(self, what: str, name: str) -> None:
+        if self.on_models_changed is not None:
+            self.on_models_changed(what, name)
+
     async def _chat(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
         request = ChatRequest(messages=[{"role": "user", "content": query.prompt}])
 
@@ -87,7 +108,9 @@ class LocalWorker:
             if progress is not None:
                 await progress.token(token)
 
-        result = await self.manager.run(self._backend(query), request, on_progress=on_token)
+        name = self._backend(query)
+        await self._ensure_loaded(name, progress)
+        result = await self.manager.run(name, request, on_progress=on_token)
         return HandlerResult("text", result.text)
 
     async def _whisper(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
@@ -97,8 +120,9 @@ class LocalWorker:
             if progress is not None:
                 await progress.token(getattr(segment, "text", ""))
 
-        result = await self.manager.run(self._backend(query), TranscribeRequest(audio=query.media or b""),
-                                        on_progress=on_segment)
+        name = self._backend(query)
+        await self._ensure_loaded(name, progress)
+        result = await self.manager.run(name, TranscribeRequest(audio=query.media or b""), on_progress=on_segment)
         return HandlerResult("text", result.text)
 
     async def _bark(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
@@ -108,7 +132,9 @@ class LocalWorker:
             if progress is not None:
                 await progress.status(f"sentence {sentence.index + 1}")
 
-        result = await self.manager.run(self._backend(query), SpeakRequest(text=query.prompt), on_progress=on_sentence)
+        name = self._backend(query)
+        await self._ensure_loaded(name, progress)
+        result = await self.manager.run(name, SpeakRequest(text=query.prompt), on_progress=on_sentence)
         return HandlerResult("audio", result.wav)
 
     async def _imagine(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
@@ -118,7 +144,9 @@ class LocalWorker:
             if progress is not None:
                 await progress.step(step.step, step.total)
 
-        result = await self.manager.run(self._backend(query), ImagineRequest(prompt=query.prompt), on_progress=on_step)
+        name = self._backend(query)
+        await self._ensure_loaded(name, progress)
+        result = await self.manager.run(name, ImagineRequest(prompt=query.prompt), on_progress=on_step)
         return HandlerResult("image", result.png)
 
     async def _vision(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
@@ -129,7 +157,9 @@ class LocalWorker:
                 await progress.token(token)
 
         request = VisionRequest(image=query.media or b"", prompt=query.prompt)
-        result = await self.manager.run(self._backend(query), request, on_progress=on_token)
+        name = self._backend(query)
+        await self._ensure_loaded(name, progress)
+        result = await self.manager.run(name, request, on_progress=on_token)
         return HandlerResult("text", result.text)
 
     _RUNNERS = {"chat": _chat, "whisper": _whisper, "bark": _bark, "imagine": _imagine, "vision": _vision}

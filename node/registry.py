@@ -169,7 +169,7 @@ class PeerRegistry:
                 name: {"models": list(cap.models), "price_milli": cap.price_milli, "avg_latency_ms": cap.avg_latency_ms}
                 for name, cap in content.capabilities.items()
             },
-            "device": {"kind": content.device_kind, "vram_mb": content.vram_mb},
+            "device": {"kind": content.device_kind, "vram_mb": content.vram_mb, "loaded": list(content.loaded_models)},
             "load": {"queued": content.queued, "running": content.running},
             "operator": dict(content.operator),
             "version": content.version,

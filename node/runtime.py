@@ -118,7 +118,7 @@ class Node:
         )
         for backend in build_backends(settings.inference.capabilities, device, data.path / "models", settings.inference):
             self.models.register(backend)
-        self.local = LocalWorker(self.models)
+        self.local = LocalWorker(self.models, on_models_changed=self._models_changed)
         self.prices = PriceBook.from_config(settings.pricing)
         self.queue: QueueService = QueueService.from_config(settings.queue, self.bus, on_expired=self._on_expired)
         self.broker: Broker | None = None
@@ -169,7 +169,7 @@ class Node:
             # until then there is honestly nothing queued and nothing loaded.
             "queue": {"depth": self.queue.depth, "running": self.local.running},
             "serves": self.local.serves(),
-            "loaded_models": [info.name for info in self.models.describe() if self.models.is_loaded(info.name)],
+            "loaded_models": self.loaded_models(),
             "broker": {"completed": self.broker.completed, "failed": self.broker.failed} if self.broker else None,
             "ledger": self.ledger.summary() if self.ledger else None,
             "watchdog": {"stalls": self.watchdog.stalls, "max_loop_lag_s": round(self.watchdog.max_lag_s, 4)},
@@ -193,11 +193,21 @@ class Node:
             capabilities=capabilities,
             device_kind=self.device.kind,
             vram_mb=self.device.vram_mb,
+            loaded_models=tuple(self.loaded_models()),
             queued=self.queue.depth,
             running=self.local.running,
             operator={"mode": "base"},
             version=__version__,
         )
+
+    def _models_changed(self, what: str, name: str) -> None:
+        """A model began loading or finished: tell consoles, and the mesh in our next ad."""
+        self.bus.publish("model_" + what, {"model": name})
+        if self.mesh_service is not None:
+            self.mesh_service.capabilities_changed()
+
+    def loaded_models(self) -> list[str]:
+        return [info.name for info in self.models.describe() if self.models.is_loaded(info.name)]
 
     def peers(self) -> list[dict]:
         """Every known worker (this node included) with its ad and health."""

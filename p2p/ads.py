@@ -60,6 +60,7 @@ class AdContent:
     capabilities: dict[str, Capability] = field(default_factory=dict)
     device_kind: str = "cpu"
     vram_mb: int = 0
+    loaded_models: tuple[str, ...] = ()
     queued: int = 0
     running: int = 0
     operator: dict[str, Any] = field(default_factory=dict)
@@ -96,7 +97,7 @@ def build_ad_body(identity: Identity, realm_id: bytes, content: AdContent, *, se
             name: {"models": list(cap.models), "price_milli": cap.price_milli, "avg_latency_ms": cap.avg_latency_ms}
             for name, cap in content.capabilities.items()
         },
-        "device": {"kind": content.device_kind, "vram_mb": content.vram_mb},
+        "device": {"kind": content.device_kind, "vram_mb": content.vram_mb, "loaded": list(content.loaded_models)},
         "load": {"queued": content.queued, "running": content.running},
         "operator": dict(content.operator),
         "version": content.version,
@@ -177,10 +178,13 @@ def _field_problem(body: dict) -> str | None:
     if problem:
         return problem
     device = body["device"]
-    if not isinstance(device, dict) or set(device) != {"kind", "vram_mb"} or device["kind"] not in DEVICE_KINDS:
-        return f"device must be {{kind: one of {DEVICE_KINDS}, vram_mb}}"
+    if not isinstance(device, dict) or set(device) != {"kind", "vram_mb", "loaded"} or device["kind"] not in DEVICE_KINDS:
+        return f"device must be {{kind: one of {DEVICE_KINDS}, vram_mb, loaded}}"
     if not _nat(device["vram_mb"]):
         return "device.vram_mb must be a non-negative integer"
+    loaded = device["loaded"]
+    if not isinstance(loaded, list) or len(loaded) > MAX_MODELS or not all(_name(m) for m in loaded):
+        return "device.loaded must be a list of model names"
     load = body["load"]
     if not isinstance(load, dict) or set(load) != {"queued", "running"} or not all(_nat(v) for v in load.values()):
         return "load must be {queued, running} non-negative integers"
@@ -214,6 +218,7 @@ def parse_ad(data: bytes | dict, *, realm_id: bytes) -> AdParse:
         capabilities=caps,
         device_kind=body["device"]["kind"],
         vram_mb=body["device"]["vram_mb"],
+        loaded_models=tuple(body["device"]["loaded"]),
         queued=body["load"]["queued"],
         running=body["load"]["running"],
         operator=dict(body["operator"]),

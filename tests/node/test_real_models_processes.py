@@ -41,6 +41,13 @@ def test_speech_round_trip_across_nodes(tmp_path):
         assert spoken.returncode == 0, spoken.stderr + worker.output
         assert json.loads(spoken.stdout)["worker"] == worker.peer_id
         assert wav.read_bytes()[:4] == b"RIFF"
+        assert "loading model piper-joe-medium" in worker.output  # first use loads, and says so
+
+        def piper_loaded_in_ad():
+            peers = {p["peer_id"]: p for p in cli_json(broker, "peers")["peers"]}
+            return "piper-joe-medium" in peers[worker.peer_id]["device"]["loaded"]
+
+        wait_for(piper_loaded_in_ad, 15, "the worker's ad to list its loaded voice")
 
         heard = run_cli("ask", "whisper", "", "--media", str(wav), "--data-dir", str(broker_dir), "--json",
                         timeout_s=180)
