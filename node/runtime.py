@@ -39,7 +39,8 @@ from node.identity import Identity
 from node.health import HealthPolicy
 from node.ledger_service import LedgerService
 from node.mesh_service import MeshService
-from node.pricing import PriceBook
+from node.price_history import PriceHistory
+from node.pricing import QUERY_TYPES, PriceBook
 from node.queue_service import QueueService
 from node.registry import PeerRegistry
 from node.sync_service import SyncService
@@ -120,6 +121,7 @@ class Node:
             self.models.register(backend)
         self.local = LocalWorker(self.models, on_models_changed=self._models_changed)
         self.prices = PriceBook.from_config(settings.pricing)
+        self.price_history = PriceHistory(self.prices, [t for t in QUERY_TYPES if t in self.prices.baselines_s])
         self.queue: QueueService = QueueService.from_config(settings.queue, self.bus, on_expired=self._on_expired)
         self.broker: Broker | None = None
         self.sync: SyncService | None = None
@@ -350,6 +352,7 @@ class Node:
             query_timeout_s=self.settings.queue.query_timeout_s,
         )
         await nursery.start(self.broker.run)
+        await nursery.start(self.price_history.run)
         await nursery.start(self.models.serve_idle_unloader)
 
     async def _serve_console(self, nursery: trio.Nursery, sock: socket.socket) -> None:

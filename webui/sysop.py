@@ -40,6 +40,7 @@ def system_stats(state: "ConsoleState") -> dict:
         "errors": dict(state.metrics.invalid_messages),
         "bans": sorted(store.bans),
         "ledger": node.ledger.summary() if node.ledger else None,
+        "price_history": node.price_history.series(),
     }
 
 

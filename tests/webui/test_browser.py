@@ -199,6 +199,8 @@ def test_sysop_panel_after_login(browser, node, shots):
     page.wait_for_function("document.getElementById('sysop-stats').children.length > 0")
     assert "no healthy imagine worker" in page.text_content("#sysop-warnings")
     assert "Electricity" in page.text_content("#sysop-stats")
+    page.wait_for_function("document.getElementById('sysop-prices-legend').children.length > 0")
+    assert "chat" in page.text_content("#sysop-prices-legend")
     page.wait_for_function("document.querySelectorAll('#sysop-users tbody tr').length > 0")
     page.fill("#sysop-message", "hello realm")
     page.click("#sysop-broadcast button")

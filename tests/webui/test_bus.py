@@ -232,6 +232,9 @@ async def test_sysop_stats_broadcast_ban_and_terminate(node):
         assert stats["queue"]["depth"] == 0 and stats["workers"] and "warnings" in stats
         assert "no healthy imagine worker in the mesh" in stats["warnings"]
         assert stats["electricity"]["watts_now"] in (500.0, 1000.0)
+        history = stats["price_history"]  # the live chart's data: the node's own quotes
+        assert {"chat", "imagine", "vision"} <= set(history)
+        assert history["chat"] and history["chat"][-1][1] >= 1.0 and history["imagine"][-1][1] >= 1.5
         active = await sysop.expect("active_users")
         assert victim in {u["guid"] for u in active["users"]}
 

@@ -254,6 +254,42 @@
      ["Averages (s)", avg], ["Electricity", m.electricity.watts_now + " W now, ≈" + m.electricity.estimated_cost + " so far"],
      ["Dropped slow consoles", m.dropped_slow], ["Errors", JSON.stringify(m.errors)], ["Banned", (m.bans || []).join(", ") || "none"]]
       .forEach(([k, v]) => { dl.appendChild(el("dt", "", k)); dl.appendChild(el("dd", "", String(v))); });
+    if (m.price_history) drawPrices(m.price_history);
+  }
+
+  // The sysop's live price chart: one line per query type over the last hour (SPEC §7 prices).
+  const PRICE_COLOURS = ["#7ee787", "#79c0ff", "#ffa657", "#d2a8ff", "#ff7b72", "#e3b341"];
+  function drawPrices(series) {
+    const canvas = $("sysop-prices"); if (!canvas || !canvas.getContext) return;
+    const ctx = canvas.getContext("2d"), W = canvas.width, H = canvas.height, pad = 28;
+    ctx.clearRect(0, 0, W, H);
+    const now = Date.now() / 1000, start = now - 3600;
+    let top = 2;
+    Object.values(series).forEach((pts) => pts.forEach(([, p]) => { top = Math.max(top, Math.ceil(p)); }));
+    ctx.strokeStyle = "#30363d"; ctx.fillStyle = "#8b949e"; ctx.font = "11px sans-serif"; ctx.lineWidth = 1;
+    for (let v = 0; v <= top; v += Math.max(1, Math.round(top / 4))) {
+      const y = H - pad - (v / top) * (H - 2 * pad);
+      ctx.beginPath(); ctx.moveTo(pad, y); ctx.lineTo(W - 4, y); ctx.stroke(); ctx.fillText(String(v), 4, y + 4);
+    }
+    ctx.fillText("-60 min", pad, H - 8); ctx.fillText("now", W - 28, H - 8);
+    const legend = $("sysop-prices-legend"); legend.replaceChildren();
+    Object.entries(series).forEach(([type, pts], i) => {
+      const colour = PRICE_COLOURS[i % PRICE_COLOURS.length];
+      ctx.strokeStyle = colour; ctx.lineWidth = 2; ctx.beginPath();
+      pts.forEach(([t, p], j) => {
+        const x = pad + Math.max(0, (t - start) / 3600) * (W - pad - 4), y = H - pad - (p / top) * (H - 2 * pad);
+        if (j === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+      });
+      if (pts.length) {  // a price holds until it changes: carry the last one to "now"
+        const p = pts[pts.length - 1][1], y = H - pad - (p / top) * (H - 2 * pad);
+        if (pts.length === 1) ctx.moveTo(pad + Math.max(0, (pts[0][0] - start) / 3600) * (W - pad - 4) - 6, y);
+        ctx.lineTo(W - 4, y);
+      }
+      ctx.stroke();
+      const last = pts.length ? pts[pts.length - 1][1] : null;
+      const item = el("span", "legend-item", type + (last === null ? "" : " " + last));
+      item.style.color = colour; legend.appendChild(item);
+    });
   }
 
   function renderSysopUsers(users) {
