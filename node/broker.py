@@ -207,8 +207,9 @@ class Broker:
             await self.recover()
             task_status.started()
             while True:
-                entry = await self.queue.get()
+                # Take a slot first: queries wait in the fair queue, not in our hands.
                 await self._dispatch_slots.acquire()
+                entry = await self.queue.get()
                 nursery.start_soon(self._process_and_free, entry.item)
 
     async def _process_and_free(self, ticket: Ticket) -> None:

@@ -1,0 +1,102 @@
+"""The broker pipeline in one trio run, with this node as its own worker.
+
+Real ledger, real fair queue, real price book, real backends (the
+deterministic reverse models); only the network is left out, because the
+worker is the broker itself.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from inference.manager import ModelManager
+from inference.reverse import ReverseBackend
+from ledger import wallet_ops
+from ledger.ledger import Ledger
+from node.broker import Ask, Broker
+from node.capabilities import LocalWorker
+from node.datadir import DataDir
+from node.events import EventBus
+from node.fairqueue import FairQueue
+from node.genesis import UNITS_PER_TOKEN, create
+from node.health import HealthPolicy
+from node.identity import Identity
+from node.ledger_service import LedgerService
+from node.pricing import PriceBook
+from node.queue_service import QueueService
+from node.registry import PeerRegistry
+from p2p.ads import Ad, AdContent, Capability
+
+
+async def _broker(tmp_path, nursery, *, max_dispatch: int) -> tuple[Broker, Identity, LedgerService]:
+    founder = Identity.generate()
+    genesis = create(founder, "inprocess")
+    data = DataDir(tmp_path)
+    data.ensure_writable()
+    ledger = LedgerService(Ledger.open(tmp_path / "ledger", genesis, sync=False), data, founder)
+    await ledger.auto_receive(founder, 0)
+    bus = EventBus()
+    registry = PeerRegistry(HealthPolicy(), bus, self_peer_id="self")
+    content = AdContent(capabilities={"chat": Capability(("reverse", "reverse-slow"), 1000, 0)})
+    registry.on_ad(Ad("self", founder.address, founder.public_key, 0, 1, content, {}), trio.current_time())
+    models = ModelManager(memory_budget_mb=64, idle_unload_s=600)
+    models.register(ReverseBackend())
+    models.register(ReverseBackend(slow=True))
+    queue = QueueService(FairQueue(200, 300.0), bus)
+    broker = Broker(
+        identity=founder, realm_id=genesis.realm_id, ledger=ledger, registry=registry,
+        prices=PriceBook({"chat": 1.0}), queue=queue, client=None, local=LocalWorker(models),
+        self_peer_id="self", query_timeout_s=30.0, max_dispatch=max_dispatch,
+    )
+    queue._on_expired = broker.on_expired
+    await nursery.start(queue.run)
+    await nursery.start(broker.run)
+    return broker, founder, ledger
+
+
+async def test_one_query_is_not_stuck_behind_another_users_fifty(tmp_path):
+    async with trio.open_nursery() as nursery:
+        broker, alice, ledger = await _broker(tmp_path, nursery, max_dispatch=1)
+        bob = Identity.generate()
+        await ledger.call(wallet_ops.send, alice, bob.address, 100 * UNITS_PER_TOKEN)
+        await ledger.call(lambda led: wallet_ops.receive_all(led, bob))
+
+        finished: list[str] = []
+        bob_done_at: list[int] = []
+
+        async def watch(ticket, who):
+            await ticket.done.wait()
+            assert ticket.outcome["status"] == "done", ticket.outcome
+            finished.append(who)
+            if who == "bob":
+                bob_done_at.append(broker.completed)
+
+        for i in range(50):
+            ticket = await broker.submit(Ask(payer=alice, type="chat", prompt=f"alice {i}", model="reverse"))
+            nursery.start_soon(watch, ticket, "alice")
+        ticket = await broker.submit(Ask(payer=bob, type="chat", prompt="bob", model="reverse"))
+        done_before_bob = broker.completed  # Bob is in the queue from here on
+        nursery.start_soon(watch, ticket, "bob")
+        with trio.fail_after(60):
+            while len(finished) < 51:
+                await trio.sleep(0.01)
+        # Fair FIFO across payers: Bob waits for at most the query running and one turn of Alice's.
+        assert bob_done_at[0] <= done_before_bob + 3, (done_before_bob, bob_done_at, finished)
+        # Bob paid exactly one quoted price to the worker (this node).
+        assert await ledger.call(lambda led: led.balance(bob.public_key)) == 99 * UNITS_PER_TOKEN
+        nursery.cancel_scope.cancel()
+
+
+async def test_price_rises_with_a_slow_worker_and_falls_back(tmp_path):
+    async with trio.open_nursery() as nursery:
+        broker, alice, _ = await _broker(tmp_path, nursery, max_dispatch=4)
+        assert broker.quote("chat").units == 1 * UNITS_PER_TOKEN
+        slow = await broker.ask(Ask(payer=alice, type="chat", prompt="slowly", model="reverse-slow"))
+        assert slow["status"] == "done" and slow["result"] == "ylwols"
+        risen = broker.quote("chat").units
+        assert risen >= 1_500_000, risen  # ~1.5 s against a 1 s baseline
+        for i in range(6):
+            fast = await broker.ask(Ask(payer=alice, type="chat", prompt=f"quick {i}", model="reverse"))
+            assert fast["status"] == "done"
+        assert broker.quote("chat").units < risen
+        nursery.cancel_scope.cancel()
