@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import trio
 from libp2p.peer.id import ID
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
@@ -41,7 +41,9 @@ from p2p.topics import TOPIC_NAMES, RealmTopics
 
 logger = logging.getLogger(__name__)
 
-GOSSIP_PROTOCOLS = [PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID]
+#: GossipSub v1.1 first. py-libp2p 0.8.1's v1.2 (IDONTWANT) roughly doubled per-hop latency
+#: here (7 ms vs 3 ms on loopback) for no gain on our small messages; see docs/p2p-notes.md.
+GOSSIP_PROTOCOLS = [PROTOCOL_ID_V11, PROTOCOL_ID]
 
 
 class GossipError(P2PError):
