@@ -56,6 +56,7 @@ class P2PSection:
     bootstrap: str = _key("", "Comma-separated multiaddrs of peers to join at start (with /p2p/<peer id>).")
     mdns: bool = _key(True, "Find peers on the local network with mDNS.")
     announce_interval_s: float = _key(10.0, "Seconds between capability ads.")
+    max_peers: int = _key(64, "Most connections kept; beyond it the least useful peers (no ad, blacklisted, stale, low health) are dropped.")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from node.health import Blame, Fault, FaultKind
+from node.peerset import peers_to_drop
 from node.registry import PeerRegistry
 from p2p.ads import AdContent, AdVerdict, Announcer, parse_ad
 from p2p.dht import CapabilityDHT
@@ -47,6 +48,8 @@ class MeshService:
         health_check_interval_s: float,
         on_block: Callable[[Delivery], Awaitable[None]] | None = None,
         gossip_config: GossipConfig = GossipConfig(),
+        max_peers: int = 64,
+        protected_peers: frozenset[str] = frozenset(),
     ) -> None:
         self.mesh = mesh
         self.realm_id = realm_id
@@ -58,7 +61,10 @@ class MeshService:
         self.gossip = Gossip(mesh, realm_id, gossip_config)
         self.announcer = Announcer(self.gossip, identity, describe, interval_s=announce_interval_s)
         self.dht = CapabilityDHT(mesh, realm_id.hex())
+        self.max_peers = max_peers
+        self.protected_peers = protected_peers
         self.rejected_ads = 0
+        self.dropped_peers = 0
         self._stale_reported: set[str] = set()
 
     def capabilities_changed(self) -> None:
@@ -108,7 +114,7 @@ class MeshService:
     async def check_health_once(self) -> None:
         """Probe every other known worker once, concurrently, and record the outcomes."""
         peers = [e.peer_id for e in self.registry.entries() if not e.is_self]
-        results: dict[str, bool] = {}
+        results: dict[str, bool | None] = {}
 
         async def probe(peer_id: str) -> None:
             results[peer_id] = await self._reachable(peer_id)
@@ -117,6 +123,7 @@ class MeshService:
             for peer_id in peers:
                 nursery.start_soon(probe, peer_id)
         now = trio.current_time()
+        results = {peer: ok for peer, ok in results.items() if ok is not None}
         we_are_cut_off = len(results) > 1 and not any(results.values())
         for peer_id, ok in results.items():
             if ok:
@@ -125,10 +132,27 @@ class MeshService:
                 blame = Blame.NETWORK if we_are_cut_off else Blame.WORKER
                 self.registry.record_fault(peer_id, Fault(FaultKind.CHECK_UNANSWERED, blame), now)
         self.registry.newly_stale(now, self._stale_reported)
+        await self.trim_peers()
 
-    async def _reachable(self, peer_id: str) -> bool:
+    async def trim_peers(self) -> list[str]:
+        """Close the least useful connections beyond ``max_peers`` (see node/peerset.py)."""
+        drop = peers_to_drop(self.mesh.connected_peers(), self.registry, trio.current_time(),
+                             max_peers=self.max_peers, protected=self.protected_peers)
+        for peer_id in drop:
+            try:
+                await self.mesh.host.disconnect(ID.from_base58(peer_id))
+                self.dropped_peers += 1
+                log.info("dropped peer %s to keep at most %d connections", peer_id, self.max_peers)
+            except Exception as exc:  # noqa: BLE001 - a failed close is retried next round
+                log.debug("could not drop peer %s: %s", peer_id, exc)
+        return drop
+
+    async def _reachable(self, peer_id: str) -> bool | None:
+        """True/False from a probe; None when we chose not to dial (peer set is full)."""
         if self.mesh.is_connected(peer_id):
             return True
+        if len(self.mesh.connected_peers()) >= self.max_peers:
+            return None
         host = self.mesh.host
         try:
             pid = ID.from_base58(peer_id)

@@ -68,6 +68,12 @@ class RunOptions:
     bootstrap: tuple[str, ...]
 
 
+def _peer_of_addr(addr: str) -> str | None:
+    """The ``/p2p/<peer id>`` of a bootstrap multiaddr, if it names one."""
+    _, sep, tail = addr.rpartition("/p2p/")
+    return tail.split("/")[0] if sep and tail else None
+
+
 def bind_console_socket(host: str, port: int) -> socket.socket:
     """Bind the console's listening socket here, so a busy port is a clear error."""
     try:
@@ -298,6 +304,8 @@ class Node:
                         announce_interval_s=self.settings.p2p.announce_interval_s,
                         health_check_interval_s=self.settings.health.health_check_interval_s,
                         on_block=self.ledger.on_gossip_block,
+                        max_peers=self.settings.p2p.max_peers,
+                        protected_peers=frozenset(p for p in map(_peer_of_addr, self.options.bootstrap) if p),
                     )
                     async with trio.open_nursery() as nursery:
                         await nursery.start(self.watchdog.run)
