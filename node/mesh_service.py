@@ -27,12 +27,15 @@ from node.peerset import peers_to_drop
 from node.registry import PeerRegistry
 from p2p.ads import AdContent, AdVerdict, Announcer, parse_ad
 from p2p.dht import CapabilityDHT
+from p2p.errors import P2PError
 from p2p.gossip import Delivery, Gossip, GossipConfig
 from p2p.host import MeshHost
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
+#: Capabilities (query types, as in ads) this node looks for in the DHT when none is offered.
+DISCOVERABLE = ("chat", "whisper", "bark", "imagine", "vision")
 
 
 class MeshService:
@@ -82,6 +85,7 @@ class MeshService:
             await nursery.start(self.announcer.run)
             nursery.start_soon(self._provide_capabilities)
             nursery.start_soon(self._check_health)
+            nursery.start_soon(self._discover_periodically)
             task_status.started()
 
     async def _consume_ads(self, channel: trio.MemoryReceiveChannel[Delivery]) -> None:
@@ -105,6 +109,51 @@ class MeshService:
                 await self.dht.provide(name)
             except Exception as exc:  # noqa: BLE001 - a DHT hiccup must not stop the node
                 log.warning("could not publish DHT record for %s: %s", name, exc)
+
+    async def _discover_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.health_check_interval_s)
+            await self.discover_missing()
+
+    async def discover_missing(self, capabilities: tuple[str, ...] = DISCOVERABLE) -> int:
+        """For each capability no fresh worker offers, look for providers in the DHT and dial them."""
+        now = trio.current_time()
+        offered = {cap for c in self.registry.candidates(now) if c.fresh and not c.blacklisted for cap in c.capabilities}
+        connected = 0
+        for capability in capabilities:
+            if capability not in offered:
+                connected += await self.discover_workers(capability)
+        return connected
+
+    async def discover_workers(self, capability: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> int:
+        """Dial providers of ``capability`` found in the DHT that we are not connected to.
+
+        Their signed ads then arrive by gossip; a DHT record alone never makes
+        a peer a candidate (records are unsigned hints).
+        """
+        before = set(self.mesh.connected_peers())
+        if len(before) >= self.max_peers:
+            return 0
+        providers: dict[str, list[str]] = {}
+        try:
+            with trio.move_on_after(timeout_s):
+                providers = await self.dht.find_provider_addrs(capability)
+                for peer_id, addrs in providers.items():
+                    if peer_id == self.mesh.peer_id or self.mesh.is_connected(peer_id):
+                        continue  # (Kademlia's lookup itself often dials the provider)
+                    for addr in addrs:
+                        try:
+                            await self.mesh.connect(addr, timeout_s=timeout_s)
+                            break
+                        except P2PError as exc:
+                            log.debug("could not reach %s provider %s at %s: %s", capability, peer_id, addr, exc)
+        except Exception as exc:  # noqa: BLE001 - a DHT lookup failing must not stop the node
+            log.debug("DHT lookup for %s failed: %s", capability, exc)
+            return 0
+        new = [p for p in providers if p in set(self.mesh.connected_peers()) - before]
+        for peer_id in new:
+            log.info("found %s provider %s in the DHT and connected", capability, peer_id)
+        return len(new)
 
     async def _check_health(self) -> None:
         while True:

@@ -52,6 +52,20 @@ class CapabilityDHT:
         # py-libp2p 0.8.1 can return the same provider twice (local + remote records).
         return list(dict.fromkeys(info.peer_id.to_base58() for info in infos))
 
+    async def find_provider_addrs(self, capability: str, *, count: int = 20) -> dict[str, list[str]]:
+        """Providers of ``capability`` with the addresses their records carry: ``{peer id: [multiaddr]}``."""
+        infos = await self._require().find_providers(capability_key(self.realm_hex, capability), count)
+        found: dict[str, list[str]] = {}
+        for info in infos:
+            addrs = found.setdefault(info.peer_id.to_base58(), [])
+            for addr in info.addrs:
+                text = str(addr)
+                if "/p2p/" not in text:
+                    text = f"{text}/p2p/{info.peer_id.to_base58()}"
+                if text not in addrs:
+                    addrs.append(text)
+        return found
+
     def _require(self) -> KadDHT:
         if self._dht is None:
             raise P2PError("capability DHT is not running")

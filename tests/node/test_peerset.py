@@ -60,3 +60,35 @@ async def test_node_closes_connections_beyond_max_peers():
             while len(hub.connected_peers()) > 2:
                 await trio.sleep(0.01)
         assert set(hub.connected_peers()) == {known.peer_id, others[1].peer_id}
+
+
+async def test_missing_capability_is_found_in_the_dht_and_dialled():
+    from p2p.dht import CapabilityDHT
+
+    realm_hex = (b"r" * 32).hex()
+    async with AsyncExitStack() as stack:
+        a, b, c = [await stack.enter_async_context(open_mesh_host(Identity.generate(), LOCAL)) for _ in range(3)]
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await a.connect(b.listen_addrs[0])
+        await b.connect(c.listen_addrs[0])
+        dhts = [CapabilityDHT(m, realm_hex) for m in (a, b, c)]
+        for dht in dhts:
+            await nursery.start(dht.run)
+        for dht in dhts:
+            await dht.add_connected_peers()
+        assert await dhts[2].provide("whisper")
+        registry = PeerRegistry(HealthPolicy(), EventBus())
+        service = MeshService(a, b"r" * 32, Identity.generate(), registry, AdContent, announce_interval_s=10,
+                              health_check_interval_s=60)
+        service.dht = dhts[0]
+        from libp2p.peer.id import ID
+
+        await a.host.disconnect(ID.from_base58(c.peer_id))  # Kademlia's own lookups may have dialled it
+        with trio.fail_after(10):
+            while c.peer_id in a.connected_peers():
+                await trio.sleep(0.01)
+        with trio.fail_after(15):
+            assert await service.discover_missing(("whisper",)) == 1
+        assert c.peer_id in a.connected_peers()
+        assert await service.discover_missing(("whisper",)) == 0  # already connected: nothing to dial
+        nursery.cancel_scope.cancel()
