@@ -12,6 +12,7 @@ wallet/balance     address? | wallet?                                   balance 
 wallet/send        to, amount (tokens, "1.5"), ref?, wallet?, passphrase?  send dict
 wallet/receive     wallet?, passphrase?                                 receive dict
 wallet/history     address? | wallet?                                   {address, entries}
+wallet/trail       address? | wallet?, limit?                           {address, records, totals}
 ledger/verify      -                                                    verify report
 ledger/stats       -                                                    stats + state hash
 ledger/show        block (hex hash)                                     block dict
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ledger import wallet_ops
-from ledger.address import encode_address
+from ledger.address import AddressError, decode_address, encode_address
 from ledger.ledger import Ledger
+from ledger.records import RecordError
 from ledger.wallet_files import load_wallet, wallet_path
 from ledger.wallet_ops import WalletError
 from node.identity import Identity, IdentityError
@@ -77,6 +79,28 @@ def show_block(ledger: Ledger, hex_hash: str) -> dict:
     return out
 
 
+MAX_TRAIL_LIMIT = 1_000_000
+
+
+def trail(ledger: Ledger, address: str, limit: str | None) -> dict:
+    """The payer's query records, newest first (ledger/records.py), with their lifetime totals."""
+    try:
+        account = decode_address(address)
+    except AddressError as exc:
+        raise WalletError(str(exc)) from exc
+    count = None
+    if limit is not None:
+        if not str(limit).isdigit() or not 0 < int(limit) <= MAX_TRAIL_LIMIT:
+            raise WalletError(f"limit must be a whole number from 1 to {MAX_TRAIL_LIMIT}")
+        count = int(limit)
+    try:
+        records = [r.to_json() for r in ledger.records_of(account, count)]
+        totals = ledger.payer_totals(account)
+    except RecordError as exc:
+        raise WalletError(f"{exc} (run `mtor-node ledger verify`)", 500) from exc
+    return {"address": encode_address(account), "records": records, "totals": totals}
+
+
 def ledger_stats(ledger: Ledger) -> dict:
     ok, held, supply = ledger.check_bank()
     return {**ledger.stats(), "state_hash": ledger.state_hash().hex(), "bank_invariant": ok}
@@ -90,6 +114,8 @@ def dispatch(ledger: Ledger, node_identity: Identity, data_dir: Path, op: str, p
         return wallet_ops.balance(ledger, _address(node_identity, data_dir, payload))
     if op == "wallet/history":
         return wallet_ops.history(ledger, _address(node_identity, data_dir, payload))
+    if op == "wallet/trail":
+        return trail(ledger, _address(node_identity, data_dir, payload), _text(payload, "limit"))
     if op == "wallet/send":
         identity = _identity(node_identity, data_dir, payload)
         amount = wallet_ops.parse_amount(_text(payload, "amount", required=True))

@@ -27,6 +27,7 @@ from ledger.errors import LedgerError, LedgerLocked
 from ledger.forks import ForkProof
 from ledger.holds import HOLD, Hold, HoldError, InsufficientFunds, hold_key
 from ledger.pool import PendingPool
+from ledger.records import RecordsMixin  # query records: put_record, records_of, ... (ledger/records.py)
 from ledger.txn import AccountState, LedgerTxn, RealmFacts, decode_stored, effective_in, load_account
 from ledger.validate import validate
 from ledger.verdicts import Result, Verdict
@@ -61,7 +62,7 @@ def realm_facts(genesis: Genesis) -> RealmFacts:
     return RealmFacts(genesis.realm_id, frozenset(genesis.mint_authorities), allocations)
 
 
-class Ledger:
+class Ledger(RecordsMixin):
     """One realm's ledger in one LevelDB directory. Use :meth:`open`; call :meth:`close`."""
 
     def __init__(self, db, genesis: Genesis, *, sync: bool, pool: PendingPool, clock_ms: Callable[[], int]) -> None:

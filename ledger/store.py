@@ -17,6 +17,7 @@ X     len(ref)(1) + ref + send hash     empty  (reference index)
 M     name                              meta: version, realm, supply, block count
 W/G   custody keyspaces (ledger/custody.py)
 H     account + query id(16)           escrow hold (ledger/holds.py)
+Q/q/T query records, their per-payer index and running totals (ledger/records.py)
 ====  ================================  ==========================================
 
 B, C, R and X only ever grow. A, F, L, P and the supply are derived and may
@@ -48,6 +49,9 @@ META = b"M"
 CUSTODY_WALLET = b"W"
 CUSTODY_GRANT = b"G"
 HOLD = b"H"  # escrow holds (ledger/holds.py): account + query id -> hold record
+RECORD = b"Q"  # query records (ledger/records.py): query id -> record
+RECORD_BY_PAYER = b"q"  # payer account + ts(8) + query id -> empty: a payer's trail is a prefix scan
+RECORD_TOTALS = b"T"  # running totals of the query records, written in the record's batch
 DERIVED = (ACCOUNT, FRONTIER, BALANCE, RECEIVABLE)
 
 

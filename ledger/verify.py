@@ -24,7 +24,7 @@ from ledger.verdicts import Verdict
 _MAX_REPORTED = 20
 _KNOWN = {store.BLOCK, store.CHAIN, store.ACCOUNT, store.FRONTIER, store.BALANCE, store.RECEIVABLE,
           store.RECEIVED, store.REFERENCE, store.META, store.CUSTODY_WALLET, store.CUSTODY_GRANT,
-          store.HOLD}
+          store.HOLD, store.RECORD, store.RECORD_BY_PAYER, store.RECORD_TOTALS}
 
 
 @dataclass
@@ -159,6 +159,7 @@ def _compare_indexes(db: plyvel.DB, blocks: dict[bytes, Block], facts, report: V
         if key[:1] not in _KNOWN:
             report.add(f"unknown key {key.hex()[:24]}")
     _check_holds(db, report)
+    _check_records(db, report)
     supply = db.get(store.META + b"supply")
     if supply is None or store.from_u64(supply) != derived.supply:
         report.add(f"meta: supply should be {derived.supply}")
@@ -208,3 +209,10 @@ def _check_holds(db, report) -> None:
         balance = store.from_u64(raw) if raw else 0
         if units > balance:
             report.add(f"holds of {account.hex()[:16]} ({units}) exceed its balance ({balance})")
+
+
+def _check_records(db, report) -> None:
+    """Every query record decodes, its index entries match, and the running totals add up."""
+    from ledger.records import check_records
+
+    check_records(db, report.add)

@@ -21,8 +21,10 @@ from pathlib import Path
 
 from ledger import control_ops
 from ledger.ledger import Ledger, LedgerError, LedgerLocked
+from ledger.records import QueryRecord
+from ledger.records_export import trail_csv, trail_json
 from ledger.wallet_files import create_wallet, is_encrypted, load_wallet, wallet_path
-from ledger.wallet_ops import WalletError
+from ledger.wallet_ops import WalletError, format_units
 from node import genesis as genesis_mod
 from node.identity import Identity, IdentityError, from_pem, to_pem
 
@@ -72,6 +74,13 @@ def add_wallet_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("address", nargs="?")
     _common(p)
     p.set_defaults(func=run_wallet_history)
+    p = sub.add_parser("trail", help="the wallet's (or ADDRESS's) query records: a table, JSON or CSV")
+    p.add_argument("address", nargs="?")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                   help="table (default), or the export formats json / csv")
+    p.add_argument("--limit", type=int, metavar="N", help="only the newest N records")
+    _common(p)
+    p.set_defaults(func=run_wallet_trail)
     p = sub.add_parser("export", help="print the wallet key (PEM)")
     _common(p)
     p.add_argument("--out", type=Path, help="write to this file (0600) instead of stdout")
@@ -282,6 +291,29 @@ def run_wallet_history(args) -> int:
             for e in r["entries"]]
     lines = [f"history of {r['address']}"] + (_table(rows, ["height", "type", "amount", "balance", "counterparty",
                                                              "note", "block"]) if rows else ["no blocks yet"])
+    return _emit(args, r, lines)
+
+
+@_guard
+def run_wallet_trail(args) -> int:
+    """Query records (ledger/records.py) through the same op offline and via the running node."""
+    if args.limit is not None and args.limit < 1:
+        raise CliError("--limit must be at least 1")
+    payload = {"address": args.address} if args.address else _payload(args)
+    if args.limit is not None:
+        payload["limit"] = args.limit
+    r = _run_op(args, "wallet/trail", payload)
+    records = [QueryRecord.from_json(row) for row in r["records"]]
+    if args.format != "table" and not args.json:
+        sys.stdout.write(trail_json(records) if args.format == "json" else trail_csv(records))
+        return 0
+    t = r["totals"]
+    rows = [[rec.query_id.hex()[:12], rec.type, rec.outcome.value, format_units(rec.price_units),
+             rec.queue_wait_ms, rec.processing_ms, rec.worker_address[:16] or "-"] for rec in records]
+    lines = [f"trail of {r['address']}: {t['queries']} queries, {t['done']} done, "
+             f"{format_units(t['lifetime_units'])} tokens spent"]
+    lines += _table(rows, ["query", "type", "outcome", "price", "wait ms", "run ms", "paid to"]) if rows else \
+        ["no queries yet"]
     return _emit(args, r, lines)
 
 

@@ -23,7 +23,6 @@ Guarantees:
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from ledger.address import encode_address
 from ledger.blocks import make_send
 from ledger.holds import Hold, HoldState, InsufficientFunds
 from ledger.ledger import Ledger
+from ledger.records import record_outcome
 from ledger.verdicts import Verdict
 from node import codec, signing
 from node.capabilities import LocalWorker, wire_type
@@ -54,6 +54,8 @@ from p2p.query_wire import Query as WireQuery
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+#: A worker at capacity answers "busy" at once; we wait and ask again this many times.
+MAX_BUSY_WAITS = 50
 
 
 class BrokerRefused(Exception):
@@ -90,6 +92,7 @@ class Ticket:
     outcome: dict | None = None
     attempts: list[dict] = field(default_factory=list)
     cancel_scope: trio.CancelScope | None = None
+    load: int = 0  # queue depth when it was submitted, for its record
 
     @property
     def payer_key(self) -> bytes:
@@ -126,7 +129,8 @@ class Broker:
         self.limits = limits
         self._dispatch_slots = trio.Semaphore(max_dispatch)
         self._tickets: dict[bytes, Ticket] = {}
-        self._nonce = int.from_bytes(os.urandom(4), "big") << 16
+        # Nonces only grow, across restarts too: microseconds of wall time, then +1 per query.
+        self._nonce = time.time_ns() // 1000
         self.completed = 0
         self.failed = 0
 
@@ -154,7 +158,7 @@ class Broker:
             await self.ledger.call(lambda ledger: ledger.place_hold(ask.payer.public_key, query_id, quote.units))
         except InsufficientFunds as exc:
             raise BrokerRefused("insufficient_funds", f"not enough tokens: {exc}", 402) from exc
-        ticket = Ticket(query_id, ask, quote, trio.current_time())
+        ticket = Ticket(query_id, ask, quote, trio.current_time(), load=self.queue.depth)
         self._tickets[query_id] = ticket
         try:
             await self.queue.put(query_id, ask.payer.address, ticket)
@@ -224,6 +228,7 @@ class Broker:
     async def _process(self, ticket: Ticket) -> None:
         wait_s = trio.current_time() - ticket.enqueued_at
         failed_workers: list[str] = []
+        busy_waits = 0
         with trio.CancelScope() as scope:
             ticket.cancel_scope = scope
             while True:
@@ -241,6 +246,10 @@ class Broker:
                 try:
                     answer = await self._dispatch(ticket, worker)
                 except QueryFailed as exc:
+                    if exc.code == "busy" and busy_waits < MAX_BUSY_WAITS:
+                        busy_waits += 1  # at capacity, not failing: wait a little and ask again
+                        await trio.sleep(min(1.0, 0.02 * busy_waits))
+                        continue
                     self._note_failure(ticket, worker, exc.code, str(exc), exc.blame, exc.fault)
                     failed_workers.append(worker)
                     if not exc.retryable:
@@ -261,7 +270,7 @@ class Broker:
         log.info("query %s: worker %s failed (%s, blamed on %s)", ticket.query_id.hex()[:8], worker[-8:], code, blame.value)
 
     def _signed_query(self, ticket: Ticket) -> dict:
-        self._nonce += 1
+        self._nonce = max(self._nonce + 1, time.time_ns() // 1000)
         now = wall_ms()
         ask = ticket.ask
         return make_query(
@@ -314,8 +323,10 @@ class Broker:
         worker_key = receipt["body"]["worker"]
         receipt_hash = signing.digest("receipt", receipt["body"])
         payer = ticket.ask.payer
+        cost_units = ticket.quote.units
         if worker_key == payer.public_key:
             await self._release(ticket)  # the payer did the work: nothing to move
+            cost_units = 0
         else:
             receipt_bytes = codec.encode(receipt)
             await self.ledger.run_recorded(_pay, payer, ticket.query_id, worker_key, receipt_hash, receipt_bytes)
@@ -326,8 +337,9 @@ class Broker:
             "type": ticket.ask.type,
             "result_type": answer["result_type"],
             "result": answer["data"],
-            "cost_units": ticket.quote.units,
-            "cost": ticket.quote.units / 1_000_000,
+            "cost_units": cost_units,
+            "cost": cost_units / 1_000_000,
+            "price_units": ticket.quote.units,
             "worker": worker,
             "worker_address": encode_address(worker_key),
             "receipt_hash": receipt_hash.hex(),
@@ -335,6 +347,7 @@ class Broker:
             "queue_wait": round(wait_s, 3),
             "attempts": ticket.attempts,
         }
+        await self._record(ticket)
         self._close(ticket)
 
     async def _release(self, ticket: Ticket) -> None:
@@ -354,7 +367,20 @@ class Broker:
             "queue_wait": round(wait_s, 3),
             "attempts": ticket.attempts,
         }
+        await self._record(ticket)
         self._close(ticket)
+
+    async def _record(self, ticket: Ticket) -> None:
+        """Leave the query's record (ledger/records.py); failing to record never loses the answer."""
+        outcome = ticket.outcome
+        worker = outcome.get("worker") or (ticket.attempts[-1]["worker"] if ticket.attempts else "")
+        entry = self.registry.get(worker) if worker else None
+        health = entry.health.score if entry is not None else None
+        try:
+            with trio.CancelScope(shield=True):
+                await self.ledger.call(record_outcome, ticket, ticket.load, health)
+        except Exception as exc:  # noqa: BLE001 - a record is bookkeeping; the answer stands
+            log.error("query %s: could not record it: %s", ticket.query_id.hex()[:8], exc)
 
     def _close(self, ticket: Ticket) -> None:
         ticket.cancel_scope = None

@@ -105,12 +105,12 @@ class LocalWorker:
         request = ChatRequest(messages=[{"role": "user", "content": query.prompt}])
 
         async def on_token(token: str) -> None:
-            if progress is not None:
-                await progress.token(token)
+            await progress.token(token)
 
         name = self._backend(query)
         await self._ensure_loaded(name, progress)
-        result = await self.manager.run(name, request, on_progress=on_token)
+        # No sink, no per-token hop back to the event loop.
+        result = await self.manager.run(name, request, on_progress=on_token if progress is not None else None)
         return HandlerResult("text", result.text)
 
     async def _whisper(self, query: Query, progress: ProgressSink | None) -> HandlerResult:

@@ -182,6 +182,8 @@ class NonceWindow:
         state = self._senders.get(sender)
         if state is None:
             state = (nonce, 1)
+        elif nonce - state[0] >= self.window:
+            state = (nonce, 1)  # a jump past the window: nothing older matters (and no huge shift)
         elif nonce > state[0]:
             state = (nonce, ((state[1] << (nonce - state[0])) | 1) & full)
         else:

@@ -37,6 +37,13 @@ def test_broker_pays_the_worker_by_receipt(tmp_path):
         payment = [e for e in history["entries"] if e.get("ref") == outcome["receipt_hash"]]
         assert len(payment) == 1, history
 
+        # The broker keeps a record of the query, exportable as the payer's trail.
+        trail = cli_json(broker, "wallet", "trail")
+        (record,) = [r for r in trail["records"] if r["receipt_hash"] == outcome["receipt_hash"]]
+        assert record["outcome"] == "done" and record["price_units"] == price and record["type"] == "chat"
+        csv = run_cli("wallet", "trail", "--format", "csv", "--data-dir", str(broker_dir))
+        assert csv.returncode == 0 and outcome["receipt_hash"] in csv.stdout
+
         # A query no one can answer is refused cleanly and costs nothing.
         failed = run_cli("ask", "imagine", "a red cat", "--data-dir", str(broker_dir), "--json")
         assert failed.returncode == 1 and "Traceback" not in failed.stderr

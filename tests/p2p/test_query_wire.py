@@ -379,3 +379,12 @@ def test_fuzz_any_replaced_field_is_refused_without_crashing(name, value):
 
 def test_query_types_are_the_capabilities():
     assert QUERY_TYPES == ("chat", "transcribe", "vision", "speak", "imagine")
+
+
+def test_a_huge_nonce_jump_costs_nothing_and_old_nonces_stay_refused():
+    window = NonceWindow(window=64)
+    sender = b"s" * 32
+    assert window.record(sender, 5)
+    assert window.record(sender, 2**62)  # once a multi-gigabyte shift; now a reset of the window
+    assert window.is_replay(sender, 5) and window.is_replay(sender, 2**62)
+    assert window.record(sender, 2**62 + 1) and not window.is_replay(sender, 2**62 - 1)

@@ -1,0 +1,379 @@
+"""What the broker pipeline costs, on the trivial deterministic capability (chat model ``reverse``).
+
+One run, the same prompt on every path, every answer checked:
+
+  a1  ModelManager.run("reverse") directly (no progress callback)
+  a2  LocalWorker.handle(query): the worker's own entry point, what (b) and (c) end up running
+  b   Broker.ask through a local broker, this node as the worker: quote → hold → fair queue →
+      select → run locally → receipt → payment block (real Ledger on a temp dir)
+  c0  QueryClient.call host A → QueryServer on host B (in-process libp2p over 127.0.0.1), no broker
+  c   Broker.ask on host A with host B as the (only) worker: (b)'s pipeline over libp2p
+  d   Broker.ask to a legacy HTTP worker: a minimal real server (POST /predict {prompt} →
+      {"response": reversed}) on 127.0.0.1:0, reached by an httpx backend registered as a chat model
+
+For each: p50/p99 latency of sequential queries, and queries/s with ``--concurrency`` callers.
+Then the ledger's share: one hold + one payment (what the broker does per query), and one
+query record (ledger/records.py, proposed for the broker), each through the LedgerService.
+
+Usage: python bench/broker.py [--queries N] [--concurrency C] [--no-sync] [--prompt TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from functools import partial
+from pathlib import Path
+from typing import Awaitable, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+import httpx  # noqa: E402
+import trio  # noqa: E402
+
+from inference.base import Backend, BackendInfo, CancelToken, ProgressFn  # noqa: E402
+from inference.chat import ChatRequest, ChatResult  # noqa: E402
+from inference.manager import ModelManager  # noqa: E402
+from inference.reverse import REVERSE_MODEL, ReverseBackend  # noqa: E402
+from ledger.ledger import Ledger  # noqa: E402
+from ledger.records import record_outcome  # noqa: E402
+from ledger.wallet_ops import receive_all  # noqa: E402
+from node import genesis as genesis_mod  # noqa: E402
+from node.broker import Ask, Broker, _pay  # noqa: E402
+from node.capabilities import LocalWorker  # noqa: E402
+from node.config import Settings  # noqa: E402
+from node.datadir import DataDir  # noqa: E402
+from node.events import EventBus  # noqa: E402
+from node.health import HealthPolicy  # noqa: E402
+from node.identity import Identity  # noqa: E402
+from node.ledger_service import LedgerService  # noqa: E402
+from node.pricing import PriceBook  # noqa: E402
+from node.queue_service import QueueService  # noqa: E402
+from node.registry import PeerRegistry  # noqa: E402
+from p2p.ads import AdContent, Capability, parse_ad, sign_ad  # noqa: E402
+from p2p.host import MeshHost, open_mesh_host, peer_id_for  # noqa: E402
+from p2p.query_client import QueryClient  # noqa: E402
+from p2p.query_stream import QueryServer, wall_ms  # noqa: E402
+from p2p.query_wire import Query, make_query  # noqa: E402
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+LEGACY_MODEL = "legacy-reverse"
+UNIT = genesis_mod.UNITS_PER_TOKEN
+
+
+# ---------------------------------------------------------------- the legacy HTTP worker
+
+
+async def serve_legacy(stream: trio.SocketStream) -> None:
+    """HTTP/1.1 keep-alive: ``POST /predict {"prompt": ...}`` → ``{"response": prompt reversed}``."""
+    buffer = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            method, path, _ = lines[0].split(b" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+            length = int(headers.get(b"content-length", b"0"))
+            while len(buffer) < length:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+            body, buffer = buffer[:length], buffer[length:]
+            if method == b"POST" and path == b"/predict":
+                status, reply = b"200 OK", json.dumps({"response": json.loads(body)["prompt"][::-1]}).encode()
+            else:
+                status, reply = b"404 Not Found", b'{"error": "not found"}'
+            await stream.send_all(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: " + str(len(reply)).encode() + b"\r\n\r\n" + reply)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+
+
+class LegacyHttpBackend(Backend[ChatRequest, ChatResult]):
+    """A chat "model" that is a legacy worker's ``/predict`` endpoint (one keep-alive httpx client)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._client: httpx.Client | None = None
+
+    def describe(self) -> BackendInfo:
+        return BackendInfo("chat", LEGACY_MODEL, (LEGACY_MODEL,), "legacy-http", 1)
+
+    @property
+    def loaded(self) -> bool:
+        return self._client is not None
+
+    def load(self) -> None:
+        if self._client is None:
+            self._client = httpx.Client(timeout=10.0)
+
+    def unload(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def run(self, request: ChatRequest, progress: ProgressFn, cancel: CancelToken) -> ChatResult:
+        prompt = next((m["content"] for m in reversed(request.messages) if m.get("role") == "user"), "")
+        response = self._client.post(self._url, json={"prompt": prompt, "max_tokens": request.max_tokens})
+        response.raise_for_status()
+        text = response.json()["response"]
+        return ChatResult(text, len(text), len(prompt), "stop")
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def summary(name: str, latencies_s: list[float], qps: float, baseline_p50: float | None) -> dict:
+    ordered = sorted(latencies_s)
+    p50 = statistics.median(ordered) * 1000
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] * 1000
+    out = {"path": name, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "qps": round(qps, 1)}
+    if baseline_p50:
+        out["p50_over_a2_ms"] = round(p50 - baseline_p50, 3)
+        out["p50_ratio_a2"] = round(p50 / baseline_p50, 2)
+    return out
+
+
+async def measure(call: Callable[[], Awaitable[None]], n: int, concurrency: int) -> tuple[list[float], float]:
+    """``n`` sequential calls (latencies), then ``n`` calls by ``concurrency`` tasks (queries/s)."""
+    for _ in range(min(20, n)):  # warm-up: first calls pay loading, connection and cache costs
+        await call()
+    latencies = []
+    for _ in range(n):
+        started = time.perf_counter()
+        await call()
+        latencies.append(time.perf_counter() - started)
+    remaining = [n]
+
+    async def caller() -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            await call()
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(caller)
+    return latencies, n / (time.perf_counter() - started)
+
+
+def self_ad(identity: Identity, realm: bytes, models: dict[str, tuple[str, ...]], seq: int):
+    content = AdContent(capabilities={t: Capability(m, 1000, 0) for t, m in models.items()})
+    parsed = parse_ad(sign_ad(identity, realm, content, seq=seq, ts_ms=wall_ms()), realm_id=realm)
+    return parsed.ad
+
+
+async def announce(registry: PeerRegistry, worker: Identity, realm: bytes, models: dict, interval_s: float, *,
+                   task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """What the worker's Announcer and the broker's MeshService do: a fresh ad every interval."""
+    seq = 0
+    while True:
+        seq += 1
+        registry.on_ad(self_ad(worker, realm, models, seq), trio.current_time())
+        if seq == 1:
+            task_status.started()
+        await trio.sleep(interval_s)
+
+
+async def make_broker(nursery: trio.Nursery, identity: Identity, realm: bytes, ledger: LedgerService,
+                      settings: Settings, mesh: MeshHost, worker: Identity, models: dict,
+                      local: LocalWorker | None) -> Broker:
+    bus = EventBus()
+    registry = PeerRegistry(HealthPolicy.from_config(settings.health, settings.p2p), bus,
+                            self_peer_id=peer_id_for(identity))
+    await nursery.start(announce, registry, worker, realm, models, settings.p2p.announce_interval_s)
+    queue: QueueService = QueueService.from_config(settings.queue, bus)
+    broker = Broker(identity=identity, realm_id=realm, ledger=ledger, registry=registry,
+                    prices=PriceBook.from_config(settings.pricing), queue=queue, client=QueryClient(mesh, realm),
+                    local=local, self_peer_id=peer_id_for(identity), query_timeout_s=settings.queue.query_timeout_s)
+    queue._on_expired = broker.on_expired
+    await nursery.start(queue.run)
+    await nursery.start(broker.run)
+    return broker
+
+
+async def run(args: argparse.Namespace) -> list[dict]:
+    settings = Settings()
+    payer, broker_id, worker_id = Identity.generate(), Identity.generate(), Identity.generate()
+    genesis = genesis_mod.create(payer, "bench", founder_supply_units=10**9 * UNIT)
+    realm = genesis.realm_id
+    prompt, expected = args.prompt, args.prompt[::-1]
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="mtor-bench-") as tmp:
+        ledger = Ledger.open(Path(tmp) / "ledger", genesis, sync=args.sync)
+        receive_all(ledger, payer)
+        service = LedgerService(ledger, DataDir(Path(tmp)), broker_id)
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, serve_legacy, 0, host="127.0.0.1"))
+            legacy_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/predict"
+
+            manager = ModelManager(memory_budget_mb=settings.inference.memory_budget_mb,
+                                   idle_unload_s=settings.inference.model_idle_unload_s)
+            manager.register(ReverseBackend())
+            manager.register(LegacyHttpBackend(legacy_url))
+            local = LocalWorker(manager)
+            worker_manager = ModelManager(memory_budget_mb=settings.inference.memory_budget_mb,
+                                          idle_unload_s=settings.inference.model_idle_unload_s)
+            worker_manager.register(ReverseBackend())
+            remote_worker = LocalWorker(worker_manager)
+
+            async with AsyncExitStack() as stack:
+                mesh_a = await stack.enter_async_context(open_mesh_host(broker_id, LOCAL))
+                mesh_b = await stack.enter_async_context(open_mesh_host(worker_id, LOCAL))
+                server = QueryServer(mesh_b, realm, worker_id, remote_worker.handle,
+                                     capabilities=remote_worker.serves_wire())
+                await nursery.start(server.run)
+                await mesh_a.connect(mesh_b.listen_addrs[0])
+
+                # a1, a2 ------------------------------------------------------------------
+                request = ChatRequest(messages=[{"role": "user", "content": prompt}])
+
+                async def direct() -> None:
+                    assert (await manager.run(REVERSE_MODEL, request)).text == expected
+
+                nonce = [0]
+
+                def signed_query(model: str, signer: Identity = broker_id) -> dict:
+                    nonce[0] += 1
+                    now = wall_ms()
+                    return make_query(signer, realm_id=realm, query_id=secrets.token_bytes(16),
+                                      payer=payer.address, type="chat", model=model, prompt=prompt,
+                                      max_price_units=UNIT, price_units=UNIT, nonce=nonce[0], ts_ms=now,
+                                      expiry_ms=now + 60_000)
+
+                def wire_query(signed: dict) -> Query:
+                    return Query(**{k: signed["body"][k] for k in (
+                        "realm", "query_id", "broker", "payer", "type", "model", "prompt", "media", "media_type",
+                        "max_price_units", "price_units", "nonce", "ts_ms", "expiry_ms")}, signed=signed)
+
+                query = wire_query(signed_query(REVERSE_MODEL))
+
+                async def worker_entry() -> None:
+                    assert (await local.handle(query, None)).data == expected
+
+                lat, qps = await measure(direct, args.queries, args.concurrency)
+                results.append(summary("a1 ModelManager.run", lat, qps, None))
+                lat, qps = await measure(worker_entry, args.queries, args.concurrency)
+                a2 = statistics.median(lat) * 1000
+                results.append(summary("a2 LocalWorker.handle", lat, qps, None))
+
+                # b, d: a broker with this node as the worker --------------------------------
+                broker = await make_broker(nursery, broker_id, realm, service, settings, mesh_a, broker_id,
+                                           {"chat": (REVERSE_MODEL, LEGACY_MODEL)}, local)
+
+                failures: dict[str, int] = {}
+
+                def through(b: Broker, model: str, path: str) -> Callable[[], Awaitable[None]]:
+                    async def call() -> None:
+                        outcome = await b.ask(Ask(payer, "chat", prompt, model=model))
+                        if outcome["status"] != "done":  # counted and reported, never hidden
+                            key = f"{path}: {outcome.get('message', outcome['status'])[:240]}"
+                            failures[key] = failures.get(key, 0) + 1
+                        else:
+                            assert outcome["result"] == expected, outcome
+                    return call
+
+                lat, qps = await measure(through(broker, REVERSE_MODEL, "b"), args.queries, args.concurrency)
+                results.append(summary("b  broker, local worker", lat, qps, a2))
+
+                # c0, c: host A → host B -------------------------------------------------------
+                # c0 signs from its own host C: the worker keeps one nonce window per broker key,
+                # and the Broker draws its own nonce base, so the two must not share a key.
+                client_id = Identity.generate()
+                mesh_c = await stack.enter_async_context(open_mesh_host(client_id, LOCAL))
+                await mesh_c.connect(mesh_b.listen_addrs[0])
+                client = QueryClient(mesh_c, realm)
+
+                async def raw_remote() -> None:
+                    result = await client.call(mesh_b.peer_id, signed_query(REVERSE_MODEL, client_id), timeout_s=30)
+                    assert result.data == expected
+
+                # the worker refuses more than max_concurrent streams at once ("busy")
+                lat, qps = await measure(raw_remote, args.queries, min(args.concurrency, server.max_concurrent))
+                results.append(summary("c0 QueryClient A→B, no broker", lat, qps, a2))
+                remote_broker = await make_broker(nursery, broker_id, realm, service, settings, mesh_a, worker_id,
+                                                  {"chat": (REVERSE_MODEL,)}, None)
+                lat, qps = await measure(through(remote_broker, REVERSE_MODEL, "c"), args.queries, args.concurrency)
+                results.append(summary("c  broker A → worker B (libp2p)", lat, qps, a2))
+
+                lat, qps = await measure(through(broker, LEGACY_MODEL, "d"), args.queries, args.concurrency)
+                results.append(summary("d  broker → legacy HTTP worker", lat, qps, a2))
+
+                # the ledger's share -------------------------------------------------------------
+                async def hold_and_pay() -> None:
+                    query_id = secrets.token_bytes(16)
+                    await service.call(lambda led: led.place_hold(payer.public_key, query_id, UNIT))
+                    await service.run_recorded(_pay, payer, query_id, worker_id.public_key,
+                                               secrets.token_bytes(32), b"receipt")
+
+                lat, qps = await measure(hold_and_pay, args.queries, 1)
+                results.append(summary("ledger: hold + payment", lat, qps, None))
+
+                class Done:
+                    def __init__(self) -> None:
+                        self.query_id = secrets.token_bytes(16)
+                        self.ask = Ask(payer, "chat", prompt, model=REVERSE_MODEL)
+                        self.outcome = {"status": "done", "type": "chat", "cost_units": UNIT,
+                                        "worker": mesh_b.peer_id, "worker_address": worker_id.address,
+                                        "receipt_hash": secrets.token_hex(32), "processing_time": 0.001,
+                                        "queue_wait": 0.0, "attempts": []}
+
+                async def record() -> None:
+                    await service.call(record_outcome, Done(), 0, 100)
+
+                lat, qps = await measure(record, args.queries, 1)
+                results.append(summary("ledger: query record (proposed)", lat, qps, None))
+                results.append({"path": "check", "broker_completed": broker.completed + remote_broker.completed,
+                                "broker_failed": broker.failed + remote_broker.failed,
+                                "verify_ok": (await service.call(lambda led: led.verify())).ok,
+                                "failures": failures})
+            nursery.cancel_scope.cancel()
+        ledger.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=300, help="queries per path and phase (default 300)")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent callers in the throughput phase")
+    parser.add_argument("--no-sync", dest="sync", action="store_false",
+                        help="ledger without fsync per write batch (default: fsync, as the node's default)")
+    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = trio.run(run, args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{args.queries} queries per path, {args.concurrency} concurrent callers for q/s, "
+          f"ledger sync={'on' if args.sync else 'off'}, prompt {len(args.prompt)} chars, {os.cpu_count()} CPUs")
+    print(f"{'path':<34}{'p50 ms':>9}{'p99 ms':>9}{'q/s':>9}{'p50-a2':>9}{'×a2':>7}")
+    for r in results:
+        if r["path"] == "check":
+            print(f"check: {r['broker_completed']} completed, {r['broker_failed']} failed, verify ok={r['verify_ok']}")
+            for what, count in r["failures"].items():
+                print(f"  {count:>5} × {what}")
+            continue
+        print(f"{r['path']:<34}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['qps']:>9.1f}"
+              f"{r.get('p50_over_a2_ms', ''):>9}{r.get('p50_ratio_a2', ''):>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
