@@ -26,6 +26,7 @@ log = logging.getLogger("mtor-node")
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from inference.device import DeviceError
+    from inference.remote_spec import RemoteSpecError
     from ledger.errors import LedgerError
     from ledger.wallet_cli import CliError
     from node.capabilities import CapabilityError
@@ -43,6 +44,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         DeviceError,
         ConsoleBindError,
         CapabilityError,
+        RemoteSpecError,
         P2PError,
         LedgerError,
         CliError,

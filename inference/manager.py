@@ -11,6 +11,9 @@ Guarantees:
   used first until the new one fits; if it still does not fit, ``MemoryBudgetExceeded``.
   Estimates come from ``BackendInfo.memory_mb``; a model is never unloaded while running.
 - Idle unload: :meth:`serve_idle_unloader` unloads models unused for ``idle_unload_s``.
+- Removal: :meth:`unregister` hides a backend from new runs at once; runs already in flight
+  finish normally and the backend is unloaded when the last one ends (its memory stays counted
+  against the budget until then).
 - Cancellation: cancelling the trio scope around :meth:`run` sets the backend's
   :class:`CancelToken`; the worker stops at its next token/step and :meth:`run` returns only
   after the worker thread has finished, so no compute outlives the caller.
@@ -52,6 +55,7 @@ class _Slot:
     lock: trio.Lock = field(default_factory=trio.Lock)
     in_use: int = 0
     last_used: float = 0.0
+    removed: bool = False  # unregistered; unloaded once in_use drops to 0
 
 
 class ModelManager:
@@ -71,6 +75,7 @@ class ModelManager:
         self._device_slots = dict(device_slots or {})
         self._limiters: dict[str, trio.CapacityLimiter] = {}
         self._slots: dict[str, _Slot] = {}
+        self._retiring: list[_Slot] = []  # unregistered while running; unloaded after their last run
         self._reserved_mb = 0  # models being loaded right now
 
     # -- registry ---------------------------------------------------------------------------
@@ -81,6 +86,32 @@ class ModelManager:
             raise ValueError(f"a backend named {info.name!r} is already registered")
         self._slots[info.name] = _Slot(backend, info)
         return info.name
+
+    async def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. a remote worker the sysop dropped); raises ``UnknownBackend``.
+
+        From the moment this is called, :meth:`find`, :meth:`describe` and new :meth:`run` calls
+        no longer see it, and the name may be registered again. Runs already in flight finish
+        normally; the backend is unloaded when the last of them ends, or before this returns
+        when none is running. Never raises on the backend's behalf (``unload`` never raises).
+        """
+        slot = self._slot(name)
+        del self._slots[name]
+        slot.removed = True
+        if slot.in_use:
+            self._retiring.append(slot)
+            return
+        async with slot.lock:  # an idle unload of this slot may be under way
+            await self._unload_slot(slot)
+
+    async def _release(self, slot: _Slot) -> None:
+        """End one use of ``slot``; the last use of an unregistered slot unloads it."""
+        slot.in_use -= 1
+        slot.last_used = trio.current_time()
+        if slot.removed and slot.in_use == 0 and slot in self._retiring:
+            self._retiring.remove(slot)
+            with trio.CancelScope(shield=True):  # runs in a finally, maybe under a cancel
+                await self._unload_slot(slot)
 
     def describe(self) -> list[BackendInfo]:
         return [slot.info for slot in self._slots.values()]
@@ -98,7 +129,8 @@ class ModelManager:
 
     @property
     def loaded_mb(self) -> int:
-        return sum(s.info.memory_mb for s in self._slots.values() if s.backend.loaded)
+        slots = [*self._slots.values(), *self._retiring]
+        return sum(s.info.memory_mb for s in slots if s.backend.loaded)
 
     def limiter(self, device: str) -> trio.CapacityLimiter:
         """The per-device limiter every load/run on ``device`` holds."""
@@ -134,8 +166,7 @@ class ModelManager:
                 token,
             )
         finally:
-            slot.in_use -= 1
-            slot.last_used = trio.current_time()
+            await self._release(slot)
 
     async def ensure_loaded(self, name: str) -> None:
         """Load ``name`` now (e.g. to warm it up); same rules as the lazy load in :meth:`run`."""
@@ -144,8 +175,7 @@ class ModelManager:
         try:
             await self._ensure_loaded(slot)
         finally:
-            slot.in_use -= 1
-            slot.last_used = trio.current_time()
+            await self._release(slot)
 
     async def _ensure_loaded(self, slot: _Slot) -> None:
         async with slot.lock:
@@ -224,8 +254,8 @@ class ModelManager:
         """Unload every model not used for ``idle_unload_s``; returns the names unloaded."""
         now = trio.current_time()
         done = []
-        for name, slot in self._slots.items():
-            if (slot.backend.loaded and slot.in_use == 0 and not slot.lock.locked()
+        for name, slot in list(self._slots.items()):  # unregister may run while we await
+            if (self._slots.get(name) is slot and slot.backend.loaded and slot.in_use == 0 and not slot.lock.locked()
                     and now - slot.last_used >= self._idle_unload_s):
                 if await self.unload(name):
                     done.append(name)
@@ -241,7 +271,8 @@ class ModelManager:
     async def aclose(self) -> None:
         """Unload everything that is not running (call after cancelling runs)."""
         for name in list(self._slots):
-            await self.unload(name)
+            if name in self._slots:  # unregister may run while we await
+                await self.unload(name)
 
 
 async def _cancel_token_on_cancel(token: CancelToken) -> None:

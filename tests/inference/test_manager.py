@@ -196,3 +196,51 @@ async def test_unload_refuses_while_running_and_aclose_unloads():
     await mgr.run("a", 1)
     await mgr.aclose()
     assert not backend.loaded and backend.unloads == 2
+
+
+async def test_unregister_idle_backend_unloads_it_and_hides_it():
+    mgr = make()
+    backend = CountingBackend("a")
+    mgr.register(backend)
+    await mgr.run("a", 1)
+    await mgr.unregister("a")
+    assert not backend.loaded and backend.unloads == 1
+    assert mgr.describe() == [] and mgr.loaded_mb == 0
+    with pytest.raises(UnknownBackend):
+        mgr.find("chat", "a")
+    with pytest.raises(UnknownBackend):
+        await mgr.run("a", 1)
+    with pytest.raises(UnknownBackend):
+        await mgr.unregister("a")
+    again = CountingBackend("a")
+    mgr.register(again)  # the name is free again
+    assert await mgr.run("a", 2) == [0, 1]
+
+
+async def test_unregister_while_running_lets_the_run_finish_then_unloads():
+    import threading
+    mgr = make(budget_mb=100)
+    backend = CountingBackend("a", memory_mb=60, gate=threading.Semaphore(0))
+    mgr.register(backend)
+    first = trio.Event()
+    results = []
+
+    async def on_progress(_):
+        first.set()
+
+    async def run_it():
+        results.append(await mgr.run("a", 3, on_progress=on_progress))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_it)
+        backend.gate.release()
+        await first.wait()
+        await mgr.unregister("a")  # returns at once: the run is still in flight
+        assert backend.loaded and mgr.describe() == []
+        assert mgr.loaded_mb == 60  # still holds memory until its run ends
+        with pytest.raises(UnknownBackend):
+            await mgr.run("a", 1)
+        backend.gate.release()
+        backend.gate.release()
+    assert results == [[0, 1, 2]]
+    assert not backend.loaded and backend.unloads == 1 and mgr.loaded_mb == 0
