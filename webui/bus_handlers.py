@@ -257,7 +257,14 @@ async def on_create_api_key(state: "ConsoleState", conn: "Connection", data: dic
     conn.send("api_key", key=key, address=conn.address)
 
 
+async def on_cancel_query(state: "ConsoleState", conn: "Connection", data: dict) -> None:
+    """The user stops their own queued and running queries; their holds are released."""
+    count = state.node.broker.terminate_user(conn.address) if state.node.broker else 0
+    conn.send("query_cancelled", count=count)
+
+
 HANDLERS = {
+    "cancel_query": on_cancel_query,
     "set_nickname": on_set_nickname,
     "submit_query": on_submit_query,
     "speech_to_text": on_speech_to_text,

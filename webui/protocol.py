@@ -78,6 +78,7 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
     "get_quote": {"query_type": Field(_STR, choices=QUERY_TYPES), "model_type": Field(_STR, max_chars=64, **_OPT)},
     "get_balance": {},
     "get_workers": {},
+    "cancel_query": {},
     "create_api_key": {},
 }
 

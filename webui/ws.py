@@ -125,7 +125,7 @@ class Hub:
     async def follow(self, state: "ConsoleState", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Turn node events into broadcasts until cancelled; resubscribe if the bus drops us."""
         bus = state.node.bus
-        kinds = ("queue_depth", "worker_update", "worker_health", "sysop_message")
+        kinds = ("queue_depth", "worker_update", "worker_health", "sysop_message", "model_loading", "model_loaded")
         since = None
         started = False
         while True:
@@ -138,6 +138,9 @@ class Hub:
                     if event.kind == "queue_depth":
                         self.broadcast(protocol.encode("queue_update", **state.bridge.queue_state(event=dict(event.data)),
                                                    at=time.time()))
+                    elif event.kind in ("model_loading", "model_loaded"):  # first use of a model can take a minute
+                        self.broadcast(protocol.encode("model_status", state=event.kind[len("model_"):],
+                                                       **dict(event.data)))
                     elif event.kind == "sysop_message":  # signed by a sysop key of the realm (mesh)
                         self.broadcast(protocol.encode("sysop_message", **dict(event.data)))
                     elif event.kind == "worker_health":

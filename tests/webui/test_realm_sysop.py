@@ -64,3 +64,26 @@ async def test_sysop_adds_and_removes_a_remote_worker(node):
         await sysop.expect("worker_update", where=lambda m: m.get("action") == "removed")
         await sysop.send(type="add_worker", worker="chat=nonsense")
         assert (await sysop.expect("error"))["code"] == "bad_worker"
+
+
+async def test_user_cancels_a_running_query_and_sees_model_loading(tmp_path):
+    slow = NodeProcess(tmp_path / "slow", extra_args=("--capabilities", "chat:reverse-slow"), env=FAST).start()
+    try:
+        async with bus(slow.console_url, guid=guid()) as user:
+            info = await user.expect("user_info")
+            await user.send(type="submit_query", query={"prompt": "a long, slow question", "query_type": "chat",
+                                                         "model_type": "mesh", "model_name": "reverse-slow"})
+            assert (await user.expect("model_status"))["state"] == "loading"
+            await user.send(type="cancel_query")
+            assert (await user.expect("query_cancelled"))["count"] == 1
+            ended = await user.expect("error")
+            assert ended["code"] == "cancelled", ended
+            assert not user.seen("query_result")
+        status = await trio.to_thread.run_sync(cli_json, slow, "status")
+        assert status["broker"]["completed"] == 0 and info["address"]
+        balance = await trio.to_thread.run_sync(cli_json, slow, "wallet", "balance", info["address"])
+        assert balance["balance_units"] == 100 * 1_000_000  # the grant, untouched: a cancel costs nothing
+    finally:
+        slow.stop()
+        slow.kill()
+    assert "Traceback" not in slow.output, slow.output

@@ -226,6 +226,8 @@
     nickname_set(m) { toast("You are now " + m.nickname); },
     api_key(m) { $("api-key").textContent = m.key; },
     sysop_message(m) { toast("Sysop: " + m.message); if (S.speak) say(m.message); },
+    model_status(m) { toast(m.state === "loading" ? "Loading model " + m.model + "…" : "Model " + m.model + " is ready"); },
+    query_cancelled(m) { toast(m.count ? "Cancelled " + m.count + " query(ies)" : "Nothing to cancel"); },
     user_banned(m) { toast(m.user_guid ? "Banned " + m.user_guid : m.message); },
     user_unbanned(m) { toast("Unbanned " + m.user_guid); },
     query_terminated(m) { toast(m.user_guid ? "Terminated " + m.count + " queries of " + m.user_guid : m.message); },
@@ -477,6 +479,7 @@
     $("sysop-terminate").onclick = () => { if (target()) send({ type: "terminate_query", user_guid: target() }); };
     $("sysop-broadcast").onsubmit = (e) => { e.preventDefault(); const m = $("sysop-message").value.trim(); if (m) send({ type: "sysop_message", message: m }); $("sysop-message").value = ""; };
     document.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") { send({ type: "cancel_query" }); return; }  // stop my running queries
       if (!e.ctrlKey) return;
       const k = e.key.toLowerCase();
       if (k === "enter") { e.preventDefault(); submit(); }
