@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -115,6 +116,7 @@ class Broker:
         query_timeout_s: float,
         max_dispatch: int = 8,
         limits: QueryLimits = QueryLimits(),
+        stall_after_s: float = 10.0,
     ) -> None:
         self.identity = identity
         self.realm_id = realm_id
@@ -129,6 +131,10 @@ class Broker:
         self.limits = limits
         self._dispatch_slots = trio.Semaphore(max_dispatch)
         self._tickets: dict[bytes, Ticket] = {}
+        self.stall_after_s = stall_after_s
+        self.dispatcher_restarts = 0
+        self.on_dispatcher_restart: Callable[[int], None] | None = None
+        self._dispatcher_beat = 0.0
         # Nonces only grow, across restarts too: microseconds of wall time, then +1 per query.
         self._nonce = time.time_ns() // 1000
         self.completed = 0
@@ -210,11 +216,41 @@ class Broker:
             self._nursery = nursery
             await self.recover()
             task_status.started()
-            while True:
-                # Take a slot first: queries wait in the fair queue, not in our hands.
-                await self._dispatch_slots.acquire()
+            while True:  # the watchdog: a dispatcher that stalls is cancelled and started again
+                with trio.CancelScope() as scope:
+                    self._dispatcher_scope = scope
+                    nursery.start_soon(self._watch_dispatcher, scope)
+                    await self._dispatch_loop()
+                self.dispatcher_restarts += 1
+                log.warning("dispatcher stalled with %d queued; restarted it", self.queue.depth)
+                if self.on_dispatcher_restart is not None:
+                    self.on_dispatcher_restart(self.queue.depth)
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            # Take a slot first: queries wait in the fair queue, not in our hands.
+            await self._dispatch_slots.acquire()
+            self._dispatcher_beat = trio.current_time()
+            try:
                 entry = await self.queue.get()
-                nursery.start_soon(self._process_and_free, entry.item)
+            except BaseException:
+                self._dispatch_slots.release()  # restarted (or stopping) while waiting: give the slot back
+                raise
+            self._dispatcher_beat = trio.current_time()
+            self._nursery.start_soon(self._process_and_free, entry.item)
+
+    async def _watch_dispatcher(self, scope: trio.CancelScope) -> None:
+        """Stalled = work is queued and a slot is free, yet nothing was taken for ``stall_after_s``."""
+        pending_since: float | None = None
+        while not scope.cancel_called:
+            await trio.sleep(self.stall_after_s / 4)
+            now = trio.current_time()
+            if not (self.queue.depth and self._dispatch_slots.value):
+                pending_since = None
+            elif pending_since is None or self._dispatcher_beat > pending_since:
+                pending_since = now  # work waits now; the dispatcher has this long to take it
+            elif now - pending_since > self.stall_after_s:
+                scope.cancel()
 
     async def _process_and_free(self, ticket: Ticket) -> None:
         try:

@@ -391,6 +391,7 @@ class Node:
             self_peer_id=self.peer_id,
             query_timeout_s=self.settings.queue.query_timeout_s,
         )
+        self.broker.on_dispatcher_restart = lambda depth: self.bus.publish("dispatcher_restarted", {"queued": depth})
         await nursery.start(self.broker.run)
         await nursery.start(self.price_history.run)
         await nursery.start(self.models.serve_idle_unloader)

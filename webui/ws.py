@@ -125,7 +125,8 @@ class Hub:
     async def follow(self, state: "ConsoleState", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Turn node events into broadcasts until cancelled; resubscribe if the bus drops us."""
         bus = state.node.bus
-        kinds = ("queue_depth", "worker_update", "worker_health", "sysop_message", "model_loading", "model_loaded")
+        kinds = ("queue_depth", "worker_update", "worker_health", "sysop_message", "model_loading", "model_loaded",
+                 "dispatcher_restarted")
         since = None
         started = False
         while True:
@@ -138,6 +139,9 @@ class Hub:
                     if event.kind == "queue_depth":
                         self.broadcast(protocol.encode("queue_update", **state.bridge.queue_state(event=dict(event.data)),
                                                    at=time.time()))
+                    elif event.kind == "dispatcher_restarted":  # SPEC §6: the watchdog tells the sysop
+                        self.to_sysops(protocol.encode("sysop_warning", message="the query dispatcher stalled and "
+                                                       f"was restarted ({event.data['queued']} queued)"))
                     elif event.kind in ("model_loading", "model_loaded"):  # first use of a model can take a minute
                         self.broadcast(protocol.encode("model_status", state=event.kind[len("model_"):],
                                                        **dict(event.data)))

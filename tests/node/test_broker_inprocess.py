@@ -100,3 +100,29 @@ async def test_price_rises_with_a_slow_worker_and_falls_back(tmp_path):
             assert fast["status"] == "done"
         assert broker.quote("chat").units < risen
         nursery.cancel_scope.cancel()
+
+
+async def test_watchdog_restarts_a_stalled_dispatcher(tmp_path):
+    async with trio.open_nursery() as nursery:
+        broker, alice, _ = await _broker(tmp_path, nursery, max_dispatch=2)
+        restarts: list[int] = []
+        broker.on_dispatcher_restart = restarts.append
+        broker.stall_after_s = 0.4
+        real_get = broker.queue.get
+        hung = []
+
+        async def get_that_hangs_once():  # fault injection: the dispatcher wedges on its next take
+            if not hung:
+                hung.append(True)
+                await trio.sleep_forever()
+            return await real_get()
+
+        broker.queue.get = get_that_hangs_once
+        await trio.sleep(0.05)  # let the dispatcher park in the real get, then make it take once more
+        first = await broker.ask(Ask(payer=alice, type="chat", prompt="one", model="reverse"))
+        assert first["status"] == "done"
+        with trio.fail_after(10):
+            second = await broker.ask(Ask(payer=alice, type="chat", prompt="two", model="reverse"))
+        assert second["status"] == "done" and second["result"] == "owt"
+        assert broker.dispatcher_restarts == 1 and restarts == [1]
+        nursery.cancel_scope.cancel()

@@ -226,6 +226,7 @@
     nickname_set(m) { toast("You are now " + m.nickname); },
     api_key(m) { $("api-key").textContent = m.key; },
     sysop_message(m) { toast("Sysop: " + m.message); if (S.speak) say(m.message); },
+    sysop_warning(m) { toast("⚠ " + m.message); },
     model_status(m) { toast(m.state === "loading" ? "Loading model " + m.model + "…" : "Model " + m.model + " is ready"); },
     query_cancelled(m) { toast(m.count ? "Cancelled " + m.count + " query(ies)" : "Nothing to cancel"); },
     user_banned(m) { toast(m.user_guid ? "Banned " + m.user_guid : m.message); },
