@@ -24,6 +24,7 @@ from inference.device import Device
 from inference.manager import ModelManager, UnknownBackend
 from p2p.query_stream import HandlerResult, ProgressSink, WorkerFault
 from node.config import InferenceSection
+from node.operator import BusyClock
 from p2p.query_wire import Query
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class LocalWorker:
         self.on_models_changed = on_models_changed
         self.running = 0
         self.served = 0
+        self.busy = BusyClock()  # for the operator's max daily hours (node/operator.py)
 
     def serves_wire(self) -> dict[str, list[str]]:
         """Like :meth:`serves`, keyed by the wire protocol's type names."""
@@ -65,6 +67,7 @@ class LocalWorker:
     async def handle(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
         """Answer ``query``; backend problems become :class:`WorkerFault` (blamed on us, the worker)."""
         self.running += 1
+        started = trio.current_time()
         try:
             runner = self._RUNNERS.get(QUERY_TYPE_OF.get(query.type, query.type))
             if runner is None:
@@ -80,6 +83,7 @@ class LocalWorker:
         finally:
             self.running -= 1
             self.served += 1
+            self.busy.add(trio.current_time() - started)
 
     def _backend(self, query: Query) -> str:
         return self.manager.find(query.type, query.model or None)

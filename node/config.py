@@ -98,6 +98,16 @@ class PowerSection:
 
 
 @dataclass(frozen=True)
+class OperatorSection:
+    mode: str = _key("base", "How this node takes part (SPEC §7): base = always on; peaking = serves a type only when its price reaches the threshold below.")
+    peak_threshold_chat: float = _key(1.5, "Peaking mode: the chat price (tokens) at which this node joins.")
+    peak_threshold_imagine: float = _key(2.0, "Peaking mode: the imagine price (tokens) at which this node joins.")
+    peak_threshold_vision: float = _key(2.5, "Peaking mode: the vision price (tokens) at which this node joins.")
+    peak_threshold_other: float = _key(2.0, "Peaking mode: the price (tokens) at which this node joins for other types.")
+    max_daily_hours: float = _key(24.0, "Most hours a day this node works on queries; after that it is not selected until midnight UTC.")
+
+
+@dataclass(frozen=True)
 class InferenceSection:
     gpu: bool = _key(False, "Run models on CUDA (fails at start when no CUDA device is present).")
     capabilities: str = _key("auto", "Comma-separated query types to serve, optionally type:model (e.g. chat:reverse); 'auto' = all this node can; 'none' = broker only.")
@@ -121,6 +131,7 @@ class Settings:
     health: HealthSection = field(default_factory=HealthSection)
     pricing: PricingSection = field(default_factory=PricingSection)
     power: PowerSection = field(default_factory=PowerSection)
+    operator: OperatorSection = field(default_factory=OperatorSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from node import health as health_rules
 from node.events import EventBus
 from node.health import Availability, Change, Fault, HealthPolicy, WorkerHealth
+from node.operator import candidate_terms
 from node.selection import Candidate
 from p2p.ads import Ad
 
@@ -155,6 +156,7 @@ class PeerRegistry:
                     fresh=health_rules.is_fresh(entry.health, now_s, self.policy),
                     busy=content.running > 0 or content.queued > 0,
                     is_self=entry.is_self,
+                    **candidate_terms(content.operator),
                 )
             )
         return result

@@ -40,6 +40,7 @@ from node.identity import Identity
 from node.health import HealthPolicy
 from node.ledger_service import LedgerService
 from node.mesh_service import MeshService
+from node.operator import operator_ad
 from node.price_history import PriceHistory
 from node.pricing import QUERY_TYPES, PriceBook
 from node.queue_service import QueueService
@@ -208,7 +209,7 @@ class Node:
             loaded_models=tuple(self.loaded_models()),
             queued=self.queue.depth,
             running=self.local.running,
-            operator={"mode": "base"},
+            operator=operator_ad(self.settings.operator, self.local.busy.today_s()),
             version=__version__,
         )
 
