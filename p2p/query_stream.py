@@ -37,6 +37,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 from node.health import Blame
 from node.identity import Identity
 from p2p.host import MeshHost, peer_id_for
+from p2p.stream_server import ProtocolServer
 from p2p.query_frames import (
     Frame,
     FrameDecoder,
@@ -171,7 +172,7 @@ class ProgressSink:
 Handler = Callable[[Query, ProgressSink], Awaitable[HandlerResult]]
 
 
-class QueryServer:
+class QueryServer(ProtocolServer):
     """Answers queries on this realm's query protocol with ``handler``.
 
     The handler must do heavy work off the event loop (``trio.to_thread``
@@ -214,18 +215,6 @@ class QueryServer:
         self.stats: collections.Counter[str] = collections.Counter()
         self.active = 0
         self._nursery: trio.Nursery | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; ``started()`` once the protocol handler is registered."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self.mesh.host.set_stream_handler(self.protocol, self._on_stream)
-            try:
-                task_status.started()
-                await trio.sleep_forever()
-            finally:
-                self.mesh.host.remove_stream_handler(self.protocol)
-                self._nursery = None
 
     async def _on_stream(self, stream: INetStream) -> None:
         # Runs in libp2p's per-stream task; the work runs in our nursery so that

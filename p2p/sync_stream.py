@@ -46,6 +46,7 @@ from p2p import sync_wire as wire
 from p2p.errors import P2PError
 from p2p.framing import FrameProblem, FrameStream, FramingError
 from p2p.host import MeshHost
+from p2p.stream_server import ProtocolServer
 from p2p.sync_wire import Blocks, FrontiersPage, FrontiersRequest, Hello, NextRequest, PullRequest, SyncLimits
 from p2p.topics import sync_protocol
 
@@ -72,7 +73,7 @@ def _peer_of(stream: Any) -> str:
 # ---------------------------------------------------------------------- server
 
 
-class SyncServer:
+class SyncServer(ProtocolServer):
     """Serves this node's ledger to syncing peers. Construct freely; :meth:`run` serves.
 
     ``stats`` counts sessions and every refusal by code (``wire`` codes,
@@ -89,18 +90,6 @@ class SyncServer:
         self.stats: Counter[str] = Counter()
         self.active = 0
         self._nursery: trio.Nursery | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; ``started()`` once the protocol handler is registered."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self.mesh.host.set_stream_handler(self.protocol, self._on_stream)
-            try:
-                task_status.started()
-                await trio.sleep_forever()
-            finally:
-                self.mesh.host.remove_stream_handler(self.protocol)
-                self._nursery = None
 
     async def _on_stream(self, stream: Any) -> None:
         # libp2p runs this in its own per-stream task; the session runs in our
