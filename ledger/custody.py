@@ -125,3 +125,15 @@ class Custody:
         except wallet_ops.WalletError as exc:
             raise GrantRefused(f"this node cannot pay welcome tokens right now: {exc}") from exc
         return bytes.fromhex(sent["hash"])
+
+
+def custodial_identities(ledger: Ledger, accounts: set[bytes]) -> dict[bytes, Identity]:
+    """The custodial wallets among ``accounts`` (by public key); for a broker paying held work after a crash."""
+    found: dict[bytes, Identity] = {}
+    if not accounts:
+        return found
+    for _guid, raw in ledger.aux_items(store.CUSTODY_WALLET):
+        identity = Identity.from_seed(msgpack.unpackb(raw)["seed"])
+        if identity.public_key in accounts:
+            found[identity.public_key] = identity
+    return found

@@ -485,6 +485,14 @@ class Ledger(RecordsMixin):
             self._check_open()
             self._db.put(prefix + key, value, sync=self.sync)
 
+    def aux_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every (key without prefix, value) of an auxiliary keyspace (custody), in key order."""
+        if prefix not in (store.CUSTODY_WALLET, store.CUSTODY_GRANT):
+            raise ValueError("auxiliary reads are limited to the custody keyspaces")
+        with self._lock:
+            self._check_open()
+            return [(k[len(prefix):], v) for k, v in self._db.iterator(prefix=prefix)]
+
     def aux_count(self, prefix: bytes) -> int:
         with self._lock:
             self._check_open()

@@ -32,6 +32,7 @@ import trio
 
 from ledger.address import encode_address
 from ledger.blocks import make_send
+from ledger.custody import custodial_identities
 from ledger.holds import Hold, HoldState, InsufficientFunds
 from ledger.ledger import Ledger
 from ledger.records import record_outcome
@@ -458,8 +459,11 @@ def _send_for_hold(ledger: Ledger, payer: Identity, hold: Hold, worker_key: byte
 
 
 def _recover_holds(ledger: Ledger, identities: dict[bytes, Identity]) -> dict:
+    holds = ledger.holds()
+    owed = {h.account for h in holds if h.state is HoldState.RECEIPTED} - set(identities)
+    identities = {**identities, **custodial_identities(ledger, owed)}  # browser wallets pay too
     paid = released = 0
-    for hold in ledger.holds():
+    for hold in holds:
         payer = identities.get(hold.account)
         if hold.state is HoldState.RECEIPTED and payer is not None and hold.receipt and hold.worker:
             receipt = codec.decode(hold.receipt)

@@ -77,3 +77,28 @@ def test_bad_holds_refused(funded, founder):
     stranger = ident(9)
     with pytest.raises(InsufficientFunds):
         funded.place_hold(stranger.public_key, QID, 1)
+
+
+def test_broker_restart_pays_a_receipted_hold_of_a_browser_wallet(funded, builder, founder):
+    """A custodial payer's work that was receipted before a crash is paid at restart, exactly once."""
+    from ledger.custody import Custody
+    from node import codec, signing
+    from node.broker import _recover_holds
+
+    custody = Custody(funded, founder, budget_units=1_000 * UNIT)
+    opened = custody.open_wallet("b5c1f8a2-0000-4000-8000-000000000001")
+    browser = custody.wallet("b5c1f8a2-0000-4000-8000-000000000001")
+    assert opened["grant"] and funded.balance(browser.public_key) == 100 * UNIT
+    worker = ident(7)
+    receipt = {"body": {"query": "q"}, "sig": b"\x00" * 64}  # what the worker signed, as stored
+    hold = funded.place_hold(browser.public_key, QID, 2 * UNIT)
+    funded.update_hold(hold.receipted(worker.public_key, codec.encode(receipt)))
+    stale = funded.place_hold(browser.public_key, QID2, 3 * UNIT)  # still running at the crash
+
+    result = _recover_holds(funded, {founder.public_key: founder})
+    assert result == {"paid": 1, "released": 1}
+    assert funded.holds() == [] and stale.state.value == "held"
+    assert funded.balance(browser.public_key) == 98 * UNIT
+    (payment,) = funded.by_reference(signing.digest("receipt", receipt["body"]))
+    assert funded.get_block(payment).to == worker.public_key
+    assert _recover_holds(funded, {founder.public_key: founder}) == {"paid": 0, "released": 0}
