@@ -66,6 +66,8 @@ class LedgerService:
         self._summary: dict = {}
         #: Set by the mesh once gossip runs: ``await publish("ledger", raw_block)``.
         self.publish: Callable[[str, bytes], Any] | None = None
+        #: Set with ``publish``: sends again what gossip already carried (fork evidence).
+        self.republish: Callable[[str, bytes], Any] | None = None
         self.gossip_verdicts: Counter[str] = Counter()
 
     @classmethod

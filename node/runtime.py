@@ -346,6 +346,7 @@ class Node:
                         if self.settings.p2p.mdns:
                             await self._start_mdns(nursery, mesh)
                         self.ledger.publish = self.mesh_service.gossip.publish
+                        self.ledger.republish = self.mesh_service.gossip.republish
                         self.sync = SyncService(
                             mesh, self.genesis.realm_id, self.ledger, interval_s=self.settings.ledger.sync_interval_s
                         )

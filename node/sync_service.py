@@ -45,10 +45,10 @@ async def spread_fork_evidence(ledger_service: Any, block_hash: bytes) -> int:
     """Gossip the two lowest-hash blocks at the fork point of ``block_hash``'s account.
 
     Call after any submit that returned ``Verdict.FORK``. Returns how many
-    blocks were published. A block this node already saw on gossip is refused
-    by ``Gossip.publish``'s local replay check (DUPLICATE); that is logged at
-    debug level and is harmless: peers that lack it get it from the sibling's
-    receivers or by sync.
+    blocks were published. With a ``republish`` hook (``Gossip.republish``) a
+    block this node already saw on gossip goes out again too; with only
+    ``publish`` such a block is refused locally (DUPLICATE) and peers that lack
+    it get it by sync.
     """
 
     def evidence(ledger) -> list[bytes]:
@@ -61,7 +61,7 @@ async def spread_fork_evidence(ledger_service: Any, block_hash: bytes) -> int:
         return blocks_at(ledger, block.account, fork_height, 2)
 
     raws = await ledger_service.call(evidence)
-    publish = ledger_service.publish
+    publish = getattr(ledger_service, "republish", None) or ledger_service.publish
     if publish is None or len(raws) < 2:
         return 0
     sent = 0

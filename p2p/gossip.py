@@ -176,6 +176,20 @@ class Gossip:
             raise GossipPublishError(topic, checked.verdict, checked.detail)
         await pubsub.publish(topic, data)
 
+    async def republish(self, name: str, data: bytes) -> None:
+        """Publish again something valid this node already saw (e.g. fork evidence).
+
+        ``publish`` refuses a message our replay guard has seen; evidence must
+        still reach peers that missed it. Peers that have it ignore the copy
+        (DUPLICATE is not penalised).
+        """
+        pubsub = self._require_running()
+        topic = self.topics.topic(name)
+        checked = self.validators[name].check(data, self._now_ms())
+        if checked.verdict not in (Verdict.ACCEPT, Verdict.DUPLICATE):
+            raise GossipPublishError(topic, checked.verdict, checked.detail)
+        await pubsub.publish(topic, data)
+
     # ---- observability ---------------------------------------------------
     def peer_score(self, peer_id: str) -> float:
         """The router's score for a peer over this realm's topics."""

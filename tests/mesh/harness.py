@@ -143,6 +143,7 @@ async def open_ledger_node(
             gossip = Gossip(mesh, GENESIS.realm_id)
             await nursery.start(gossip.run)
             service.publish = gossip.publish
+            service.republish = gossip.republish
             sync = SyncService(mesh, GENESIS.realm_id, service, interval_s=interval_s, limits=limits) \
                 if with_sync else None
             node = LedgerNode(name, mesh, ledger, service, gossip, sync)
