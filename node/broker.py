@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 #: A worker at capacity answers "busy" at once; we wait and ask again this many times.
 MAX_BUSY_WAITS = 50
+#: A worker loading a model for its first query says "model_loading"; we ask again every
+#: LOADING_RETRY_S, for up to about three minutes (a first chat model conversion takes ~1).
+LOADING_RETRY_S = 1.0
+MAX_LOADING_WAITS = 180
 
 
 class BrokerRefused(Exception):
@@ -265,7 +269,7 @@ class Broker:
     async def _process(self, ticket: Ticket) -> None:
         wait_s = trio.current_time() - ticket.enqueued_at
         failed_workers: list[str] = []
-        busy_waits = 0
+        busy_waits = loading_waits = 0
         with trio.CancelScope() as scope:
             ticket.cancel_scope = scope
             while True:
@@ -286,6 +290,10 @@ class Broker:
                     if exc.code == "busy" and busy_waits < MAX_BUSY_WAITS:
                         busy_waits += 1  # at capacity, not failing: wait a little and ask again
                         await trio.sleep(min(1.0, 0.02 * busy_waits))
+                        continue
+                    if exc.code == "model_loading" and loading_waits < MAX_LOADING_WAITS:
+                        loading_waits += 1  # first use of a model on that worker: not a fault
+                        await trio.sleep(LOADING_RETRY_S)
                         continue
                     self._note_failure(ticket, worker, exc.code, str(exc), exc.blame, exc.fault)
                     failed_workers.append(worker)

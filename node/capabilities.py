@@ -50,6 +50,9 @@ class LocalWorker:
         self.running = 0
         self.served = 0
         self.busy = BusyClock()  # for the operator's max daily hours (node/operator.py)
+        self._nursery: trio.Nursery | None = None
+        self._loading: set[str] = set()
+        self._load_failed: dict[str, str] = {}
 
     def serves_wire(self) -> dict[str, list[str]]:
         """Like :meth:`serves`, keyed by the wire protocol's type names."""
@@ -88,10 +91,47 @@ class LocalWorker:
     def _backend(self, query: Query) -> str:
         return self.manager.find(query.type, query.model or None)
 
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve background model loads: with this running, a query never waits a load out."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
     async def _ensure_loaded(self, name: str, progress: ProgressSink | None) -> None:
-        """Load ``name`` before its first run, saying so (loading can take a minute)."""
+        """Make sure ``name`` is loaded before it runs (the first load can take a minute).
+
+        With :meth:`run` serving, a query that finds its model unloaded starts
+        the load in the background and fails at once with the retryable
+        ``model_loading`` fault (the broker waits and asks again), so a long
+        first load never eats a query's timeout or a worker's health. Without
+        it (in-process use), the load happens inline.
+        """
         if self.manager.is_loaded(name):
             return
+        if name in self._load_failed:
+            raise WorkerFault("backend_error", self._load_failed.pop(name), retryable=True)
+        if self._nursery is None:
+            await self._load(name, progress)
+            return
+        if name not in self._loading:
+            self._loading.add(name)
+            self._nursery.start_soon(self._load_in_background, name)
+        raise WorkerFault("model_loading", f"model {name} is loading (first use); ask again shortly", retryable=True)
+
+    async def _load_in_background(self, name: str) -> None:
+        try:
+            await self._load(name, None)
+        except BackendError as exc:
+            log.warning("could not load model %s: %s", name, exc)
+            self._load_failed[name] = str(exc)
+        finally:
+            self._loading.discard(name)
+
+    async def _load(self, name: str, progress: ProgressSink | None) -> None:
         log.info("loading model %s (first use)…", name)
         self._changed("loading", name)
         if progress is not None:

@@ -378,6 +378,7 @@ class Node:
     async def _start_queries(self, nursery: trio.Nursery, mesh: MeshHost) -> None:
         """Worker side (answer queries) and broker side (place them), both on this node."""
         realm = self.genesis.realm_id
+        await nursery.start(self.local.run)
         server = QueryServer(mesh, realm, self.identity, self.local.handle, capabilities=self.local.serves_wire())
         await nursery.start(server.run)
         await nursery.start(self.queue.run)

@@ -193,13 +193,12 @@ async def serve(state: "ConsoleState", websocket) -> None:
     await websocket.accept(headers={"Set-Cookie": cookie} if fresh else {})
     if hub.full():
         hub.refused_full += 1
-        await websocket.send(protocol.error(f"this node already serves {hub.max_connections} consoles; try again later",
-                                            "too_many_connections"))
-        await websocket.close(1013, "too many connections")
+        await _refuse(websocket, protocol.error(f"this node already serves {hub.max_connections} consoles; try "
+                                                "again later", "too_many_connections"), 1013, "too many connections")
         return
     if guid in state.store.bans:
-        await websocket.send(protocol.encode("user_banned", message="you are banned from this node"))
-        await websocket.close(1008, "banned")
+        await _refuse(websocket, protocol.encode("user_banned", message="you are banned from this node"),
+                      1008, "banned")
         return
     is_sysop = state.node.auth.is_sysop(websocket.headers.get("Authorization"),
                                         websocket.cookies.get("mtor_sysop"))
@@ -223,11 +222,24 @@ async def serve(state: "ConsoleState", websocket) -> None:
         conn._send.close()
 
 
+async def _refuse(websocket, text: str, code: int, reason: str) -> None:
+    """Tell a browser why, then close. The browser may hang up at the same moment (hypercorn then
+    races our close with its own on the socket); that is the end we wanted, not an error."""
+    try:
+        await websocket.send(text)
+        await websocket.close(code, reason)
+    except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.debug("console went away while being refused: %s", exc)
+
+
 async def _flush_then_close(conn: Connection, websocket) -> None:
     conn._send.close()
-    async for text in conn.outbox:
-        await websocket.send(text)
-    await websocket.close(1011, "cannot serve this console now")
+    try:
+        async for text in conn.outbox:
+            await websocket.send(text)
+        await websocket.close(1011, "cannot serve this console now")
+    except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.debug("console went away while being closed: %s", exc)
 
 
 async def _receiver(state: "ConsoleState", conn: Connection, websocket) -> None:
