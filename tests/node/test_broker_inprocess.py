@@ -126,3 +126,14 @@ async def test_watchdog_restarts_a_stalled_dispatcher(tmp_path):
         assert second["status"] == "done" and second["result"] == "owt"
         assert broker.dispatcher_restarts == 1 and restarts == [1]
         nursery.cancel_scope.cancel()
+
+
+async def test_first_use_of_a_model_is_waited_out_not_failed(tmp_path):
+    async with trio.open_nursery() as nursery:
+        broker, alice, _ = await _broker(tmp_path, nursery, max_dispatch=2)
+        await nursery.start(broker.local.run)  # loads now happen in the background
+        outcome = await broker.ask(Ask(payer=alice, type="chat", prompt="first", model="reverse"))
+        assert outcome["status"] == "done" and outcome["result"] == "tsrif"
+        assert outcome["attempts"] == []  # "model_loading" is not a failure of the worker
+        assert broker.registry.get("self").health.score == 100
+        nursery.cancel_scope.cancel()
