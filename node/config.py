@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from node.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
@@ -210,15 +212,6 @@ def render(settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _from_parser(parser: configparser.ConfigParser) -> tuple[Settings, list[str], list[str]]:
     """Build settings; return (settings, keys filled from defaults, unknown keys)."""
     filled: list[str] = []
@@ -246,7 +239,7 @@ def load(data_dir: Path) -> tuple[Settings, LoadReport]:
     path = data_dir / CONFIG_FILE
     if not path.exists():
         settings = Settings()
-        _atomic_write(path, render(settings))
+        write_text_atomic(path, render(settings))
         return settings, LoadReport(created=True)
     parser = configparser.ConfigParser(interpolation=None)
     try:
@@ -256,7 +249,7 @@ def load(data_dir: Path) -> tuple[Settings, LoadReport]:
         reason = str(exc).splitlines()[0]
         bad = _quarantine(path)
         settings = Settings()
-        _atomic_write(path, render(settings))
+        write_text_atomic(path, render(settings))
         log.warning("config.ini could not be used (%s); kept it as %s and wrote defaults", reason, bad.name)
         return settings, LoadReport(created=True, quarantined=bad, reason=reason)
     if unknown:
@@ -300,7 +293,7 @@ def _fill_missing(path: Path, parser: configparser.ConfigParser, settings: Setti
             additions.extend(block)
     if additions:
         text = text.rstrip("\n") + "\n" + "\n".join(additions) + "\n"
-    _atomic_write(path, text)
+    write_text_atomic(path, text)
 
 
 def _insert_into_section(text: str, section_name: str, block: list[str]) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node import genesis as genesis_mod
+from node.files import write_text_atomic
 from node.identity import Identity, IdentityError, read_key_file, write_key_file
 
 KEY_FILE = "node.key"
@@ -99,9 +100,7 @@ class DataDir:
             raise DataDirError(f"{self.admin_secret_file} is missing; run 'mtor-node init'") from exc
 
     def write_runtime(self, info: dict) -> None:
-        tmp = self.runtime_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
-        os.replace(tmp, self.runtime_file)
+        write_text_atomic(self.runtime_file, json.dumps(info, indent=2))
 
     def read_runtime(self) -> dict | None:
         try:

@@ -26,7 +26,7 @@ from node.events import EventBus
 from node.health import Availability, Change, Fault, HealthPolicy, WorkerHealth
 from node.operator import candidate_terms
 from node.selection import Candidate
-from p2p.ads import Ad
+from p2p.ads import Ad, content_fields
 
 MAX_WORKERS = 1024
 
@@ -167,14 +167,7 @@ class PeerRegistry:
             "peer_id": entry.peer_id,
             "address": entry.address,
             "is_self": entry.is_self,
-            "capabilities": {
-                name: {"models": list(cap.models), "price_milli": cap.price_milli, "avg_latency_ms": cap.avg_latency_ms}
-                for name, cap in content.capabilities.items()
-            },
-            "device": {"kind": content.device_kind, "vram_mb": content.vram_mb, "loaded": list(content.loaded_models)},
-            "load": {"queued": content.queued, "running": content.running},
-            "operator": dict(content.operator),
-            "version": content.version,
+            **content_fields(content),
             "health": entry.health.score,
             "blacklisted": entry.health.blacklisted,
             "availability": health_rules.availability(entry.health, now_s, self.policy).value,

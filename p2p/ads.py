@@ -93,6 +93,13 @@ def build_ad_body(identity: Identity, realm_id: bytes, content: AdContent, *, se
         "address": identity.address,
         "ts_ms": ts_ms,
         "seq": seq,
+        **content_fields(content),
+    }
+
+
+def content_fields(content: AdContent) -> dict:
+    """The ad fields a node describes (capabilities, device, load, operator, version), as plain data."""
+    return {
         "capabilities": {
             name: {"models": list(cap.models), "price_milli": cap.price_milli, "avg_latency_ms": cap.avg_latency_ms}
             for name, cap in content.capabilities.items()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import trio
 
+from node.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 FILE_VERSION = 1
@@ -41,16 +43,6 @@ def default_nickname(guid: str) -> str:
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -190,7 +182,7 @@ class UserStore:
         text = self.snapshot()
         try:
             with trio.CancelScope(shield=True):  # a started write always finishes (it is short)
-                await trio.to_thread.run_sync(write_atomic, self.path, text)
+                await trio.to_thread.run_sync(write_text_atomic, self.path, text)
         except OSError:
             self._dirty.set()  # try again on the next change
             raise
