@@ -40,6 +40,7 @@ from node.identity import Identity
 from node.health import HealthPolicy
 from node.ledger_service import LedgerService
 from node.mesh_service import MeshService
+from node.netaddrs import dialable
 from node.operator import operator_ad
 from node.price_history import PriceHistory
 from node.pricing import QUERY_TYPES, PriceBook
@@ -174,7 +175,7 @@ class Node:
         peers = self.mesh.connected_peers() if self.mesh else []
         return {
             **self.health(),
-            "listen_addrs": self.mesh.listen_addrs if self.mesh else [],
+            "listen_addrs": dialable(self.mesh.listen_addrs) if self.mesh else [],
             "peers": peers,
             "console_url": self.console_url,
             "device": {"kind": self.device.kind, "name": self.device.name, "vram_mb": self.device.vram_mb},
@@ -258,7 +259,7 @@ class Node:
             if self.mesh is not None and not entry["is_self"]:
                 addrs = self.mesh.known_addrs(entry["peer_id"])
             elif self.mesh is not None:
-                addrs = self.mesh.listen_addrs
+                addrs = dialable(self.mesh.listen_addrs)
             listing.append(entry | {"addrs": addrs, "connected": entry["peer_id"] in connected or entry["is_self"]})
         return listing
 
@@ -424,7 +425,7 @@ class Node:
             "peer_id": self.peer_id,
             "console_url": self.console_url,
             "control_url": self.console_url.rstrip("/"),
-            "listen_addrs": self.mesh.listen_addrs if self.mesh else [],
+            "listen_addrs": dialable(self.mesh.listen_addrs) if self.mesh else [],
             "started_at": self.started_at,
         }
 
@@ -435,7 +436,7 @@ class Node:
             f"Wallet:    {self.identity.address}",
             f"Device:    {self.device.kind}" + (f" ({self.device.name})" if self.device.kind == "cuda" else ""),
         ]
-        for addr in self.mesh.listen_addrs if self.mesh else []:
+        for addr in dialable(self.mesh.listen_addrs) if self.mesh else []:
             lines.append(f"Listening: {addr}")
         lines.append(f"Console:   {self.console_url}")
         lines.append(f"Sysop:     {self.console_url}sysop/login?token={self.auth.login_token}  (one-time link)")
