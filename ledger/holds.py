@@ -5,16 +5,21 @@ replicated): it says "this payer's balance minus everything held is what
 they may still spend". Rules:
 
 * a hold is placed only if ``balance - held >= units`` (checked under the
-  ledger lock, written durably), so a payer can never over-commit;
+  ledger lock against the running node's view), so a payer can never
+  over-commit;
 * every spend from this node (wallet sends, settlements) sees the holds, so a
   payer cannot spend held tokens;
-* settlement stores the payment block and deletes the hold in ONE
-  WriteBatch: after a crash either both happened or neither did;
-* a hold whose query got a verified receipt is marked ``receipted`` (with the
-  receipt) before payment, so a broker that dies between receipt and payment
-  pays on restart instead of forgetting the worker;
+* settlement stores the payment block, deletes the hold and records the
+  query in ONE WriteBatch (fsynced, possibly shared with other settlements:
+  :mod:`ledger.group`): after a crash either all happened or none did, and
+  no payment is made for a hold that is not in the store;
+* placing and releasing a hold are not fsynced: they survive a process
+  crash, and a hold a machine crash erases is in the state the restart would
+  have put it in anyway (released); see docs/ledger.md, "Durability of holds";
 * holds still ``held`` at start-up belonged to queries that died with the
-  broker: they are released (nothing was delivered, nothing is charged).
+  broker: they are released (nothing was delivered, nothing is charged);
+  a hold stored as ``receipted`` (earlier versions marked holds so before
+  paying) is paid.
 """
 
 from __future__ import annotations

@@ -19,12 +19,13 @@ import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from ledger import store
 from ledger.blocks import Block, BlockError, alloc_id, parse_block
 from ledger.errors import LedgerError, LedgerLocked
 from ledger.forks import ForkProof
+from ledger.group import GroupWrite, PartResult
 from ledger.holds import HOLD, Hold, HoldError, InsufficientFunds, hold_key
 from ledger.pool import PendingPool
 from ledger.records import RecordsMixin  # query records: put_record, records_of, ... (ledger/records.py)
@@ -75,6 +76,7 @@ class Ledger(RecordsMixin):
         self._lock = threading.RLock()
         self._accounts: dict[bytes, AccountState] = {}
         self._blocks: dict[bytes, Block] = {}
+        self._held: dict[bytes, int] = {}  # account -> units on hold, for accounts looked at since open
         self._closed = False
 
     @classmethod
@@ -164,6 +166,38 @@ class Ledger(RecordsMixin):
             results = [self._submit_one(txn, item, now) for item in items]
             txn.commit(sync=self.sync)
             self._trim_caches()
+            return results
+
+    def write_group(self, parts: list[Callable[[GroupWrite], Any]]) -> list[PartResult]:
+        """Run each ``part(view)`` in order and commit what they wrote in ONE WriteBatch (one fsync).
+
+        A part that raises is rolled back alone (its :class:`PartResult` carries
+        the exception); see :mod:`ledger.group`. Returns after the commit, so
+        with ``sync=True`` every part's writes are durable when it returns.
+        """
+        with self._lock:
+            self._check_open()
+            txn = LedgerTxn(self._db, self.facts, self._accounts, self._blocks)
+            now = self._clock_ms()
+            results: list[PartResult] = []
+            held: dict[bytes, int] = {}
+            for part in parts:
+                mark = txn.savepoint()
+                view = GroupWrite(txn, self._submit_one, now)
+                try:
+                    value = part(view)
+                except Exception as exc:  # noqa: BLE001 - the part's own failure, handed to its caller
+                    txn.rollback(mark)
+                    results.append(PartResult(error=exc))
+                    continue
+                results.append(PartResult(value=value, applied=view.applied))
+                for account, delta in view.held_delta.items():
+                    held[account] = held.get(account, 0) + delta
+            txn.commit(sync=self.sync)
+            self._trim_caches()
+            for account, delta in held.items():
+                if account in self._held:
+                    self._held[account] += delta
             return results
 
     def _submit_one(self, txn: LedgerTxn, item: bytes | Block, now: int) -> Result:
@@ -407,7 +441,12 @@ class Ledger(RecordsMixin):
             return [Hold.decode(k, v) for k, v in self._db.iterator(prefix=prefix)]
 
     def held_units(self, account: bytes) -> int:
-        return sum(h.units for h in self.holds(account))
+        """Units ``account`` has on hold here (kept in memory after the first look: O(1))."""
+        with self._lock:
+            held = self._held.get(account)
+            if held is None:
+                held = self._held[account] = sum(h.units for h in self.holds(account))
+            return held
 
     def available(self, account: bytes) -> int:
         """What ``account`` may still commit: balance minus its holds on this node."""
@@ -415,7 +454,13 @@ class Ledger(RecordsMixin):
             return self.balance(account) - self.held_units(account)
 
     def place_hold(self, account: bytes, query_id: bytes, units: int, now_ms: int | None = None) -> Hold:
-        """Reserve ``units`` of ``account`` for a query, durably; raise if not covered."""
+        """Reserve ``units`` of ``account`` for a query; raise if not covered.
+
+        Written without fsync whatever the ledger's mode: a hold survives a
+        process crash (the OS has the write); one lost to a machine crash is
+        what the restart would have done to it anyway, a release, and no payment
+        can be made for a hold that is not in the store (docs/ledger.md).
+        """
         if not 0 < units < 2**63:
             raise HoldError("a hold must be for more than 0 and less than 2^63 units")
         key = hold_key(account, query_id)
@@ -423,11 +468,13 @@ class Ledger(RecordsMixin):
             self._check_open()
             if self._db.get(key) is not None:
                 raise HoldError(f"query {query_id.hex()} already holds tokens")
-            available = self.available(account)
+            held = self.held_units(account)
+            available = self.balance(account) - held
             if units > available:
                 raise InsufficientFunds(available, units)
             hold = Hold(account, query_id, units, self._clock_ms() if now_ms is None else now_ms)
-            self._db.put(key, hold.encode(), sync=self.sync)
+            self._db.put(key, hold.encode(), sync=False)
+            self._held[account] = held + units
             return hold
 
     def get_hold(self, account: bytes, query_id: bytes) -> Hold | None:
@@ -443,15 +490,22 @@ class Ledger(RecordsMixin):
             if self._db.get(hold.key) is None:
                 raise HoldError(f"no hold for query {hold.query_id.hex()}")
             self._db.put(hold.key, hold.encode(), sync=self.sync)
+            self._held.pop(hold.account, None)  # counted again at the next look
 
     def release_hold(self, account: bytes, query_id: bytes) -> bool:
-        """Drop a hold (failure, cancel, timeout); False if there was none."""
+        """Drop a hold (failure, cancel, timeout); False if there was none.
+
+        Without fsync, like :meth:`place_hold`: a release lost to a machine
+        crash leaves a hold that the restart releases (or pays, if receipted).
+        """
         key = hold_key(account, query_id)
         with self._lock:
             self._check_open()
-            if self._db.get(key) is None:
+            value = self._db.get(key)
+            if value is None:
                 return False
-            self._db.delete(key, sync=self.sync)
+            self._db.delete(key, sync=False)
+            self._held.pop(account, None)  # counted again at the next look
             return True
 
     def submit_releasing(self, data: bytes | Block, account: bytes, query_id: bytes) -> Result:
@@ -468,6 +522,7 @@ class Ledger(RecordsMixin):
             if result.verdict in (Verdict.ACCEPTED, Verdict.DUPLICATE):
                 txn.txn.delete(key)
             txn.commit(sync=self.sync)
+            self._held.pop(account, None)  # counted again at the next look
             self._trim_caches()
             return result
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from itertools import islice
 from typing import Any, Callable, Iterable
 
@@ -111,7 +112,7 @@ class QueryRecord:
         return store.RECORD_BY_PAYER + self.payer_account + store.u64(self.ts_ms) + self.query_id
 
     def encode(self) -> bytes:
-        fields = asdict(self)
+        fields = {name: getattr(self, name) for name in _FIELD_NAMES}  # all immutable: no asdict deep copy
         fields["outcome"] = self.outcome.value
         return codec.encode({"v": RECORD_VERSION, **fields})
 
@@ -149,6 +150,9 @@ class QueryRecord:
             return cls(**fields)
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise RecordError(f"not a query record: {exc}") from exc
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclass_fields(QueryRecord))
 
 
 def _problem(r: QueryRecord) -> str | None:
@@ -240,17 +244,38 @@ def _spent_view(counts: dict[str, int]) -> dict:
     return {"queries": counts["count"], "done": counts["done"], "lifetime_units": counts["units"]}
 
 
-def _decode_totals(key: bytes, value: bytes | None) -> dict[str, int]:
+def _decode_totals(key: bytes, value: bytes | None, *, canonical: bool = True) -> dict[str, int]:
+    """Stored totals, checked; ``canonical=False`` skips the re-encoding check (the hot path: the
+    values are still checked, and ``verify`` keeps the full check)."""
     if value is None:
         return _zero(key)
     try:
-        obj = codec.decode(value, max_bytes=1024)
+        obj = codec.decode(value, max_bytes=1024, require_canonical=canonical)
     except codec.CodecError as exc:
         raise RecordError(f"query totals at {key[1:]!r} are corrupt: {exc}") from exc
     want = _zero(key)
     if not isinstance(obj, dict) or set(obj) != set(want) or not all(_nat(v) for v in obj.values()):
         raise RecordError(f"query totals at {key[1:]!r} are corrupt")
     return obj
+
+
+def record_writes(record: QueryRecord, get: Callable[[bytes], bytes | None]) -> list[tuple[bytes, bytes]]:
+    """The (key, value) puts that store ``record``: itself, its index entry, the totals it changes.
+
+    ``get`` reads the store (or a write batch that reads its own writes). Empty
+    if the same record is already stored; :class:`RecordError` (before anything
+    is written) if a different one is.
+    """
+    value = record.encode()
+    existing = get(record.key)
+    if existing is not None:
+        if existing == value:
+            return []
+        raise RecordError(f"query {record.query_id.hex()} is already recorded differently")
+    writes = [(record.key, value), (record.index_key, b"")]
+    for key, delta in totals_delta(record).items():
+        writes.append((key, codec.encode(merge_totals(_decode_totals(key, get(key), canonical=False), delta))))
+    return writes
 
 
 # ---------------------------------------------------------------- the ledger's methods
@@ -268,17 +293,11 @@ class RecordsMixin:
         money (the payment block is), so a caller may trade the last records of
         a power cut for one fsync less per query.
         """
-        value = record.encode()
         with self._lock:
             self._check_open()
-            existing = self._db.get(record.key)
-            if existing is not None:
-                if existing == value:
-                    return False
-                raise RecordError(f"query {record.query_id.hex()} is already recorded differently")
-            writes = [(record.key, value), (record.index_key, b"")]
-            for key, delta in totals_delta(record).items():
-                writes.append((key, codec.encode(merge_totals(_decode_totals(key, self._db.get(key)), delta))))
+            writes = record_writes(record, self._db.get)
+            if not writes:
+                return False
             # transaction=True: plyvel writes nothing if anything in the block raises
             with self._db.write_batch(sync=self.sync if sync is None else sync, transaction=True) as batch:
                 for key, data in writes:

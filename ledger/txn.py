@@ -171,6 +171,20 @@ class LedgerTxn:
         else:
             self.txn.put(key, store.u64(amount))
 
+    # ------------------------------------------------------------ savepoints
+    def savepoint(self) -> tuple:
+        """A mark to :meth:`rollback` to: one group write undoes one failed part, keeps the rest."""
+        return (dict(self.txn.writes), {a: st.copy() for a, st in self.accounts.items()}, set(self.changed),
+                dict(self.blocks), {s: list(v) for s, v in self._new_receives.items()}, self.supply_delta,
+                self.count_delta)
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget every write since ``mark`` (blocks the pending pool handed over meanwhile are dropped:
+        the pool is not durable either, and sync fetches them again)."""
+        writes, accounts, changed, blocks, receives, self.supply_delta, self.count_delta = mark
+        self.txn.writes, self.accounts, self.changed = writes, accounts, changed
+        self.blocks, self._new_receives = blocks, receives
+
     # ------------------------------------------------------------ applying
     def apply(self, block: Block, seen_ms: int) -> Verdict:
         """Store a block that passed validation and update every index.

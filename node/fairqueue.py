@@ -77,7 +77,11 @@ class FairQueue(Generic[T]):
         self.timeout_s = timeout_s
         self._by_payer: dict[str, deque[QueueEntry[T]]] = {}
         self._rotation: deque[str] = deque()  # payers with entries; head is served next
-        self._by_id: dict[str, QueueEntry[T]] = {}
+        self._by_id: dict[str, QueueEntry[T]] = {}  # insertion order = enqueue order
+        # While entries are pushed with non-decreasing times (a clock), insertion order is
+        # deadline order, so expiry looks at the oldest entries only: O(expired), not O(depth).
+        self._in_deadline_order = True
+        self._last_push_s = -math.inf
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -96,6 +100,11 @@ class FairQueue(Generic[T]):
         if len(self._by_id) >= self.max_size:
             raise QueueFull(self.max_size)
         entry = QueueEntry(query_id, payer, item, now_s, now_s + self.timeout_s)
+        if not self._by_id:
+            self._in_deadline_order = True  # an empty queue is in any order
+        elif now_s < self._last_push_s:
+            self._in_deadline_order = False
+        self._last_push_s = now_s
         mine = self._by_payer.get(payer)
         if mine is None:
             mine = self._by_payer[payer] = deque()
@@ -146,7 +155,14 @@ class FairQueue(Generic[T]):
 
     def expire(self, now_s: float) -> list[QueueEntry[T]]:
         """Remove and return entries with ``deadline_s <= now_s``, oldest first."""
-        expired = [e for e in self._by_id.values() if e.deadline_s <= now_s]
+        if self._in_deadline_order:
+            expired = []
+            for entry in self._by_id.values():
+                if entry.deadline_s > now_s:
+                    break
+                expired.append(entry)
+        else:
+            expired = [e for e in self._by_id.values() if e.deadline_s <= now_s]
         for entry in expired:
             self.cancel(entry.query_id)
         expired.sort(key=lambda e: (e.deadline_s, e.enqueued_s))
@@ -154,6 +170,8 @@ class FairQueue(Generic[T]):
 
     def next_deadline_s(self) -> float | None:
         """Earliest deadline of any queued entry (when :meth:`expire` next has work)."""
+        if self._in_deadline_order:
+            return next(iter(self._by_id.values())).deadline_s if self._by_id else None
         return min((e.deadline_s for e in self._by_id.values()), default=None)
 
     def position(self, query_id: str) -> int | None:

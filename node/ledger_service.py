@@ -3,6 +3,13 @@
 The ledger library is synchronous (plyvel); every call runs in a worker
 thread under a ``CapacityLimiter(1)``, so the event loop never blocks on
 disk and exactly one thread writes batches at a time.
+
+Group commit (:meth:`LedgerService.write_grouped`): writes that must be
+durable before their caller hears "done" (a query's payment, hold removal
+and record) queue up while the ledger thread is busy and go to disk
+together, in one WriteBatch and one fsync (:meth:`ledger.ledger.Ledger.write_group`).
+Each caller is answered only after that commit returned, so nothing
+acknowledged can be lost; one caller's failure is rolled back alone.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import trio
 
 from ledger.control_ops import handle_control
 from ledger.errors import LedgerError
+from ledger.group import GroupWrite, PartResult
 from ledger.ledger import Ledger, Settlement
 from ledger.verdicts import Verdict
 from ledger.wallet_ops import receive_all
@@ -26,6 +34,20 @@ from node.identity import Identity
 from p2p.errors import P2PError
 
 log = logging.getLogger(__name__)
+
+#: The most parts one group commit takes; the rest go in the next one.
+MAX_GROUP_PARTS = 64
+
+
+class _Part:
+    """One caller's place in the group-commit line."""
+
+    __slots__ = ("work", "result", "wake")
+
+    def __init__(self, work: Callable[[GroupWrite], Any]) -> None:
+        self.work = work
+        self.result: PartResult | None = None
+        self.wake = trio.Event()
 
 
 class _RecordingLedger:
@@ -69,6 +91,10 @@ class LedgerService:
         #: Set with ``publish``: sends again what gossip already carried (fork evidence).
         self.republish: Callable[[str, bytes], Any] | None = None
         self.gossip_verdicts: Counter[str] = Counter()
+        self._group_line: list[_Part] = []
+        self._group_committing = False
+        self.group_commits = 0  #: commits made by write_grouped (parts / commits = mean group size)
+        self.group_parts = 0
 
     @classmethod
     async def open(cls, data: DataDir, genesis: Genesis, identity: Identity, settings: Settings) -> "LedgerService":
@@ -82,6 +108,58 @@ class LedgerService:
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(ledger, *args)`` on the ledger's own thread slot."""
         return await trio.to_thread.run_sync(partial(fn, self.ledger, *args), limiter=self.limiter)
+
+    async def write_grouped(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(group_write, *args)`` in the next group commit; return its value once it is durable.
+
+        ``fn`` gets a :class:`ledger.group.GroupWrite` (reads see the writes of
+        the parts before it). If ``fn`` raises, its writes are rolled back and
+        the exception is raised here; other callers' parts still commit. Blocks
+        it stored are gossiped after the commit, as :meth:`run_recorded` does.
+        The wait is shielded: once queued, a part is committed (or refused)
+        whatever happens to the caller, and a cancel is delivered afterwards
+        (gossip is not shielded: a peer that misses the block gets it by sync).
+        """
+        part = _Part(lambda view: fn(view, *args))
+        self._group_line.append(part)
+        with trio.CancelScope(shield=True):
+            while part.result is None:
+                if self._group_committing:
+                    await part.wake.wait()
+                    part.wake = trio.Event()
+                else:
+                    await self._commit_group()
+        result = part.result
+        if result.error is not None:
+            raise result.error
+        if result.applied:
+            await self.announce_blocks(result.applied)
+        return result.value
+
+    async def _commit_group(self) -> None:
+        """Take the waiting parts (the caller's own among them, unless the line is long) and commit them."""
+        self._group_committing = True
+        taken: list[_Part] = []
+        try:
+            async with self.limiter:  # the ledger thread is ours: everyone who queued meanwhile comes along
+                taken, self._group_line = self._group_line[:MAX_GROUP_PARTS], self._group_line[MAX_GROUP_PARTS:]
+                results = await trio.to_thread.run_sync(self.ledger.write_group, [p.work for p in taken])
+            for part, result in zip(taken, results):
+                part.result = result
+            self.group_commits += 1
+            self.group_parts += len(taken)
+        except BaseException as exc:  # the commit itself failed (disk, closed): every part of it failed
+            failure = exc if isinstance(exc, Exception) else LedgerError(f"group commit interrupted: {exc!r}")
+            for part in taken:
+                part.result = PartResult(error=failure)
+            if failure is not exc:
+                raise
+        finally:
+            self._group_committing = False
+            for part in taken:
+                part.wake.set()
+            if self._group_line:
+                self._group_line[0].wake.set()  # the next in line leads the next commit
 
     async def refresh_summary(self) -> dict:
         def summarise(ledger: Ledger) -> dict:

@@ -19,6 +19,7 @@ Time is ``trio.current_time()``, so tests run on ``MockClock``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -51,6 +52,7 @@ class QueueService(Generic[T]):
         self._on_expired = on_expired
         self._waiting_getters = trio.lowlevel.ParkingLot()
         self._changed = trio.Event()
+        self._run_deadline = -math.inf  # what run() sleeps towards; -inf: not sleeping yet
         self.enqueued_total = 0
         self.expired_total = 0
 
@@ -72,7 +74,8 @@ class QueueService(Generic[T]):
         self.enqueued_total += 1
         self._publish_depth()
         self._waiting_getters.unpark()
-        self._signal()
+        if entry.deadline_s < self._run_deadline:
+            self._signal()  # the expiry timer must ring earlier; taking entries out never needs that
         return entry
 
     async def get(self) -> QueueEntry[T]:
@@ -83,7 +86,6 @@ class QueueService(Generic[T]):
             entry = self.queue.pop()
             if entry is not None:
                 self._publish_depth()
-                self._signal()
                 return entry
             await self._waiting_getters.park()
 
@@ -92,7 +94,6 @@ class QueueService(Generic[T]):
         entry = self.queue.cancel(query_id)
         if entry is not None:
             self._publish_depth()
-            self._signal()
         return entry
 
     def remove_user(self, payer: str) -> list[QueueEntry[T]]:
@@ -100,7 +101,6 @@ class QueueService(Generic[T]):
         removed = self.queue.remove_user(payer)
         if removed:
             self._publish_depth()
-            self._signal()
         return removed
 
     def estimated_wait_s(self, payer: str, workers: int, avg_service_s: float) -> float | None:
@@ -108,14 +108,23 @@ class QueueService(Generic[T]):
         return estimate_wait_s(self.queue.ahead_if_added(payer), workers, avg_service_s)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Expire entries at their deadlines until cancelled."""
+        """Expire entries at their deadlines until cancelled.
+
+        It wakes at the earliest deadline, or earlier when a new entry's deadline
+        comes before it; removals only make deadlines later, so they do not wake
+        it (it may wake once for nothing, and sleeps again).
+        """
         task_status.started()
-        while True:
-            changed = self._changed
-            deadline = self.queue.next_deadline_s()
-            with trio.move_on_at(deadline if deadline is not None else float("inf")):
-                await changed.wait()
-            self._expire_now()
+        try:
+            while True:
+                changed = self._changed
+                deadline = self.queue.next_deadline_s()
+                self._run_deadline = deadline if deadline is not None else math.inf
+                with trio.move_on_at(self._run_deadline):
+                    await changed.wait()
+                self._expire_now()
+        finally:
+            self._run_deadline = -math.inf
 
     def _expire_now(self) -> None:
         expired = self.queue.expire(trio.current_time())

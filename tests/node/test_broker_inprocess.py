@@ -137,3 +137,36 @@ async def test_first_use_of_a_model_is_waited_out_not_failed(tmp_path):
         assert outcome["attempts"] == []  # "model_loading" is not a failure of the worker
         assert broker.registry.get("self").health.score == 100
         nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_settlements_share_commits_and_move_exactly_the_prices(tmp_path):
+    """Payments, hold removals and records of concurrent queries go through group commit, all of them whole."""
+    async with trio.open_nursery() as nursery:
+        broker, worker, ledger = await _broker(tmp_path, nursery, max_dispatch=8)
+        payer = Identity.generate()
+        await ledger.call(wallet_ops.send, worker, payer.address, 100 * UNITS_PER_TOKEN)
+        await ledger.call(lambda led: wallet_ops.receive_all(led, payer))
+        outcomes: list[dict] = []
+
+        async def ask(i: int) -> None:
+            outcomes.append(await broker.ask(Ask(payer=payer, type="chat", prompt=f"q{i}", model="reverse")))
+
+        async with trio.open_nursery() as askers:
+            for i in range(24):
+                askers.start_soon(ask, i)
+        bad = await broker.ask(Ask(payer=payer, type="chat", prompt="x", model="no-such-model"))
+        nursery.cancel_scope.cancel()
+    assert [o["status"] for o in outcomes] == ["done"] * 24 and bad["status"] == "failed"
+    paid = sum(o["cost_units"] for o in outcomes)
+    assert paid >= 24 * UNITS_PER_TOKEN
+    led = ledger.ledger
+    assert led.balance(payer.public_key) == 100 * UNITS_PER_TOKEN - paid
+    assert led.holds() == [] and led.available(payer.public_key) == led.balance(payer.public_key)
+    for o in outcomes:  # each payment references its receipt, and each query has its record
+        (payment,) = led.by_reference(bytes.fromhex(o["receipt_hash"]))
+        assert led.get_block(payment).amount == o["cost_units"]
+        assert led.record(bytes.fromhex(o["query_id"])).price_units == o["cost_units"]
+    assert led.record(bytes.fromhex(bad["query_id"])).outcome.value == "failed"
+    assert led.payer_totals(payer.public_key)["lifetime_units"] == paid
+    assert ledger.group_parts == 25  # every outcome, done or failed, went through group commit
+    assert led.verify().ok and led.check_bank()[0]

@@ -1,0 +1,158 @@
+"""Group commit through the LedgerService: writers that wait share one commit, each hears after it.
+
+The crash test SIGKILLs a process settling with 8 concurrent writers (8 kills; 100 with
+MTOR_LONG=1) and checks that every settlement it acknowledged is whole in the reopened store.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from ledger.errors import LedgerError
+from ledger.ledger import Ledger
+from ledger.verdicts import Verdict
+from node.datadir import DataDir
+from node.ledger_service import LedgerService
+from tests.ledger.conftest import UNIT, ident
+from tests.ledger.test_group import qid, receipt, settle
+
+REPO = Path(__file__).resolve().parents[2]
+KILLS = 100 if os.environ.get("MTOR_LONG") == "1" else 8
+
+
+@pytest.fixture
+def service(tmp_path, genesis, builder, founder, clock):
+    with Ledger.open(tmp_path / "ledger", genesis, sync=True, clock_ms=clock) as led:
+        assert led.submit(builder.claim(founder).raw).verdict is Verdict.ACCEPTED
+        for n in range(16):
+            led.place_hold(founder.public_key, qid(n), UNIT)
+        yield LedgerService(led, DataDir(tmp_path), founder)
+
+
+async def test_writers_that_wait_share_one_commit(service, founder):
+    acked: dict[int, bytes] = {}
+
+    async def writer(n: int) -> None:
+        acked[n] = await service.write_grouped(settle(founder, n, UNIT))
+        # acknowledged: the payment is in the store already (the commit returned before we did)
+        assert service.ledger.by_reference(receipt(n)) == [acked[n]]
+
+    async with trio.open_nursery() as nursery:
+        async with service.limiter:  # the ledger thread is busy: every writer queues
+            for n in range(10):
+                nursery.start_soon(writer, n)
+            await trio.testing.wait_all_tasks_blocked()
+            assert acked == {}
+    assert sorted(acked) == list(range(10))
+    assert (service.group_commits, service.group_parts) == (1, 10)
+    assert service.ledger.balance(founder.public_key) == 990 * UNIT
+    assert service.ledger.verify().ok
+
+
+async def test_one_writers_failure_is_its_own(service, founder):
+    outcomes: dict[int, object] = {}
+
+    async def writer(n: int, **kw) -> None:
+        try:
+            outcomes[n] = await service.write_grouped(settle(founder, n, UNIT, **kw))
+        except RuntimeError as exc:
+            outcomes[n] = exc
+
+    async with trio.open_nursery() as nursery:
+        async with service.limiter:
+            nursery.start_soon(writer, 0)
+            nursery.start_soon(writer, 1)
+            nursery.start_soon(partial(writer, 2, fail_after_writing=True))
+            await trio.testing.wait_all_tasks_blocked()
+    assert isinstance(outcomes[2], RuntimeError) and isinstance(outcomes[0], bytes) and isinstance(outcomes[1], bytes)
+    assert service.group_commits == 1
+    assert service.ledger.by_reference(receipt(2)) == [] and service.ledger.get_hold(founder.public_key, qid(2))
+
+
+async def test_a_writer_cancelled_while_queued_is_still_committed(service, founder):
+    async with trio.open_nursery() as nursery:
+        async with service.limiter:
+            nursery.start_soon(service.write_grouped, settle(founder, 0, UNIT))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()  # cancels the queued writer: it is shielded once queued
+    assert service.ledger.by_reference(receipt(0))  # committed although its caller was cancelled
+    assert service.ledger.get_hold(founder.public_key, qid(0)) is None
+
+
+async def test_a_long_line_is_committed_in_bounded_groups(service, founder, monkeypatch):
+    monkeypatch.setattr("node.ledger_service.MAX_GROUP_PARTS", 4)
+    done: list[int] = []
+
+    async def writer(n: int) -> None:
+        await service.write_grouped(settle(founder, n, UNIT))
+        done.append(n)
+
+    async with trio.open_nursery() as nursery:
+        async with service.limiter:
+            for n in range(11):
+                nursery.start_soon(writer, n)
+            await trio.testing.wait_all_tasks_blocked()
+    assert sorted(done) == list(range(11))
+    assert (service.group_commits, service.group_parts) == (3, 11)
+
+
+def test_sigkill_during_group_commits_loses_nothing_acknowledged(tmp_path, genesis):
+    """Writers settle concurrently (so commits are grouped); SIGKILL at random moments; reopen and check."""
+    (tmp_path / "genesis.mtor").write_bytes(genesis.to_bytes())
+    db = tmp_path / "db"
+    rng = random.Random(77)
+    acked: dict[bytes, bytes] = {}  # query id -> payment block hash
+    for _ in range(KILLS):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tests.ledger.group_crash_child", str(db), str(tmp_path / "genesis.mtor"), "8"],
+            cwd=REPO, stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert child.stdout.readline().strip() == "open"
+            for _ in range(rng.randint(1, 40)):
+                query_id, block_hash = child.stdout.readline().split()
+                acked[bytes.fromhex(query_id)] = bytes.fromhex(block_hash)
+            child.send_signal(signal.SIGKILL)
+            for line in child.stdout.read().splitlines():  # printed before the kill landed: acknowledged too
+                if len(line.split()) == 2:
+                    query_id, block_hash = line.split()
+                    acked[bytes.fromhex(query_id)] = bytes.fromhex(block_hash)
+        finally:
+            child.kill()
+            child.wait()
+        with Ledger.open(db, genesis, sync=False) as led:  # open runs the quick check
+            lost = [q for q, h in acked.items()
+                    if led.by_reference(receipt(int.from_bytes(q, "big"))) != [h] or led.record(q) is None
+                    or led.get_hold(ident(1).public_key, q) is not None]
+            assert not lost, f"{len(lost)} of {len(acked)} acknowledged settlements lost or half-made"
+            assert led.verify().ok and led.check_bank()[0]
+            assert led.query_totals()["queries"] >= len(acked)
+    assert len(acked) > KILLS
+
+
+async def test_a_failed_commit_fails_every_writer_in_it(service, founder):
+    failures: list[Exception] = []
+
+    async def writer(n: int) -> None:
+        try:
+            await service.write_grouped(settle(founder, n, UNIT))
+        except LedgerError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        async with service.limiter:
+            for n in range(3):
+                nursery.start_soon(writer, n)
+            await trio.testing.wait_all_tasks_blocked()
+            service.ledger.close()  # the commit will find the store closed
+    assert len(failures) == 3 and service.group_commits == 0
