@@ -7,15 +7,19 @@ dispatcher (:meth:`Broker.run`) takes queries in fair order, picks workers
 (:mod:`node.selection` over the live :class:`PeerRegistry`), sends the
 signed query over libp2p (or runs it here when this node is the best
 worker), and on a verified receipt pays the worker with one ledger ``send``
-that references the receipt hash, deleting the hold in the same write.
+that references the receipt hash, deleting the hold and recording the query
+in the same write. That write is group-committed
+(:meth:`LedgerService.write_grouped`): queries settling together share one
+fsync, and each outcome is handed back only after it is durable.
 
 Guarantees:
 
 * nothing is charged unless a receipt that binds this query to this result
-  verified; the payment and the hold's removal are one atomic write;
+  verified; the payment, the hold's removal and the query's record are one
+  atomic write, durable before the outcome is returned;
 * a failure, timeout, cancel or expiry releases the hold; a broker restart
-  releases holds of queries that were still running and pays those that
-  had already been receipted (see :mod:`ledger.holds`);
+  releases holds of queries that were still running and pays those stored
+  as receipted (see :mod:`ledger.holds`);
 * only faults blamed on the worker lower its health; each attempt is
   reported to the user.
 """
@@ -33,6 +37,7 @@ import trio
 from ledger.address import encode_address
 from ledger.blocks import make_send
 from ledger.custody import custodial_identities
+from ledger.group import GroupWrite
 from ledger.holds import Hold, HoldState, InsufficientFunds
 from ledger.ledger import Ledger
 from ledger.records import record_outcome
@@ -48,14 +53,18 @@ from node.queue_service import QueueService
 from node.registry import PeerRegistry
 from node.selection import Exhausted, Request, next_attempt, select
 from p2p.query_client import QueryClient, QueryFailed
+from p2p.query_frames import ProgressFrame
 from p2p.query_stream import WorkerFault
 from p2p.query_stream import wall_ms
-from p2p.query_wire import QueryLimits, make_query, make_receipt, result_bytes
+from p2p.query_wire import NonceWindow, QueryLimits, QueryVerdict, check_query, make_query, make_receipt, result_bytes
 from p2p.query_wire import Query as WireQuery
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+#: Refusals of a query blamed on the broker that no honest worker can give a query our own check passes.
+_NEVER_TRUE_OF_A_VALID_QUERY = frozenset({"bad_signature", "wrong_realm", "unknown_type", "empty_prompt",
+                                          "empty_media", "price_over_max", "malformed", "bad_field"})
 #: A worker at capacity answers "busy" at once; we wait and ask again this many times.
 MAX_BUSY_WAITS = 50
 #: A worker loading a model for its first query says "model_loading"; we ask again every
@@ -84,6 +93,109 @@ class Ask:
     media: bytes | None = None
     media_type: str | None = None
     max_price_units: int | None = None
+    #: Where the worker's progress goes as it arrives (tokens, image steps, status lines), or None.
+    progress: "ProgressFeed | None" = field(default=None, compare=False, repr=False)
+
+
+#: A consumer that does not keep up costs at most this many pending events (tokens merge into
+#: one, a newer step or status replaces an older one) and this much pending token text.
+MAX_PENDING_PROGRESS = 32
+MAX_PENDING_TEXT = 1 << 20
+
+
+class ProgressFeed:
+    """One query's worker progress, for whoever shows it live (a console, an SSE stream).
+
+    The broker puts (:meth:`put`; never blocks, never raises) and the consumer
+    takes batches at its own pace (``async for events in feed``), so a slow
+    consumer never stalls a worker's stream or the dispatcher: what it has not
+    taken yet is merged, within ``MAX_PENDING_*``. Events are dicts:
+    ``{"kind": "token", "text"}``, ``{"kind": "step", "step", "total"}``,
+    ``{"kind": "status", "text"}``, and ``{"kind": "reset"}`` when the broker
+    moves to another worker after output came (what was shown is void). The
+    answer itself is never progress: it is the ticket's outcome.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[dict] = []
+        self._text = 0
+        self._output = False  # tokens or steps came since the last (re)start
+        self._wake = trio.Event()
+        self.closed = False
+        self.dropped = 0
+
+    def put(self, kind: str, data: object) -> None:
+        event = self._event(kind, data)
+        if event is None or self.closed:
+            return
+        if kind == "token":
+            if self._text + len(data) > MAX_PENDING_TEXT:
+                self.dropped += 1
+                return
+            self._text += len(data)
+        self._output = self._output or kind != "status"
+        last = self._pending[-1] if self._pending else None
+        if last is not None and last["kind"] == kind:  # merge with the event it follows
+            if kind == "token":
+                last["text"] += data
+            else:
+                self._pending[-1] = event
+        else:
+            self._pending.append(event)
+        while len(self._pending) > MAX_PENDING_PROGRESS:  # tokens merge; the oldest step or status goes
+            old = next((e for e in self._pending if e["kind"] in ("step", "status")), None)
+            if old is None:
+                break
+            self._pending.remove(old)
+            self.dropped += 1
+        self._wake.set()
+
+    @staticmethod
+    def _event(kind: str, data: object) -> dict | None:
+        """A worker's frame as a progress event; None for anything malformed (workers are not trusted)."""
+        if kind == "token" and isinstance(data, str):
+            return {"kind": "token", "text": data}
+        if kind == "status" and isinstance(data, str):
+            return {"kind": "status", "text": data[:200]}
+        if kind == "step" and isinstance(data, list) and len(data) == 2 and all(type(n) is int for n in data):
+            return {"kind": "step", "step": data[0], "total": data[1]}
+        return None
+
+    def restart(self) -> None:
+        """A new attempt begins: if the last one produced output, the consumer must drop it."""
+        if self._output:
+            self._pending, self._text, self._output = [{"kind": "reset"}], 0, False
+            self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def frame(self, frame: ProgressFrame) -> None:  # QueryClient.call's on_progress
+        self.put(frame.kind, frame.data)
+
+    # The ProgressSink face, for this node's own worker (LocalWorker.handle).
+    async def token(self, text: str) -> None:
+        self.put("token", text)
+
+    async def step(self, done: int, total: int) -> None:
+        self.put("step", [done, total])
+
+    async def status(self, text: str) -> None:
+        self.put("status", text)
+
+    def __aiter__(self) -> "ProgressFeed":
+        return self
+
+    async def __anext__(self) -> list[dict]:
+        """Everything pending, merged; the iteration ends once closed and drained."""
+        while not self._pending:
+            if self.closed:
+                raise StopAsyncIteration
+            self._wake = trio.Event()
+            await self._wake.wait()
+        events, self._pending, self._text = self._pending, [], 0
+        return events
 
 
 @dataclass
@@ -99,6 +211,7 @@ class Ticket:
     attempts: list[dict] = field(default_factory=list)
     cancel_scope: trio.CancelScope | None = None
     load: int = 0  # queue depth when it was submitted, for its record
+    signed: dict | None = None  # the signed query of the latest attempt
 
     @property
     def payer_key(self) -> bytes:
@@ -269,6 +382,8 @@ class Broker:
     async def _process(self, ticket: Ticket) -> None:
         wait_s = trio.current_time() - ticket.enqueued_at
         failed_workers: list[str] = []
+        unblamed: list[str] = []  # failed by a lost connection: not tried again, but the budget is not spent
+        busy: set[str] = set()  # answered "busy": tried again only when nobody else is left
         busy_waits = loading_waits = 0
         with trio.CancelScope() as scope:
             ticket.cancel_scope = scope
@@ -278,25 +393,32 @@ class Broker:
                     Request(ticket.ask.type, ticket.quote.units, model_name=ticket.ask.model,
                             tried=frozenset(failed_workers)),
                 )
-                attempt = next_attempt(selection, failed_workers, MAX_ATTEMPTS)
+                attempt = next_attempt(selection, failed_workers, MAX_ATTEMPTS, unblamed=unblamed, avoid=busy)
                 if isinstance(attempt, Exhausted):
                     reasons = "; ".join(a["message"] for a in ticket.attempts) or "no worker serves this query"
                     await self._finish(ticket, "failed", f"no worker could answer ({reasons})", wait_s=wait_s)
                     return
                 worker = attempt.candidate.worker_id
+                if worker in busy:  # everyone else failed or is busy too: wait a little before asking again
+                    await trio.sleep(min(1.0, 0.02 * busy_waits))
                 try:
                     answer = await self._dispatch(ticket, worker)
                 except QueryFailed as exc:
                     if exc.code == "busy" and busy_waits < MAX_BUSY_WAITS:
-                        busy_waits += 1  # at capacity, not failing: wait a little and ask again
-                        await trio.sleep(min(1.0, 0.02 * busy_waits))
+                        busy_waits += 1  # at capacity, not failing: try another worker, or this one later
+                        busy.add(worker)
                         continue
                     if exc.code == "model_loading" and loading_waits < MAX_LOADING_WAITS:
                         loading_waits += 1  # first use of a model on that worker: not a fault
+                        if ticket.ask.progress is not None and loading_waits == 1:
+                            ticket.ask.progress.put("status", exc.message)
                         await trio.sleep(LOADING_RETRY_S)
                         continue
+                    exc = self._second_opinion(ticket, worker, exc)
                     self._note_failure(ticket, worker, exc.code, str(exc), exc.blame, exc.fault)
                     failed_workers.append(worker)
+                    if exc.blame is Blame.NETWORK:
+                        unblamed.append(worker)
                     if not exc.retryable:
                         await self._finish(ticket, "failed", str(exc), wait_s=wait_s)
                         return
@@ -308,6 +430,22 @@ class Broker:
                     await self._finish(ticket, "failed", f"payment could not be made: {exc}", wait_s=wait_s)
                 return
         await self._finish(ticket, "cancelled", "cancelled", wait_s=wait_s)
+
+    def _second_opinion(self, ticket: Ticket, worker: str, exc: QueryFailed) -> QueryFailed:
+        """A worker that refuses our query as the broker's fault, for good, is checked: if our own
+        check of the query we sent passes, the refusal is not final (retry elsewhere), and a claim
+        no honest worker can make about a valid query (bad signature, wrong realm, unknown
+        type, empty prompt, ...) is the worker's fault. Limits and clocks may differ between honest
+        nodes, so those refusals are retried without a penalty."""
+        if exc.blame is not Blame.BROKER or exc.retryable or ticket.signed is None:
+            return exc
+        checked = check_query(ticket.signed, realm_id=self.realm_id, now_ms=wall_ms(), replay=NonceWindow(),
+                              limits=self.limits)
+        if checked.verdict is not QueryVerdict.OK:
+            return exc  # the worker is right: our own query is bad
+        lying = exc.code in _NEVER_TRUE_OF_A_VALID_QUERY
+        return QueryFailed(exc.code, f"worker refused a valid query: {exc.message}",
+                           blame=Blame.WORKER if lying else Blame.BROKER, retryable=True, peer_id=worker)
 
     def _note_failure(self, ticket: Ticket, worker: str, code: str, message: str, blame: Blame, fault: Fault) -> None:
         ticket.attempts.append({"worker": worker, "code": code, "message": message, "blame": blame.value})
@@ -327,12 +465,16 @@ class Broker:
         )
 
     async def _dispatch(self, ticket: Ticket, worker: str) -> dict:
-        signed = self._signed_query(ticket)
+        signed = ticket.signed = self._signed_query(ticket)
         started = trio.current_time()
+        progress = ticket.ask.progress
+        if progress is not None:
+            progress.restart()
         if worker == self.self_peer_id and self.local is not None:
-            answer = await self._run_locally(signed, started)
+            answer = await self._run_locally(signed, started, progress)
         else:
-            result = await self.client.call(worker, signed, timeout_s=self.query_timeout_s)
+            result = await self.client.call(worker, signed, timeout_s=self.query_timeout_s,
+                                            on_progress=progress.frame if progress is not None else None)
             answer = {"result_type": result.result_type, "data": result.data, "receipt": result.receipt,
                       "processing_ms": result.processing_ms}
         now = trio.current_time()
@@ -341,13 +483,13 @@ class Broker:
         self.prices.record(ticket.ask.type, now - ticket.enqueued_at, now)
         return answer
 
-    async def _run_locally(self, signed: dict, started: float) -> dict:
+    async def _run_locally(self, signed: dict, started: float, progress: ProgressFeed | None = None) -> dict:
         query = WireQuery(**{k: signed["body"][k] for k in (
             "realm", "query_id", "broker", "payer", "type", "model", "prompt", "media", "media_type",
             "max_price_units", "price_units", "nonce", "ts_ms", "expiry_ms")}, signed=signed)
         try:
             with trio.fail_after(self.query_timeout_s):
-                result = await self.local.handle(query, None)
+                result = await self.local.handle(query, progress)
         except WorkerFault as exc:
             raise QueryFailed(exc.code, str(exc), blame=Blame.WORKER, retryable=exc.retryable,
                               peer_id=self.self_peer_id) from exc
@@ -367,15 +509,9 @@ class Broker:
         receipt = answer["receipt"]
         worker_key = receipt["body"]["worker"]
         receipt_hash = signing.digest("receipt", receipt["body"])
-        payer = ticket.ask.payer
-        cost_units = ticket.quote.units
-        if worker_key == payer.public_key:
-            await self._release(ticket)  # the payer did the work: nothing to move
-            cost_units = 0
-        else:
-            receipt_bytes = codec.encode(receipt)
-            await self.ledger.run_recorded(_pay, payer, ticket.query_id, worker_key, receipt_hash, receipt_bytes)
-        self.completed += 1
+        # the payer did the work: nothing to move, the hold is only released
+        payment = None if worker_key == ticket.payer_key else (worker_key, receipt_hash)
+        cost_units = ticket.quote.units if payment is not None else 0
         ticket.outcome = {
             "query_id": ticket.query_id.hex(),
             "status": "done",
@@ -392,7 +528,10 @@ class Broker:
             "queue_wait": round(wait_s, 3),
             "attempts": ticket.attempts,
         }
-        await self._record(ticket)
+        # One durable write, shared with whichever queries settle at the same time (group commit):
+        # the payment, the hold's removal and the record. If it raises, nothing of it happened.
+        await self.ledger.write_grouped(_settle_write, ticket, payment, self._health_of(ticket))
+        self.completed += 1
         self._close(ticket)
 
     async def _release(self, ticket: Ticket) -> None:
@@ -400,7 +539,6 @@ class Broker:
             await self.ledger.call(lambda ledger: ledger.release_hold(ticket.payer_key, ticket.query_id))
 
     async def _finish(self, ticket: Ticket, status: str, message: str, *, wait_s: float = 0.0) -> None:
-        await self._release(ticket)
         self.failed += 1
         ticket.outcome = {
             "query_id": ticket.query_id.hex(),
@@ -412,20 +550,17 @@ class Broker:
             "queue_wait": round(wait_s, 3),
             "attempts": ticket.attempts,
         }
-        await self._record(ticket)
+        try:  # the release and the record: one write (shielded inside write_grouped)
+            await self.ledger.write_grouped(_settle_write, ticket, None, self._health_of(ticket))
+        except Exception as exc:  # noqa: BLE001 - the user hears the outcome; a restart releases the hold
+            log.error("query %s: could not release its hold: %s", ticket.query_id.hex()[:8], exc)
         self._close(ticket)
 
-    async def _record(self, ticket: Ticket) -> None:
-        """Leave the query's record (ledger/records.py); failing to record never loses the answer."""
-        outcome = ticket.outcome
-        worker = outcome.get("worker") or (ticket.attempts[-1]["worker"] if ticket.attempts else "")
+    def _health_of(self, ticket: Ticket) -> int | None:
+        """The health score of the worker that answered (or last failed) ``ticket``, for its record."""
+        worker = ticket.outcome.get("worker") or (ticket.attempts[-1]["worker"] if ticket.attempts else "")
         entry = self.registry.get(worker) if worker else None
-        health = entry.health.score if entry is not None else None
-        try:
-            with trio.CancelScope(shield=True):
-                await self.ledger.call(record_outcome, ticket, ticket.load, health)
-        except Exception as exc:  # noqa: BLE001 - a record is bookkeeping; the answer stands
-            log.error("query %s: could not record it: %s", ticket.query_id.hex()[:8], exc)
+        return entry.health.score if entry is not None else None
 
     def _close(self, ticket: Ticket) -> None:
         ticket.cancel_scope = None
@@ -443,17 +578,40 @@ class Broker:
         return {self.identity.public_key: self.identity}
 
 
-def _pay(ledger: Ledger, payer: Identity, query_id: bytes, worker_key: bytes, receipt_hash: bytes,
-         receipt_bytes: bytes) -> None:
-    """Mark the hold receipted, then send payer → worker and drop the hold in one write."""
+def _settle_write(ledger: Ledger | GroupWrite, ticket: Ticket, payment: tuple[bytes, bytes] | None,
+                  health: int | None) -> None:
+    """One query's end in one write: pay (worker key, receipt hash) or just release its hold, and record it.
+
+    A payment that cannot be made raises (the group rolls this part back: no
+    payment, hold and record untouched). A record that cannot be made is
+    logged and skipped: it is bookkeeping, and the answer stands.
+    """
+    if payment is None:
+        ledger.release_hold(ticket.payer_key, ticket.query_id)
+    else:
+        _pay(ledger, ticket.ask.payer, ticket.query_id, *payment)
+    try:
+        record_outcome(ledger, ticket, ticket.load, health)
+    except Exception as exc:  # noqa: BLE001 - record_writes raises before writing anything
+        log.error("query %s: could not record it: %s", ticket.query_id.hex()[:8], exc)
+
+
+def _pay(ledger: Ledger | GroupWrite, payer: Identity, query_id: bytes, worker_key: bytes, receipt_hash: bytes,
+         receipt_bytes: bytes | None = None) -> None:
+    """Send payer → worker referencing the receipt and drop the hold, in one write.
+
+    The hold must still be in the store: no payment is ever made for a hold
+    that is not there. (``receipt_bytes`` is unused: the payment no longer
+    needs the hold marked receipted first, see docs/ledger.md.)
+    """
     hold = ledger.get_hold(payer.public_key, query_id)
     if hold is None:
         raise RuntimeError(f"hold for query {query_id.hex()} vanished before payment")
-    ledger.update_hold(hold.receipted(worker_key, receipt_bytes))
     _send_for_hold(ledger, payer, hold, worker_key, receipt_hash)
 
 
-def _send_for_hold(ledger: Ledger, payer: Identity, hold: Hold, worker_key: bytes, receipt_hash: bytes) -> None:
+def _send_for_hold(ledger: Ledger | GroupWrite, payer: Identity, hold: Hold, worker_key: bytes,
+                   receipt_hash: bytes) -> None:
     existing = ledger.by_reference(receipt_hash)
     if existing:  # paid before a crash: only the hold is left to drop
         ledger.release_hold(payer.public_key, hold.query_id)
@@ -461,7 +619,7 @@ def _send_for_hold(ledger: Ledger, payer: Identity, hold: Hold, worker_key: byte
     state = ledger.account_state(payer.public_key)
     prev = ledger.get_block(state.eff_hash)
     block = make_send(payer, prev, worker_key, hold.units, int(time.time() * 1000), receipt_hash)
-    result = ledger.submit_releasing(block.raw, payer.public_key, hold.query_id)
+    result = ledger.submit_releasing(block, payer.public_key, hold.query_id)  # the Block: not parsed again
     if result.verdict not in (Verdict.ACCEPTED, Verdict.DUPLICATE):
         raise RuntimeError(f"payment block refused: {result.verdict.value} {result.detail}")
 

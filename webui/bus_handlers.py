@@ -5,6 +5,10 @@ one handler per type. Every refusal is an ``error`` message with a stable
 ``code`` and the offending ``in_reply_to`` type; the connection stays up.
 Query work runs in the console's own nursery, so an answer reaches every
 open tab of its user even if the tab that asked has reconnected meanwhile.
+While it runs, the asking tab gets the worker's progress as
+``query_progress`` messages (tokens, image steps, status lines; see
+docs/console.md), paced so that a slow browser gets fewer, larger ones and
+is never dropped for them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import trio
 from webui import protocol, sysop
 from webui.bridge import WalletUnavailable
 from webui.media import MediaError, decode
-from webui.queries import QueryError
+from webui.queries import LiveQuery, QueryError
 from webui.users import NicknameTaken
 from webui.ws import worker_update
 
@@ -30,6 +34,9 @@ log = logging.getLogger(__name__)
 
 WORK_MESSAGES = {"submit_query", "speech_to_text", "text_to_speech"}
 MAX_REQUEST_ID_CHARS = 64
+#: Progress goes to a console at most this often (events merge meanwhile), and only while its
+#: outbox is less than half full.
+PROGRESS_INTERVAL_S = 0.05
 
 
 # -- greeting (SPEC.md §3) -----------------------------------------------------------------
@@ -282,6 +289,23 @@ HANDLERS = {
 
 # -- running work ------------------------------------------------------------------------------
 
+async def _relay_progress(conn: "Connection", live: LiveQuery, extra: dict) -> None:
+    """``query_progress`` to the asking tab, until the query ends (see PROGRESS_INTERVAL_S)."""
+    async for events in live.feed:
+        for event in events:
+            conn.offer(protocol.encode("query_progress", query_id=live.query_id, **event, **extra))
+        if live.feed.closed:
+            continue
+        await trio.sleep(PROGRESS_INTERVAL_S)  # let the next tokens merge into one message
+        while _outbox_busy(conn) and not live.feed.closed and not conn.dropped:
+            await trio.sleep(PROGRESS_INTERVAL_S)
+
+
+def _outbox_busy(conn: "Connection") -> bool:
+    stats = conn.outbox.statistics()
+    return stats.current_buffer_used * 2 >= stats.max_buffer_size
+
+
 def _media_limit(state: "ConsoleState") -> int:
     from webui.state import MAX_MEDIA_BYTES
     return MAX_MEDIA_BYTES
@@ -289,17 +313,29 @@ def _media_limit(state: "ConsoleState") -> int:
 
 def _start(state: "ConsoleState", conn: "Connection", reply: str, query_type: str, prompt: str, options: dict,
            media: bytes | None, media_type: str | None, extra: dict) -> None:
-    state.spawn(_run, state, conn.guid, conn.identity, reply, query_type, prompt, options, media, media_type, extra)
+    state.spawn(_run, state, conn, reply, query_type, prompt, options, media, media_type, extra)
 
 
-async def _run(state: "ConsoleState", guid: str, identity, reply: str, query_type: str, prompt: str, options: dict,
+async def _run(state: "ConsoleState", conn: "Connection", reply: str, query_type: str, prompt: str, options: dict,
                media: bytes | None, media_type: str | None, extra: dict) -> None:
-    hub = state.hub
-    try:
-        answer = await state.runner.run(guid, identity, query_type, prompt, model_name=options.get("model_name") or "",
-                                        model_type=options.get("model_type") or "mesh", media=media,
-                                        media_type=media_type)
-    except QueryError as exc:
+    hub, guid, identity = state.hub, conn.guid, conn.identity
+    # A speech query is a chain of three (queries.py); its legs are not streamed.
+    live = LiveQuery() if query_type != "speech" else None
+    async with trio.open_nursery() as nursery:
+        if live is not None:
+            nursery.start_soon(_relay_progress, conn, live, extra)
+        try:
+            answer = await state.runner.run(guid, identity, query_type, prompt,
+                                            model_name=options.get("model_name") or "",
+                                            model_type=options.get("model_type") or "mesh", media=media,
+                                            media_type=media_type, live=live)
+        except QueryError as exc:
+            answer = exc
+        finally:
+            if live is not None:
+                live.end()  # the relay sends what is left, then the answer goes out after it
+    if isinstance(answer, QueryError):
+        exc = answer
         hub.to_user(guid, protocol.error(exc.message, exc.code, in_reply_to=reply, query_type=query_type, **extra))
     else:
         wire = answer.wire()

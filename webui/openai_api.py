@@ -8,22 +8,33 @@ and is paid from that key's custodial wallet. Errors use OpenAI's shape,
 ``{"error": {"message", "type", "code", "param"}}``.
 
 A model name the mesh serves for that query type is asked for; any other
-name (clients often hard-code ``gpt-…``) lets the mesh pick. The broker
-returns whole answers, so a stream carries the answer in word-sized chunks
-after it is complete (real token streaming needs the broker to pass on
-worker progress).
+name (clients often hard-code ``gpt-…``) lets the mesh pick.
+
+``stream: true`` streams for real: each chunk carries the tokens the worker
+sent since the last one (the broker passes worker progress on, see
+:class:`webui.queries.LiveQuery`), and the last content chunk carries
+whatever of the final, receipted answer the tokens did not (so the chunks
+always join up to the answer). A refusal before the query is queued is an
+ordinary HTTP error; a failure after the stream began is an SSE chunk
+``{"error": {...}}`` followed by ``[DONE]``. If the broker has to move the
+query to another worker after tokens went out, the stream ends with the
+error ``stream_restarted`` and the query is cancelled (an SSE client cannot
+take back text). A client that hangs up mid-stream cancels the query: its
+hold is released and nothing is charged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, AsyncIterator
 
 from quart import Response, jsonify, request
 
 from webui.media import MediaError, sniff
-from webui.queries import Answer, QueryError
+from webui.queries import Answer, LiveQuery, QueryError
 from webui.rest import AuthError, resolve_user
 from webui.state import MAX_MEDIA_BYTES
 
@@ -32,14 +43,20 @@ if TYPE_CHECKING:
 
     from webui.state import ConsoleState
 
+log = logging.getLogger(__name__)
+
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
                403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 MAX_IMAGES = 4
 
 
-def openai_error(message: str, code: str, status: int, param: str | None = None):
+def error_body(message: str, code: str, status: int, param: str | None = None) -> dict:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return jsonify({"error": {"message": message, "type": kind, "code": code, "param": param}}), status
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
+
+
+def openai_error(message: str, code: str, status: int, param: str | None = None):
+    return jsonify(error_body(message, code, status, param)), status
 
 
 def flatten(messages: object) -> str:
@@ -106,30 +123,29 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
         body = await body_json()
         prompt = flatten(body.get("messages"))
         model = body.get("model") or "mtor"
+        if body.get("stream"):
+            return await streamed_chat(prompt, model)
         answer = await paid("chat", prompt, model)
-        text = answer.data if isinstance(answer.data, str) else answer.data.decode("utf-8", "replace")
-        ident, created = "chatcmpl-" + (answer.query_id or "0"), int(time.time())
-        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
-                 "total_tokens": len(prompt.split()) + len(text.split())}
-        mtor = {"cost": answer.cost, "worker": answer.worker, "processing_time": answer.processing_time}
-        if not body.get("stream"):
-            return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": model,
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                         "finish_reason": "stop"}], "usage": usage, "mtor": mtor})
+        text = answer_text(answer)
+        return jsonify({"id": "chatcmpl-" + (answer.query_id or "0"), "object": "chat.completion",
+                        "created": int(time.time()), "model": model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": "stop"}], "usage": usage_of(prompt, text), "mtor": mtor_of(answer)})
 
-        def chunk(delta: dict, finish: str | None) -> str:
-            payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-        async def events() -> AsyncIterator[bytes]:
-            yield chunk({"role": "assistant", "content": ""}, None).encode()
-            for piece in _pieces(text):
-                yield chunk({"content": piece}, None).encode()
-            yield chunk({}, "stop").encode()
-            yield b"data: [DONE]\n\n"
-
-        response = Response(events(), mimetype="text/event-stream")
+    async def streamed_chat(prompt: str, model: str):
+        """Queue the query, then answer with a stream that follows it (see the module docstring)."""
+        guid, identity = await resolve_user(state, key_only=True)
+        live = LiveQuery()
+        state.spawn(live.follow, partial(state.runner.run, guid, identity, "chat", prompt,
+                                         model_name=mesh_model("chat", model), live=live))
+        try:
+            await live.started.wait()
+        except BaseException:
+            live.stop()
+            raise
+        if not live.query_id:  # refused before it was queued: say so with a status code
+            raise live.error or QueryError("query_failed", "the query did not start", 502)
+        response = Response(_chunks(live, prompt, model), mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.timeout = None
         return response
@@ -189,14 +205,57 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
     app.add_url_rule("/v1/images/generations", "v1_images_generations", v1_images_generations, methods=["POST"])
 
 
-def _pieces(text: str) -> list[str]:
-    """Word-sized pieces that join back to ``text`` exactly."""
-    pieces, current = [], ""
-    for ch in text:
-        current += ch
-        if ch == " ":
-            pieces.append(current)
-            current = ""
-    if current:
-        pieces.append(current)
-    return pieces or [""]
+def answer_text(answer: Answer) -> str:
+    return answer.data if isinstance(answer.data, str) else answer.data.decode("utf-8", "replace")
+
+
+def usage_of(prompt: str, text: str) -> dict:
+    return {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
+            "total_tokens": len(prompt.split()) + len(text.split())}
+
+
+def mtor_of(answer: Answer) -> dict:
+    return {"cost": answer.cost, "worker": answer.worker, "processing_time": answer.processing_time}
+
+
+async def _chunks(live: LiveQuery, prompt: str, model: str) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed chat completion; closing it early (the client hung up) cancels the query."""
+    ident, created = "chatcmpl-" + live.query_id, int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+        payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+    def failed(exc: QueryError) -> bytes:
+        return f"data: {json.dumps(error_body(exc.message, exc.code, exc.status), ensure_ascii=False)}\n\n".encode()
+
+    sent = ""
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for events in live.feed:
+            for event in events:
+                if event["kind"] == "token" and event["text"]:
+                    sent += event["text"]
+                    yield chunk({"content": event["text"]})
+                elif event["kind"] == "reset" and sent:
+                    live.stop()
+                    yield failed(QueryError("stream_restarted", "the worker failed mid-answer and the mesh moved "
+                                            "the query to another worker; nothing was charged, ask again", 502))
+                    yield b"data: [DONE]\n\n"
+                    return
+        await live.ended.wait()
+        if live.error is not None or live.answer is None:
+            yield failed(live.error or QueryError("query_failed", "the query ended without an answer", 502))
+            yield b"data: [DONE]\n\n"
+            return
+        text = answer_text(live.answer)
+        if text.startswith(sent):
+            if text[len(sent):]:
+                yield chunk({"content": text[len(sent):]})
+        else:  # a backend whose tokens do not spell its answer: the receipted answer is what counts
+            log.warning("query %s: streamed tokens are not a prefix of the answer", live.query_id[:8])
+        yield chunk({}, "stop", usage=usage_of(prompt, text), mtor=mtor_of(live.answer))
+        yield b"data: [DONE]\n\n"
+    finally:
+        live.stop()  # no-op once the query ended

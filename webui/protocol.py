@@ -166,8 +166,8 @@ def parse(raw: str | bytes | None, max_bytes: int) -> Message | Invalid:
     return Message(kind, data, sysop)
 
 
-def encode(kind: str, **fields: Any) -> str:
-    """One node → browser message as JSON text."""
+def encode(kind: str, /, **fields: Any) -> str:
+    """One node → browser message as JSON text (a field may be called ``kind``: ``query_progress``'s is)."""
     return json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -8,6 +8,12 @@ user and an HTTP-ish ``status``; nothing is charged for them (the broker
 releases the hold). ``speech`` is a chain run here: whisper → chat → bark;
 if no text-to-speech worker answers, the text answer comes back and the
 browser speaks it itself.
+
+A caller that shows the answer as it is made (the console's bubble, an
+OpenAI ``stream: true`` response) passes a :class:`LiveQuery`: the broker
+puts the worker's progress into its feed, and :meth:`LiveQuery.stop` (a
+client that hung up) cancels the query, so its hold is released and
+nothing is charged.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
-from node.broker import Ask, BrokerRefused
+from node.broker import Ask, BrokerRefused, ProgressFeed
 from node.identity import Identity
 from webui import media as media_codec
 from webui.users import QueryRecord, UserStore
@@ -75,6 +82,46 @@ class Answer:
         return out
 
 
+class LiveQuery:
+    """One query followed while it runs: the worker's progress, its id once queued, how it ended.
+
+    ``started`` is set once the broker queued the query (``query_id`` is then
+    known) or it ended without being queued (``error`` says why). ``feed`` is
+    closed when the query ends, so ``async for events in live.feed`` finishes.
+    """
+
+    def __init__(self) -> None:
+        self.feed = ProgressFeed()
+        self.query_id = ""
+        self.started = trio.Event()
+        self.ended = trio.Event()
+        self.answer: Answer | None = None
+        self.error: QueryError | None = None
+        self._scope = trio.CancelScope()
+
+    async def follow(self, run: Callable[[], Awaitable["Answer"]]) -> None:
+        """Run the query (``run`` is ``QueryRunner.run`` with this object as ``live``); never raises QueryError."""
+        try:
+            with self._scope:
+                try:
+                    self.answer = await run()
+                except QueryError as exc:
+                    self.error = exc
+        finally:
+            if self.answer is None and self.error is None:
+                self.error = QueryError("cancelled", "the query was cancelled", 409)
+            self.end()
+
+    def end(self) -> None:
+        self.feed.close()
+        self.started.set()
+        self.ended.set()
+
+    def stop(self) -> None:
+        """The asker went away: cancel the query (the broker releases its hold). No-op once ended."""
+        self._scope.cancel()
+
+
 class QueryRunner:
     def __init__(self, node: "Node", store: UserStore, metrics: "Metrics") -> None:
         self.node = node
@@ -87,7 +134,8 @@ class QueryRunner:
         return queue.queue_timeout_s + queue.query_timeout_s * 4
 
     async def run(self, guid: str, payer: Identity, query_type: str, prompt: str, *, model_name: str = "",
-                  model_type: str = "mesh", media: bytes | None = None, media_type: str | None = None) -> Answer:
+                  model_type: str = "mesh", media: bytes | None = None, media_type: str | None = None,
+                  live: LiveQuery | None = None) -> Answer:
         if guid in self.store.bans:
             raise QueryError("banned", "this user is banned from this node", 403)
         if self.node.broker is None:
@@ -100,7 +148,12 @@ class QueryRunner:
             if query_type == "speech":
                 answer = await self._speech(payer, media, media_type, model_name)
             else:
-                answer = await self._one(payer, query_type, prompt, model_name, media, media_type)
+                answer = await self._one(payer, query_type, prompt, model_name, media, media_type, live)
+        except trio.Cancelled:  # the asker went away; _one cancelled the query in the broker
+            self.metrics.query(query_type, "cancelled", 0.0, 0)
+            self.store.record_query(guid, QueryRecord(prompt or f"[{query_type}]", query_type, started, 0, 0.0,
+                                                      "cancelled"))
+            raise
         except QueryError as exc:
             self.metrics.query(query_type, exc.code, 0.0, 0)
             self.store.record_query(guid, QueryRecord(prompt or f"[{query_type}]", query_type, started, 0, 0.0,
@@ -119,15 +172,22 @@ class QueryRunner:
         return answer
 
     async def _one(self, payer: Identity, query_type: str, prompt: str, model_name: str,
-                   media: bytes | None, media_type: str | None) -> Answer:
+                   media: bytes | None, media_type: str | None, live: LiveQuery | None = None) -> Answer:
         ask = Ask(payer=payer, type=query_type, prompt=prompt, model=model_name or "", media=media,
-                  media_type=media_type)
+                  media_type=media_type, progress=live.feed if live is not None else None)
         try:
             ticket = await self.node.broker.submit(ask)
         except BrokerRefused as exc:
             raise QueryError(exc.code, str(exc), exc.status) from exc
-        with trio.move_on_after(self._timeout_s()) as scope:
-            await ticket.done.wait()
+        if live is not None:
+            live.query_id = ticket.query_id.hex()
+            live.started.set()
+        try:
+            with trio.move_on_after(self._timeout_s()) as scope:
+                await ticket.done.wait()
+        except BaseException:
+            self.node.broker.cancel(ticket.query_id)  # the asker went away: stop it, release its hold
+            raise
         if scope.cancelled_caught:
             self.node.broker.cancel(ticket.query_id)
             raise QueryError("timeout", f"the {query_type} query did not finish in time", 504)

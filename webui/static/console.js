@@ -155,7 +155,7 @@
     let li = S.pending.get(id);
     if (li) S.pending.delete(id);
     else { li = el("li", "result"); $("result-list").prepend(li); li.appendChild(el("div", "meta", type)); li.appendChild(el("div")); }
-    li.classList.remove("pending");
+    li.classList.remove("pending", "streaming");
     return li;
   }
 
@@ -223,6 +223,15 @@
     speech_result(m) { fillResult(cardFor(m, "bark"), { result: m.audio, result_type: m.result_type, cost: m.cost }); },
     vision_chunk_received(m) { const li = S.pending.get(String(m.image_id)); if (li) li.lastChild.textContent = "uploading " + m.received + "/" + m.total_chunks; },
     vision_upload_complete(m) { const li = S.pending.get(String(m.image_id)); if (li) li.lastChild.textContent = "looking…"; },
+    query_progress(m) {  // the answer as the worker makes it (text nodes only); query_result replaces it
+      const li = S.pending.get(String(m.request_id ?? m.image_id ?? "")); if (!li) return;
+      const box = li.lastChild, streaming = li.classList.contains("streaming");
+      if (m.kind === "token") {
+        if (!streaming) { box.textContent = ""; li.classList.add("streaming"); }
+        box.appendChild(document.createTextNode(m.text));
+      } else if (m.kind === "reset") { li.classList.remove("streaming"); box.textContent = "a worker failed; asking another…"; }
+      else if (!streaming) box.textContent = m.kind === "step" ? "step " + m.step + " of " + m.total : m.text;
+    },
     nickname_set(m) { toast("You are now " + m.nickname); },
     api_key(m) { $("api-key").textContent = m.key; },
     sysop_message(m) { toast("Sysop: " + m.message); if (S.speak) say(m.message); },
