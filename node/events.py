@@ -14,12 +14,16 @@ Contract:
   events it missed have already left the ring, ``Subscription.missed`` says
   how many (it should then reload full state).
 * At most ``max_subscribers`` at once; more raise :class:`TooManySubscribers`.
+* Each event also carries the wall-clock time it was published (``wall_s``),
+  so a change can be timed to its delivery in another process (the console
+  stamps its broadcasts with it; ``bench/console.py`` measures against it).
 
 The ring is pure (time is a parameter); :class:`EventBus` is the trio shell.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,12 +34,14 @@ import trio
 
 @dataclass(frozen=True)
 class Event:
-    """One event: global ``id``, ``kind`` (e.g. ``"queue_depth"``), ``data``, ``time_s``."""
+    """One event: global ``id``, ``kind`` (e.g. ``"queue_depth"``), ``data``, ``time_s`` (the bus's
+    clock) and ``wall_s`` (``time.time()`` at publish; 0 when the ring was given none)."""
 
     id: int
     kind: str
     data: Mapping[str, Any]
     time_s: float
+    wall_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,9 @@ class EventRing:
         self._events: deque[Event] = deque(maxlen=size)
         self.last_id = 0
 
-    def append(self, kind: str, data: Mapping[str, Any], time_s: float) -> Event:
+    def append(self, kind: str, data: Mapping[str, Any], time_s: float, wall_s: float = 0.0) -> Event:
         self.last_id += 1
-        event = Event(self.last_id, kind, dict(data), time_s)
+        event = Event(self.last_id, kind, dict(data), time_s, wall_s)
         self._events.append(event)
         return event
 
@@ -125,13 +131,15 @@ class EventBus:
     """Publish without blocking; deliver to bounded per-subscriber buffers."""
 
     def __init__(self, *, ring_size: int = 1000, buffer_size: int = 100, max_subscribers: int = 100,
-                 clock: Callable[[], float] = trio.current_time) -> None:
+                 clock: Callable[[], float] = trio.current_time,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         if buffer_size < 1 or max_subscribers < 1:
             raise ValueError("buffer_size and max_subscribers must be at least 1")
         self.ring = EventRing(ring_size)
         self.buffer_size = buffer_size
         self.max_subscribers = max_subscribers
         self._clock = clock
+        self._wall_clock = wall_clock
         self._subs: list[Subscription] = []
         self.published_total = 0
         self.dropped_total = 0
@@ -146,7 +154,7 @@ class EventBus:
 
     def publish(self, kind: str, data: Mapping[str, Any] | None = None) -> Event:
         """Record and deliver one event now; never blocks, never raises for subscribers."""
-        event = self.ring.append(kind, data or {}, self._clock())
+        event = self.ring.append(kind, data or {}, self._clock(), self._wall_clock())
         self.published_total += 1
         for sub in list(self._subs):
             if sub.kinds is not None and kind not in sub.kinds:

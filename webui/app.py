@@ -12,6 +12,7 @@ in one nursery started before serving and cancelled after.
 from __future__ import annotations
 
 import logging
+import resource
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,11 +34,34 @@ MAX_CONTROL_BODY_BYTES = 64 * 1024
 MAX_CONTROL_QUERY_BYTES = 6 * 1024 * 1024
 #: Largest HTTP body: a base64 attachment of MAX_MEDIA_BYTES plus its JSON envelope.
 MAX_HTTP_BODY_BYTES = MAX_MEDIA_BYTES * 4 // 3 + 64 * 1024
+#: Descriptors the node needs besides its consoles (ledger files, mesh streams, logs).
+FD_HEADROOM = 1024
+
+
+def raise_open_file_limit(wanted: int) -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to ``wanted`` (never above the hard limit, never lower).
+
+    Every console is a socket; a default soft limit of 1024 would refuse the
+    thousandth browser with EMFILE at ``accept``. Returns the soft limit now.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit to %d: %s", target, exc)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open-file limit %d is below the %d the console may need ([console] max_connections)",
+                    soft, wanted)
+    return soft
 
 
 def create_app(node: "Node") -> QuartTrio:
     app = QuartTrio(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(node.settings.console.max_ws_message_bytes, MAX_HTTP_BODY_BYTES)
+    raise_open_file_limit(node.settings.console.max_connections + FD_HEADROOM)
     state = ConsoleState.build(node)
     app.extensions["mtor_console"] = state
     stop = trio.CancelScope()
@@ -47,6 +71,7 @@ def create_app(node: "Node") -> QuartTrio:
             async with trio.open_nursery() as nursery:
                 state.nursery = nursery
                 await nursery.start(state.store.run_writer)
+                await nursery.start(state.hub.pace_snapshots)
                 await nursery.start(state.hub.follow, state)
                 task_status.started()
 
@@ -79,7 +104,9 @@ def create_app(node: "Node") -> QuartTrio:
     openai_api.register(app, state)
 
     def is_sysop() -> bool:
-        return node.auth.is_sysop(request.headers.get("Authorization"), request.cookies.get(COOKIE_NAME))
+        # /control is the CLI's: the bearer secret only. A cookie would let another local page's
+        # <img src="/control/wallet/send?..."> act as the sysop (the console page uses the bus).
+        return node.auth.is_sysop(request.headers.get("Authorization"), None)
 
     def refuse() -> tuple[Response, int]:
         return jsonify({"error": "sysop authentication required"}), 401
@@ -146,6 +173,10 @@ async def _gauges(node: "Node", state: ConsoleState) -> dict[str, tuple[str, flo
         "mtor_console_connections": ("Open console WebSocket connections.", len(state.hub.connections)),
         "mtor_console_users": ("Distinct console users connected now.", state.hub.users_now()),
         "mtor_console_dropped_slow_total": ("Console connections dropped for not reading.", state.hub.dropped_slow),
+        "mtor_console_coalesced": ("State snapshots replaced unsent (latest wins) in open consoles' outboxes.",
+                                   state.hub.coalesced()),
+        "mtor_console_largest_outbox": ("Most messages waiting to go to one open console.",
+                                        state.hub.largest_outbox()),
         "mtor_events_dropped_total": ("Event-bus subscribers dropped for being slow.", node.bus.dropped_total),
     }
     if node.broker is not None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from webui.auth import allowed_host_names
 from webui.bridge import Bridge
 from webui.media import ChunkAssembler
 from webui.metrics import Metrics
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 MESSAGES_PER_S, MESSAGE_BURST = 50.0, 200
 #: Work (queries, transcriptions, speech, completed uploads) draws from this one, per user.
 WORK_PER_S, WORK_BURST = 5.0, 30
-#: Messages waiting to go to one browser; a browser that lets this fill is dropped.
+#: Messages waiting to go to one browser; a browser that lets this fill is dropped. State
+#: snapshots (queue_update, worker_update, active_users, user_stats) do not count: an unsent
+#: one is replaced by the next (webui/ws.py), so they cannot fill it.
 SEND_QUEUE_MESSAGES = 256
 #: Largest decoded attachment (matches the query protocol's media limit).
 MAX_MEDIA_BYTES = 4 << 20
@@ -62,6 +65,11 @@ class ConsoleState:
             message_limiter=RateLimiter(rate_per_s=MESSAGES_PER_S, burst=MESSAGE_BURST),
             work_limiter=RateLimiter(rate_per_s=WORK_PER_S, burst=WORK_BURST),
         )
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """Host names besides localhost and IP literals the console answers to (DNS rebinding)."""
+        return allowed_host_names(self.node.settings.console.allowed_hosts)
 
     @property
     def max_message_bytes(self) -> int:

@@ -1,14 +1,32 @@
 """The console's WebSocket bus ``/ws``: connections, fan-out and the per-connection loop.
 
-Each connection owns a bounded outbox (``send_queue`` messages) drained by
-its own sender task. Everything sent to a browser goes through
-:meth:`Connection.offer`, which never blocks: a browser that lets its outbox
-fill is dropped (its scope is cancelled, the socket closes) and counted in
-:attr:`Hub.dropped_slow`, so one slow reader never delays the others. The
-hub follows the node's event bus with one subscription and turns
-``queue_depth`` / ``worker_update`` / ``worker_health`` events into
-``queue_update`` / ``worker_update`` / ``worker_health`` messages for every
-connection.
+Each connection owns a bounded :class:`Outbox` drained by its own sender
+task. Everything sent to a browser goes through :meth:`Connection.offer`,
+which never blocks. Two kinds of message share the outbox:
+
+* *State snapshots* (``queue_update``, ``worker_update``, ``active_users``,
+  ``user_stats``): only the latest matters, so a connection holds at most one
+  unsent snapshot of each kind and a newer one replaces it in place ("latest
+  wins", counted in :attr:`Outbox.coalesced`). A console that keeps up sees
+  every snapshot in order; one that falls behind skips straight to the newest,
+  and a burst of queue changes costs a slow socket one message, not a backlog.
+* Everything else (answers, balances, pings, errors) is kept in order. A
+  browser that lets ``send_queue`` of these pile up is dropped (its scope is
+  cancelled, the socket closes) and counted in :attr:`Hub.dropped_slow`, so
+  one slow reader never delays the others.
+
+A broadcast encodes its JSON once and offers the same string to every
+connection (no per-client work but a deque append). Snapshot broadcasts are
+also paced per kind (:data:`SNAPSHOT_INTERVAL_S`, :meth:`Hub.pace_snapshots`):
+what reaches the wire is bounded by time, not by how fast the queue churns,
+because every message costs the node a trip through quart and hypercorn and a
+``send`` per console (about 0.1-0.2 ms of CPU each; see bench/console.py).
+The hub follows the
+node's event bus with one subscription and turns ``queue_depth`` /
+``worker_update`` / ``worker_health`` events into ``queue_update`` /
+``worker_update`` / ``worker_health`` messages for every connection; a
+``queue_update`` carries ``seq`` (the event's id: increasing) and ``at`` (the
+wall-clock time of the queue change) so a client can order and time it.
 """
 
 from __future__ import annotations
@@ -18,12 +36,15 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import trio
 
 from webui import protocol
+from webui.auth import host_refusal
 
 if TYPE_CHECKING:
     from webui.state import ConsoleState
@@ -35,6 +56,101 @@ GUID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 COOKIE_MAX_AGE_S = 10 * 365 * 24 * 3600
 #: Close a connection that has not answered a ping for this many heartbeats.
 MISSED_HEARTBEATS = 3
+#: Message kinds that are whole-state snapshots: latest wins in a connection's outbox.
+SNAPSHOT_KINDS = frozenset({"queue_update", "worker_update", "active_users", "user_stats"})
+#: Least time between two broadcasts of one snapshot kind (while :meth:`Hub.pace_snapshots` runs).
+#: The first change after a quiet spell goes out at once; later ones within the interval wait
+#: for its end and only the newest goes, so a burst of N queue changes costs each console two
+#: messages, not N. ``active_users`` / ``user_stats`` are counters nobody watches tick by tick
+#: (the page shows neither broadcast; the sysop's user list is sent to the sysop alone).
+SNAPSHOT_INTERVAL_S = {"queue_update": 0.05, "worker_update": 0.25, "active_users": 5.0, "user_stats": 5.0}
+_TYPE_PREFIX = '{"type":"'  # protocol.encode puts ``type`` first
+
+
+def snapshot_key(text: str) -> str | None:
+    """The kind of ``text`` if it is a state snapshot (see :data:`SNAPSHOT_KINDS`), else None."""
+    if not text.startswith(_TYPE_PREFIX):
+        return None
+    end = text.find('"', len(_TYPE_PREFIX))
+    kind = text[len(_TYPE_PREFIX):end]
+    return kind if kind in SNAPSHOT_KINDS else None
+
+
+@dataclass(frozen=True)
+class OutboxStatistics:
+    current_buffer_used: int
+    max_buffer_size: int
+    snapshots_unsent: int
+    coalesced: int
+
+
+class Outbox:
+    """A connection's unsent messages, in order, with "latest wins" for snapshots.
+
+    Holds at most ``limit`` ordinary messages plus one per snapshot kind, so a
+    console that stops reading costs a bounded amount of memory whatever the
+    rate of queue changes. Not thread-safe; one trio task drains it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: deque[list] = deque()  # [text, snapshot kind or None]
+        self._unsent: dict[str, list] = {}  # snapshot kind -> its item in _items
+        self._lot = trio.lowlevel.ParkingLot()
+        self.closed = False
+        self.coalesced = 0
+        self.high_water = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def statistics(self) -> OutboxStatistics:
+        """How full the outbox is, in the shape of ``trio.MemoryChannelStatistics`` (ordinary messages only)."""
+        return OutboxStatistics(current_buffer_used=len(self._items) - len(self._unsent), max_buffer_size=self.limit,
+                                snapshots_unsent=len(self._unsent), coalesced=self.coalesced)
+
+    def put(self, text: str, key: str | None = None) -> bool:
+        """Queue ``text`` (replacing the unsent snapshot of kind ``key``); False if full."""
+        if self.closed:
+            raise trio.ClosedResourceError("outbox closed")
+        if key is not None:
+            item = self._unsent.get(key)
+            if item is not None:
+                item[0] = text
+                self.coalesced += 1
+                return True
+        elif len(self._items) - len(self._unsent) >= self.limit:
+            return False
+        item = [text, key]
+        self._items.append(item)
+        if key is not None:
+            self._unsent[key] = item
+        self.high_water = max(self.high_water, len(self._items))
+        self._lot.unpark_all()
+        return True
+
+    def get_nowait(self) -> str:
+        """The oldest unsent message; ``trio.WouldBlock`` if none, ``trio.EndOfChannel`` once closed and empty."""
+        if not self._items:
+            raise trio.EndOfChannel if self.closed else trio.WouldBlock
+        text, key = self._items.popleft()
+        if key is not None:
+            del self._unsent[key]
+        return text
+
+    async def get(self) -> str:
+        """The oldest unsent message, waiting for one; ``trio.EndOfChannel`` once closed and empty."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                return self.get_nowait()
+            except trio.WouldBlock:
+                await self._lot.park()
+
+    def close(self) -> None:
+        """No more puts; what is queued can still be taken."""
+        self.closed = True
+        self._lot.unpark_all()
 
 
 class Connection:
@@ -45,27 +161,32 @@ class Connection:
         self.guid = guid
         self.is_sysop = is_sysop
         self.hub = hub
-        self._send, self.outbox = trio.open_memory_channel[str](send_queue)
+        self.outbox = Outbox(send_queue)
         self.scope = trio.CancelScope()
         self.last_pong_s = trio.current_time()
         self.dropped = False
         self.identity = None
         self.address = ""
 
-    def offer(self, text: str) -> bool:
-        """Queue ``text`` for the browser; drop the connection if its outbox is full."""
+    def offer(self, text: str, key: str | None = None) -> bool:
+        """Queue ``text`` for the browser; drop the connection if its outbox is full.
+
+        ``key`` marks ``text`` as the snapshot of that kind (:data:`SNAPSHOT_KINDS`): it then
+        replaces this connection's unsent one. Only broadcasts pass it, so a message made for
+        one console (a sysop's ``active_users`` with its user list) is never replaced by one
+        made for all.
+        """
         if self.dropped:
             return False
         try:
-            self._send.send_nowait(text)
-            return True
-        except trio.WouldBlock:
-            self.dropped = True
-            self.hub.dropped_slow += 1
-            log.info("console connection %d (%s) dropped: it did not read its messages", self.id, self.guid[:8])
-            self.scope.cancel()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            if self.outbox.put(text, key):
+                return True
+        except trio.ClosedResourceError:
+            return False
+        self.dropped = True
+        self.hub.dropped_slow += 1
+        log.info("console connection %d (%s) dropped: it did not read its messages", self.id, self.guid[:8])
+        self.scope.cancel()
         return False
 
     def send(self, kind: str, **fields) -> bool:
@@ -76,7 +197,7 @@ class Connection:
 
     def finish(self, grace_s: float = 5.0) -> None:
         """Close after what is queued has been sent (or after ``grace_s``)."""
-        self._send.close()
+        self.outbox.close()
         self.scope.deadline = min(self.scope.deadline, trio.current_time() + grace_s)
 
 
@@ -86,11 +207,17 @@ class Hub:
         self.send_queue = send_queue
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
+        self._by_user: dict[str, dict[int, Connection]] = {}  # a user's open tabs, by connection id
         self.dropped_slow = 0
         self.refused_full = 0
         self.refused_origin = 0
         self.accepted_total = 0
         self.broadcasts = 0
+        self.snapshots_held = 0  # snapshot broadcasts replaced by a newer one before they went out
+        self._pacing = False
+        self._last_fan_out: dict[str, float] = {}
+        self._held: dict[str, str] = {}
+        self._held_lot = trio.lowlevel.ParkingLot()
 
     def full(self) -> bool:
         return len(self.connections) >= self.max_connections
@@ -98,29 +225,90 @@ class Hub:
     def add(self, guid: str, is_sysop: bool) -> Connection:
         conn = Connection(next(self._ids), guid, is_sysop, self.send_queue, self)
         self.connections[conn.id] = conn
+        self._by_user.setdefault(guid, {})[conn.id] = conn
         self.accepted_total += 1
         return conn
 
     def remove(self, conn: Connection) -> None:
-        self.connections.pop(conn.id, None)
+        if self.connections.pop(conn.id, None) is not None:
+            tabs = self._by_user[conn.guid]
+            del tabs[conn.id]
+            if not tabs:
+                del self._by_user[conn.guid]
+
+    def tabs(self, guid: str) -> list[Connection]:
+        return list(self._by_user.get(guid, {}).values())
 
     def users_now(self) -> int:
-        return len({c.guid for c in self.connections.values()})
+        """Distinct users connected now (kept as a count: every greeting asks, at any size)."""
+        return len(self._by_user)
 
     def broadcast(self, text: str) -> int:
+        """Offer one encoded message to every connection (encoded once, never blocks).
+
+        A snapshot within :data:`SNAPSHOT_INTERVAL_S` of the last one of its kind is held
+        for :meth:`pace_snapshots` (newest wins); the return value then counts the
+        connections it will be offered to.
+        """
+        key = snapshot_key(text)
+        if key is None or not self._pacing:
+            return self._fan_out(text, key)
+        if key not in self._held and trio.current_time() >= self._next_fan_out(key):
+            return self._fan_out(text, key)
+        if key in self._held:
+            self.snapshots_held += 1
+        self._held[key] = text
+        self._held_lot.unpark_all()
+        return len(self.connections)
+
+    def _next_fan_out(self, key: str) -> float:
+        return self._last_fan_out.get(key, float("-inf")) + SNAPSHOT_INTERVAL_S[key]
+
+    def _fan_out(self, text: str, key: str | None) -> int:
         self.broadcasts += 1
-        return sum(conn.offer(text) for conn in list(self.connections.values()))
+        if key is not None:
+            self._last_fan_out[key] = trio.current_time()
+        return sum(conn.offer(text, key) for conn in list(self.connections.values()))
+
+    async def pace_snapshots(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Send held snapshots when their interval is up, until cancelled (see :meth:`broadcast`)."""
+        self._pacing = True
+        try:
+            task_status.started()
+            while True:
+                if not self._held:
+                    await self._held_lot.park()
+                    continue
+                due = min(self._next_fan_out(key) for key in self._held)
+                if trio.current_time() < due:
+                    with trio.move_on_at(due):
+                        await self._held_lot.park()  # or a new hold, which may be due sooner
+                    continue
+                now = trio.current_time()
+                for key in [key for key in self._held if self._next_fan_out(key) <= now]:
+                    self._fan_out(self._held.pop(key), key)
+        finally:
+            self._pacing = False
+            for key, text in list(self._held.items()):
+                self._fan_out(text, key)
+            self._held.clear()
+
+    def coalesced(self) -> int:
+        """Snapshots replaced unsent in the outboxes of the connections open now."""
+        return sum(conn.outbox.coalesced for conn in self.connections.values())
+
+    def largest_outbox(self) -> int:
+        return max((len(conn.outbox) for conn in self.connections.values()), default=0)
 
     def to_user(self, guid: str, text: str) -> int:
-        return sum(conn.offer(text) for conn in list(self.connections.values()) if conn.guid == guid)
+        return sum(conn.offer(text) for conn in self.tabs(guid))
 
     def to_sysops(self, text: str) -> int:
         return sum(conn.offer(text) for conn in list(self.connections.values()) if conn.is_sysop)
 
     def close_user(self, guid: str) -> None:
-        for conn in list(self.connections.values()):
-            if conn.guid == guid:
-                conn.finish()
+        for conn in self.tabs(guid):
+            conn.finish()
 
     async def follow(self, state: "ConsoleState", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Turn node events into broadcasts until cancelled; resubscribe if the bus drops us."""
@@ -138,7 +326,7 @@ class Hub:
                 async for event in sub:
                     if event.kind == "queue_depth":
                         self.broadcast(protocol.encode("queue_update", **state.bridge.queue_state(event=dict(event.data)),
-                                                   at=time.time()))
+                                                   seq=event.id, at=event.wall_s or time.time()))
                     elif event.kind == "dispatcher_restarted":  # SPEC §6: the watchdog tells the sysop
                         self.to_sysops(protocol.encode("sysop_warning", message="the query dispatcher stalled and "
                                                        f"was restarted ({event.data['queued']} queued)"))
@@ -182,6 +370,10 @@ async def serve(state: "ConsoleState", websocket) -> None:
     from webui import bus_handlers  # the handlers import this module's helpers
 
     hub = state.hub
+    if host_refusal(websocket.headers.get("Host"), state.allowed_hosts) is not None:
+        hub.refused_origin += 1
+        await websocket.close(1008, "this console does not answer to that host name")
+        return
     if not same_origin(websocket.headers.get("Origin"), websocket.headers.get("Host")):
         hub.refused_origin += 1
         await websocket.close(1008, "cross-origin connections are refused")
@@ -219,7 +411,7 @@ async def serve(state: "ConsoleState", websocket) -> None:
                 nursery.cancel_scope.cancel()
     finally:
         hub.remove(conn)
-        conn._send.close()
+        conn.outbox.close()
 
 
 async def _refuse(websocket, text: str, code: int, reason: str) -> None:
@@ -233,9 +425,13 @@ async def _refuse(websocket, text: str, code: int, reason: str) -> None:
 
 
 async def _flush_then_close(conn: Connection, websocket) -> None:
-    conn._send.close()
+    conn.outbox.close()
     try:
-        async for text in conn.outbox:
+        while True:
+            try:
+                text = conn.outbox.get_nowait()
+            except trio.EndOfChannel:
+                break
             await websocket.send(text)
         await websocket.close(1011, "cannot serve this console now")
     except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -251,13 +447,20 @@ async def _receiver(state: "ConsoleState", conn: Connection, websocket) -> None:
 
 
 async def _sender(conn: Connection, websocket) -> None:
-    async for text in conn.outbox:
+    while True:
+        try:
+            text = await conn.outbox.get()
+        except trio.EndOfChannel:
+            break
         await websocket.send(text)
     conn.close()  # the outbox was closed by finish(): everything queued went out
 
 
 async def _heartbeat(state: "ConsoleState", conn: Connection) -> None:
     interval = state.node.settings.console.heartbeat_s
+    # The greeting (a new wallet's grant) may have taken a while under load; a browser
+    # cannot have answered a ping before it was greeted, so the silence starts counting now.
+    conn.last_pong_s = trio.current_time()
     while True:
         await trio.sleep(interval)  # the heartbeat's period, not a synchronisation
         if trio.current_time() - conn.last_pong_s > interval * MISSED_HEARTBEATS:
