@@ -50,6 +50,7 @@ class ConsoleSection:
     max_connections: int = _key(100, "Most simultaneous console connections.")
     chunk_size_bytes: int = _key(1024 * 1024, "Size of image upload chunks.")
     heartbeat_s: float = _key(25.0, "WebSocket ping interval.")
+    allowed_hosts: str = _key("", "Comma-separated host names, besides localhost and IP addresses, that browsers may use to reach the console (e.g. a LAN name); any other Host is refused, which stops DNS rebinding.")
 
 
 @dataclass(frozen=True)

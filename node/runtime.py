@@ -411,6 +411,13 @@ class Node:
         # Hypercorn closes the socket on anything over its limit; leave headroom so the console
         # can answer a merely oversized message with a clear error instead (webui/ws.py).
         config.websocket_max_message_size = 4 * self.settings.console.max_ws_message_bytes
+        # A burst of consoles connecting at once must not be reset by a short accept queue.
+        config.backlog = max(128, self.settings.console.max_connections)
+        # A console that stops reading would hold hypercorn's (shielded) send, and with it our
+        # shutdown, until its socket closes: give unacknowledged data 30 s, then drop the connection.
+        # Accepted sockets inherit this from the listening socket.
+        if hasattr(socket, "TCP_USER_TIMEOUT") and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
         app = create_app(self)
         await nursery.start(
             partial(hypercorn.trio.serve, app, config, shutdown_trigger=self._shutdown.wait)

@@ -8,11 +8,13 @@ the browser's ``user_guid`` cookie. JSON in, JSON out; failures are
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import trio
 from quart import jsonify, request
 
+from webui.auth import cross_site_refusal, host_refusal
 from webui.bridge import WalletUnavailable
 from webui.media import MediaError, decode
 from webui.queries import QueryError
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
     from webui.state import ConsoleState
+
+log = logging.getLogger(__name__)
 
 GUID_HEADER = "X-MTOR-GUID"
 
@@ -44,8 +48,8 @@ async def resolve_user(state: "ConsoleState", *, key_only: bool = False, work: b
     """(guid, wallet identity) of the caller, or :class:`AuthError`; ``work`` draws on the query rate limit."""
     key = bearer()
     guid = None
-    if key and key.startswith(API_KEY_PREFIX):
-        guid = state.store.guid_for_key(key)
+    if key is not None:  # a bearer that is not a known key is refused, never quietly replaced by a cookie's wallet
+        guid = state.store.guid_for_key(key) if key.startswith(API_KEY_PREFIX) else None
         if guid is None:
             raise AuthError("this API key is not known to this node", 401, "invalid_api_key")
     elif key_only:
@@ -89,6 +93,20 @@ def _text(body: dict, name: str, *, required: bool = True) -> str:
 
 
 def register(app: "QuartTrio", state: "ConsoleState") -> None:
+    @app.before_request
+    async def refuse_cross_site():
+        """Other sites' pages cannot spend, mint keys or drive the control routes (every HTTP route)."""
+        reason = host_refusal(request.headers.get("Host"), state.allowed_hosts)
+        if reason is not None:
+            log.info("refused %s %s: %s", request.method, request.path, reason)
+            return _error(reason, "unknown_host", 403)
+        reason = cross_site_refusal(request.method, request.path, request.headers.get("Origin"),
+                                    request.headers.get("Host"), request.headers.get("Sec-Fetch-Site"))
+        if reason is not None:
+            log.info("refused %s %s: %s", request.method, request.path, reason)
+            return _error(reason, "cross_site", 403)
+        return None
+
     async def run(query_type: str):
         try:
             guid, identity = await resolve_user(state)
@@ -141,8 +159,11 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
 
     @app.post("/api/keys")
     async def api_keys():
-        """A new API key: for the caller's own wallet, or (sysop) for a named or new wallet."""
-        if state.node.auth.is_sysop(request.headers.get("Authorization"), request.cookies.get("mtor_sysop")):
+        """A new API key: for the caller's own wallet, or (sysop, by bearer secret) for a named or new wallet.
+
+        The sysop's cookie does not count here: the console page makes keys over the bus, and a
+        cookie would let another local page mint keys for any wallet."""
+        if state.node.auth.is_sysop(request.headers.get("Authorization"), None):
             body = await request.get_json(force=True, silent=True) or {}
             guid = body.get("wallet") if isinstance(body, dict) and body.get("wallet") else new_guid()
             if guid_from_cookie(guid) is None:

@@ -7,6 +7,12 @@ ledger's: costs here are what this console's users paid through it (the
 ledger stays the authority on balances). Bounds: ``MAX_RECENT`` queries per
 user, prompts cut at ``MAX_PROMPT_CHARS``, at most ``MAX_USERS`` users
 (least recently seen forgotten first; their wallets stay in the ledger).
+
+The file is private (0600, in a 0700 directory): a browser's GUID is the
+bearer credential of its custodial wallet, so reading this file would let
+anyone spend every console user's tokens. Writes are serialised, so two
+flushes (the writer task and a ban's immediate flush) never race on the
+temporary file.
 """
 
 from __future__ import annotations
@@ -21,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-
-from node.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class UserStore:
         self.api_keys: dict[str, dict] = data.get("api_keys", {})
         self._nicks = {u["nickname"].lower(): g for g, u in self.users.items()}
         self._dirty = trio.Event()
+        self._write_lock = trio.Lock()
         self.writes = 0
 
     @classmethod
@@ -82,6 +87,8 @@ class UserStore:
             log.warning("console user file %s is unreadable (%s); kept as %s", path, exc, aside.name)
             os.replace(path, aside)
             data = {}
+        else:
+            _make_private(path)  # a file written by an older version may be world-readable
         return cls(path, data)
 
     # -- users -------------------------------------------------------------------------
@@ -178,15 +185,16 @@ class UserStore:
 
     async def flush(self) -> None:
         """Write now (on a worker thread); the caller's change is durable when this returns."""
-        self._dirty = trio.Event()
-        text = self.snapshot()
-        try:
-            with trio.CancelScope(shield=True):  # a started write always finishes (it is short)
-                await trio.to_thread.run_sync(write_text_atomic, self.path, text)
-        except OSError:
-            self._dirty.set()  # try again on the next change
-            raise
-        self.writes += 1
+        async with self._write_lock:  # the snapshot is taken inside, so the last write is the newest state
+            self._dirty = trio.Event()
+            text = self.snapshot()
+            try:
+                with trio.CancelScope(shield=True):  # a started write always finishes (it is short)
+                    await trio.to_thread.run_sync(write_private_atomic, self.path, text)
+            except OSError:
+                self._dirty.set()  # try again on the next change
+                raise
+            self.writes += 1
 
     async def run_writer(self, *, min_interval_s: float = 0.5, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Write after changes, at most every ``min_interval_s``; a final flush on cancel."""
@@ -201,4 +209,27 @@ class UserStore:
                 await trio.sleep(min_interval_s)  # coalesce bursts of changes (pacing, not synchronisation)
         finally:
             if self._dirty.is_set():
-                await self.flush()
+                with trio.CancelScope(shield=True):  # the last write, even though we are being cancelled
+                    await self.flush()
+
+
+def write_private_atomic(path: Path, text: str) -> None:
+    """``node.files.write_text_atomic``, but the file is 0600 from its first byte (see the module doc)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a temp file left by an older version keeps its mode otherwise
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _make_private(path: Path) -> None:
+    try:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+            os.chmod(path.parent, path.parent.stat().st_mode & 0o700)
+    except OSError as exc:
+        log.warning("cannot make %s private: %s", path, exc)

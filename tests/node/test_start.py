@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import signal
 import time
 import urllib.request
 
 import pytest
+import trio
 
 from tests.harness import NodeProcess, run_cli
+from tests.webui.client import bus
 
 
 def _get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
@@ -64,11 +67,23 @@ def test_sysop_login_link_is_one_time(tmp_path):
             urllib.request.urlopen(unauth, timeout=10)
         assert refused.value.code == 401
 
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
         with opener.open(node.login_url, timeout=10) as response:
             assert response.status == 200  # redirected to the console with a cookie
-        with opener.open(node.console_url + "control/status", timeout=10) as response:
-            assert json.loads(response.read())["peer_id"] == node.peer_id
+        session = {cookie.name: cookie.value for cookie in jar}
+        assert "mtor_sysop" in session
+
+        async def sysop_on_the_bus(cookies: dict) -> bool:
+            async with bus(node.console_url, cookies=cookies) as client:
+                return (await client.expect("user_info"))["is_sysop"]
+
+        assert trio.run(sysop_on_the_bus, session) is True  # the console's sysop panel
+        assert trio.run(sysop_on_the_bus, {"mtor_sysop": "forged"}) is False
+        # /control is the CLI's route: the bearer secret only, never the browser cookie
+        with pytest.raises(urllib.error.HTTPError) as cookie_only:
+            opener.open(node.console_url + "control/status", timeout=10)
+        assert cookie_only.value.code == 401
 
         with pytest.raises(urllib.error.HTTPError) as reused:
             urllib.request.urlopen(node.login_url, timeout=10)
