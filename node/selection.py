@@ -165,13 +165,30 @@ class Exhausted:
     attempts: int
 
 
-def next_attempt(selection: Selection, failed: Iterable[str], max_attempts: int) -> Attempt | Exhausted:
-    """The best-ranked worker not yet failed, within ``max_attempts`` tries in all."""
+def next_attempt(
+    selection: Selection,
+    failed: Iterable[str],
+    max_attempts: int,
+    *,
+    unblamed: Iterable[str] = (),
+    avoid: Iterable[str] = (),
+) -> Attempt | Exhausted:
+    """The best-ranked worker not yet failed, within ``max_attempts`` tries in all.
+
+    ``unblamed``: the failed workers whose failure was not their fault (a lost connection): they
+    are not tried again, but they do not spend the budget either, up to ``max_attempts`` of them
+    (so at most ``2 × max_attempts`` tries in all). Without this, workers that keep dropping
+    streams mid-query, never blamed, would use up every query's budget ahead of a good worker.
+    ``avoid``: workers to try only when nobody else is left (one that just answered "busy").
+    """
     failed_set = set(failed)
     used = len(failed_set)
-    if used >= max_attempts:
+    free = min(len(failed_set & set(unblamed)), max_attempts)
+    if used - free >= max_attempts:
         return Exhausted(GiveUp.MAX_ATTEMPTS, used)
-    for r in selection.ranked:
-        if r.candidate.worker_id not in failed_set:
-            return Attempt(r.candidate, used + 1)
+    avoided = set(avoid)
+    usable = [r for r in selection.ranked if r.candidate.worker_id not in failed_set]
+    usable.sort(key=lambda r: r.candidate.worker_id in avoided)  # stable: rank order kept otherwise
+    if usable:
+        return Attempt(usable[0].candidate, used + 1)
     return Exhausted(GiveUp.NO_CANDIDATES_LEFT, used)
