@@ -13,6 +13,7 @@ Nothing else in the code base calls ``msgpack`` directly for signed data.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import msgpack
@@ -26,6 +27,13 @@ _INT_MAX = (1 << 64) - 1
 
 class CodecError(ValueError):
     """Bytes or objects that are not valid canonical mtor msgpack."""
+
+
+@lru_cache(maxsize=4096)
+def _packed_key(key: str | int | bytes) -> bytes:
+    """A map key's encoding, its sort key. Cached: the same few dozen field names recur in every
+    message (bounded, so keys chosen by a peer cannot grow it)."""
+    return msgpack.packb(key, use_bin_type=True)
 
 
 def _canonical(obj: Any) -> Any:
@@ -44,7 +52,7 @@ def _canonical(obj: Any) -> Any:
         for key, value in obj.items():
             if not isinstance(key, (str, int, bytes)) or isinstance(key, bool):
                 raise CodecError(f"map key of type {type(key).__name__} is not allowed")
-            items.append((msgpack.packb(key, use_bin_type=True), key, _canonical(value)))
+            items.append((_packed_key(key), key, _canonical(value)))
         items.sort(key=lambda item: item[0])
         return _SortedMap((key, value) for _, key, value in items)
     raise CodecError(f"type {type(obj).__name__} cannot be encoded")
