@@ -4,9 +4,16 @@ One run, the same prompt on every path, every answer checked:
 
   a1  ModelManager.run("reverse") directly (no progress callback)
   a2  LocalWorker.handle(query): the worker's own entry point, what (b) and (c) end up running
+  a3  a2 with a progress sink that drops everything: what per-token progress costs in-process
+      (each token hops from the model's thread to the event loop and back)
+  r   a raw libp2p stream round trip host C → host B (echo of a query-sized message on an open
+      stream): the floor for c0
   b   Broker.ask through a local broker, this node as the worker: quote → hold → fair queue →
       select → run locally → receipt → payment block (real Ledger on a temp dir)
-  c0  QueryClient.call host A → QueryServer on host B (in-process libp2p over 127.0.0.1), no broker
+  c0  QueryClient.call host C → QueryServer on host B (in-process libp2p over 127.0.0.1), no broker;
+      streams are pooled, so after warm-up each query reuses an open stream
+  c1  c0 with the worker's handler given no progress sink (as a2 runs it): c1 - a2 is the cost of
+      the protocol and libp2p alone, c0 - c1 the per-token progress (see a3)
   c   Broker.ask on host A with host B as the (only) worker: (b)'s pipeline over libp2p
   d   Broker.ask to a legacy HTTP worker: a minimal real server (POST /predict {prompt} →
       {"response": reversed}) on 127.0.0.1:0, reached by an httpx backend registered as a chat model
@@ -39,6 +46,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import httpx  # noqa: E402
 import trio  # noqa: E402
+from libp2p.peer.id import ID  # noqa: E402
 
 from inference.base import Backend, BackendInfo, CancelToken, ProgressFn  # noqa: E402
 from inference.chat import ChatRequest, ChatResult  # noqa: E402
@@ -62,6 +70,7 @@ from node.registry import PeerRegistry  # noqa: E402
 from p2p.ads import AdContent, Capability, parse_ad, sign_ad  # noqa: E402
 from p2p.host import MeshHost, open_mesh_host, peer_id_for  # noqa: E402
 from p2p.query_client import QueryClient  # noqa: E402
+from p2p.query_frames import QueryFrame, encode_frame  # noqa: E402
 from p2p.query_stream import QueryServer, wall_ms  # noqa: E402
 from p2p.query_wire import Query, make_query  # noqa: E402
 
@@ -248,10 +257,10 @@ async def run(args: argparse.Namespace) -> list[dict]:
 
                 nonce = [0]
 
-                def signed_query(model: str, signer: Identity = broker_id) -> dict:
+                def signed_query(model: str, signer: Identity = broker_id, realm_id: bytes = realm) -> dict:
                     nonce[0] += 1
                     now = wall_ms()
-                    return make_query(signer, realm_id=realm, query_id=secrets.token_bytes(16),
+                    return make_query(signer, realm_id=realm_id, query_id=secrets.token_bytes(16),
                                       payer=payer.address, type="chat", model=model, prompt=prompt,
                                       max_price_units=UNIT, price_units=UNIT, nonce=nonce[0], ts_ms=now,
                                       expiry_ms=now + 60_000)
@@ -271,6 +280,17 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 lat, qps = await measure(worker_entry, args.queries, args.concurrency)
                 a2 = statistics.median(lat) * 1000
                 results.append(summary("a2 LocalWorker.handle", lat, qps, None))
+
+                class DropProgress:
+                    async def token(self, text: str) -> None: ...
+                    async def step(self, done: int, total: int) -> None: ...
+                    async def status(self, text: str) -> None: ...
+
+                async def worker_entry_with_progress() -> None:
+                    assert (await local.handle(query, DropProgress())).data == expected
+
+                lat, qps = await measure(worker_entry_with_progress, args.queries, args.concurrency)
+                results.append(summary("a3 LocalWorker.handle, progress", lat, qps, a2))
 
                 # b, d: a broker with this node as the worker --------------------------------
                 broker = await make_broker(nursery, broker_id, realm, service, settings, mesh_a, broker_id,
@@ -299,6 +319,26 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 await mesh_c.connect(mesh_b.listen_addrs[0])
                 client = QueryClient(mesh_c, realm)
 
+                async def echo(stream) -> None:
+                    try:
+                        while data := await stream.read(65536):
+                            await stream.write(data)
+                    except Exception:  # the stream closing at the end of the run
+                        pass
+
+                mesh_b.host.set_stream_handler("/mtor-bench/echo/1", echo)
+                echo_stream = await mesh_c.host.new_stream(ID.from_base58(mesh_b.peer_id), ["/mtor-bench/echo/1"])
+                message = encode_frame(QueryFrame(signed_query(REVERSE_MODEL, client_id)), max_frame_bytes=1 << 20)
+
+                async def raw_round_trip() -> None:
+                    await echo_stream.write(message)
+                    got = 0
+                    while got < len(message):
+                        got += len(await echo_stream.read(65536))
+
+                lat, qps = await measure(raw_round_trip, args.queries, 1)  # one stream: one caller
+                results.append(summary("r  raw libp2p stream round trip", lat, qps, None))
+
                 async def raw_remote() -> None:
                     result = await client.call(mesh_b.peer_id, signed_query(REVERSE_MODEL, client_id), timeout_s=30)
                     assert result.data == expected
@@ -306,6 +346,25 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 # the worker refuses more than max_concurrent streams at once ("busy")
                 lat, qps = await measure(raw_remote, args.queries, min(args.concurrency, server.max_concurrent))
                 results.append(summary("c0 QueryClient A→B, no broker", lat, qps, a2))
+
+                # c1: c0 in a second realm whose server hands the handler no progress sink, as a2 runs:
+                # c1 - a2 is what the protocol and the network cost, without the per-token hops of a3.
+                realm_quiet = bytes(reversed(realm))
+
+                async def without_progress(q: Query, progress) -> object:
+                    return await remote_worker.handle(q, None)
+
+                quiet_server = QueryServer(mesh_b, realm_quiet, worker_id, without_progress,
+                                           capabilities=remote_worker.serves_wire())
+                await nursery.start(quiet_server.run)
+                quiet_client = QueryClient(mesh_c, realm_quiet)
+
+                async def quiet_remote() -> None:
+                    signed = signed_query(REVERSE_MODEL, client_id, realm_quiet)
+                    assert (await quiet_client.call(mesh_b.peer_id, signed, timeout_s=30)).data == expected
+
+                lat, qps = await measure(quiet_remote, args.queries, min(args.concurrency, quiet_server.max_concurrent))
+                results.append(summary("c1 c0, handler without progress", lat, qps, a2))
                 remote_broker = await make_broker(nursery, broker_id, realm, service, settings, mesh_a, worker_id,
                                                   {"chat": (REVERSE_MODEL,)}, None)
                 lat, qps = await measure(through(remote_broker, REVERSE_MODEL, "c"), args.queries, args.concurrency)

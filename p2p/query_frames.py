@@ -110,6 +110,27 @@ def _progress_ok(kind: Any, data: Any) -> bool:
     return False
 
 
+#: Upper bound on what a progress frame adds to its data: prefix, map keys, seq and kind.
+PROGRESS_OVERHEAD_BYTES = 64
+
+
+def progress_size(kind: str, data: Any, *, max_frame_bytes: int) -> int:
+    """An upper bound on the encoded size of a progress frame; raises :class:`FrameError` if it is invalid.
+
+    Cheap (no encoding), so a worker can check every token before queueing it
+    and batch several into one write; :func:`encode_frame` checks again on the way out.
+    """
+    if not _progress_ok(kind, data):
+        raise FrameError(FrameProblem.BAD_FIELD, f"progress {str(kind)[:16]!r} with ill-typed data")
+    try:
+        size = PROGRESS_OVERHEAD_BYTES + (len(data.encode("utf-8")) if isinstance(data, str) else 20)
+    except UnicodeEncodeError:
+        raise FrameError(FrameProblem.BAD_FIELD, "progress text is not valid Unicode") from None
+    if size > max_frame_bytes:
+        raise FrameError(FrameProblem.OVERSIZED, f"progress frame of about {size} > {max_frame_bytes} bytes")
+    return size
+
+
 def _from_obj(obj: Any) -> Frame:
     if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
         raise FrameError(FrameProblem.GARBAGE, "a frame is a map with a text 't'")
@@ -181,6 +202,11 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buffer)
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more bytes are fed."""

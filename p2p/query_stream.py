@@ -1,24 +1,27 @@
 """Trio shell of the query protocol, worker side: :class:`QueryServer` (the broker side is
 :class:`p2p.query_client.QueryClient`).
 
-One libp2p stream carries one query on ``/mtor/<realm>/query/1``:
+A libp2p stream on ``/mtor/<realm>/query/1`` carries queries one at a time, as many as the
+broker sends before it closes the stream:
 
     broker -> worker   query frame (the signed envelope)
     worker -> broker   progress frames (seq 0, 1, 2, ...), then one result or error frame
     broker -> worker   at any time: a cancel frame, or closing the stream, cancels the query
+    ... then the next query frame on the same stream, or the end of the stream
 
 The broker keeps its write side open until the answer comes: a half-close
 counts as a cancel. All checking is :mod:`p2p.query_wire`; this module only
 moves frames, runs the handler under cancel scopes and turns failures into
 typed errors that say who failed.
 
-Guarantees: the server answers every stream with at most one result or error
-frame; a handler's exception never reaches the server or libp2p; at most
-``max_concurrent`` queries run at once (more get a retryable ``busy`` at
-once); a handler runs no longer than its query's ``expiry_ms``. The client
-raises only :class:`QueryFailed` for anything the worker or the network did.
-Not provided yet: stream reuse between queries (one stream per query; see
-docs/protocol.md).
+Guarantees: the server answers every query with exactly one result or error
+frame unless the broker cancelled it; every query is checked in full, whatever
+stream it came on; a handler's exception never reaches the server or libp2p;
+at most ``max_concurrent`` queries run at once (more get a retryable ``busy``
+at once); a handler runs no longer than its query's ``expiry_ms``; an idle
+stream is closed after ``idle_timeout_s``. The client raises only
+:class:`QueryFailed` for anything the worker or the network did. See
+docs/protocol.md, "Stream reuse".
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import trio
 from libp2p.abc import INetStream
@@ -39,14 +42,18 @@ from node.identity import Identity
 from p2p.host import MeshHost, peer_id_for
 from p2p.stream_server import ProtocolServer
 from p2p.query_frames import (
+    CancelFrame,
+    ErrorFrame,
     Frame,
     FrameDecoder,
+    PROGRESS_OVERHEAD_BYTES,
     FrameError,
     ProgressFrame,
     QueryFrame,
     ResultFrame,
     encode_frame,
     error_frame,
+    progress_size,
 )
 from p2p.query_wire import (
     NonceWindow,
@@ -111,14 +118,6 @@ async def _quietly(action: Callable[[], Awaitable[Any]]) -> None:
 # ---------------------------------------------------------------------- server
 
 
-@dataclass
-class _Exchange:
-    """One inbound stream; ``finished`` once a reply (or nothing) was sent and the stream closed."""
-
-    stream: INetStream
-    finished: bool = False
-
-
 class WorkerFault(Exception):
     """Raised by a handler: the query failed on this worker. Sent as an error frame blamed on the worker.
 
@@ -144,20 +143,60 @@ class HandlerResult:
 class ProgressSink:
     """Sends a handler's progress frames, numbered in order, on the query's stream.
 
-    Sending blocks while the broker does not read (stream flow control); the
-    query's expiry bounds that. Raises :class:`FrameError` for a frame over
-    the size limit; the server reports that as an internal error.
+    ``send`` queues the frame and returns; a writer task writes everything
+    queued so far in one stream write, at most once per ``flush_interval_s``
+    (the first frame goes at once), so a fast handler's tokens cost one write
+    per batch, not one per token (consecutive tokens are also merged into one
+    frame). A token a slow model makes every 20 ms is still sent the moment
+    it comes. The seq numbers stay 0, 1, 2, ... in write order, and
+    :meth:`drain` hands back what is still queued so that the reply goes out
+    behind it at once. At most ``max_queued_bytes`` wait at once: beyond that ``send``
+    blocks until the writer catches up (stream flow control, bounded by the
+    query's expiry). Raises :class:`FrameError` for an invalid or oversized
+    frame (the server reports that as an internal error) and
+    :class:`_StreamBroken` once a write has failed.
+
+    Without a nursery (tests, tools) every ``send`` writes at once.
     """
 
-    def __init__(self, stream: INetStream, limits: QueryLimits) -> None:
+    def __init__(self, stream: INetStream, limits: QueryLimits, nursery: trio.Nursery | None = None, *,
+                 flush_interval_s: float = 0.002, max_queued_bytes: int = 256 * 1024) -> None:
         self._stream = stream
+        self._flush_interval_s = flush_interval_s
+        self._last_write = -float("inf")
+        self._in_write = False
         self._limits = limits
-        self.sent = 0
+        self._nursery = nursery
+        self._max_queued_bytes = max(max_queued_bytes, limits.max_frame_bytes)
+        self._queued: list[tuple[str, Any]] = []
+        self._queued_bytes = 0
+        self._last_token_bytes = 0
+        self._writing = False
+        self._written = trio.Event()
+        self._broken: _StreamBroken | None = None
+        self.sent = 0  #: frames numbered so far
+        self.writes = 0  #: stream writes so far (tests and benches read it)
 
     async def send(self, kind: str, data: str | list[int]) -> None:
-        frame = ProgressFrame(self.sent, kind, data)
-        await _write(self._stream, encode_frame(frame, max_frame_bytes=self._limits.max_frame_bytes))
-        self.sent += 1
+        if self._broken is not None:
+            raise self._broken
+        size = progress_size(kind, data, max_frame_bytes=self._limits.max_frame_bytes)
+        if (kind == "token" and self._queued and self._queued[-1][0] == "token"
+                and self._last_token_bytes + size <= self._limits.max_frame_bytes):
+            self._queued[-1] = ("token", self._queued[-1][1] + data)
+            self._last_token_bytes += size - PROGRESS_OVERHEAD_BYTES
+        else:
+            self._queued.append((kind, data))
+            self._last_token_bytes = size
+        self._queued_bytes += size
+        if self._nursery is None:
+            await self._write_queued()
+            return
+        if not self._writing:
+            self._writing = True
+            self._nursery.start_soon(self._writer)
+        while self._queued_bytes > self._max_queued_bytes and self._broken is None:
+            await self._written.wait()
 
     async def token(self, text: str) -> None:
         await self.send("token", text)
@@ -168,12 +207,86 @@ class ProgressSink:
     async def status(self, text: str) -> None:
         await self.send("status", text)
 
+    def _take_queued(self) -> bytes:
+        frames = []
+        for kind, data in self._queued:
+            frames.append(encode_frame(ProgressFrame(self.sent, kind, data), max_frame_bytes=self._limits.max_frame_bytes))
+            self.sent += 1
+        self._queued, self._queued_bytes, self._last_token_bytes = [], 0, 0
+        return b"".join(frames)
+
+    async def _write_queued(self) -> None:
+        data = self._take_queued()
+        if data:
+            self.writes += 1
+            self._in_write = True
+            try:
+                await _write(self._stream, data)
+            finally:
+                self._in_write = False
+                self._last_write = trio.current_time()
+
+    def _wake_waiters(self) -> None:
+        self._written.set()
+        self._written = trio.Event()
+
+    async def _writer(self) -> None:
+        try:
+            while self._queued and self._broken is None:
+                await trio.sleep_until(self._last_write + self._flush_interval_s)
+                await self._write_queued()
+                self._wake_waiters()
+        except _StreamBroken as exc:
+            self._broken = exc
+        finally:
+            self._writing = False
+            self._wake_waiters()
+
+    async def drain(self) -> bytes:
+        """The frames still queued, encoded, to send ahead of the reply (after any write in progress)."""
+        while self._in_write:
+            await self._written.wait()
+        if self._broken is not None:
+            raise self._broken
+        return self._take_queued()
+
 
 Handler = Callable[[Query, ProgressSink], Awaitable[HandlerResult]]
 
 
+class _Session:
+    """One inbound stream and where its current query stands."""
+
+    def __init__(self, stream: INetStream) -> None:
+        self.stream = stream
+        self.awaiting_reply = False  #: a query was accepted and its result/error frame is not sent yet
+        self.usable = True  #: False once a write failed or timed out (the stream was reset)
+
+
+_Inbound = Union[Frame, FrameError]
+
+
+@dataclass(frozen=True)
+class _EncodedResult:
+    """A result frame, encoded once (the size check and the send share the bytes)."""
+
+    data: bytes
+
+
+#: Error codes after which the server ends the stream instead of waiting for the next query.
+SESSION_ENDING_CODES = frozenset({"bad_frame", "shutting_down"})
+
+
 class QueryServer(ProtocolServer):
     """Answers queries on this realm's query protocol with ``handler``.
+
+    A stream carries queries one after another: after each result or error
+    frame the server waits up to ``idle_timeout_s`` for the next query frame
+    on the same stream (``first_frame_timeout_s`` for the first), and ends the
+    stream when the peer closes it, after a cancel, after a ``bad_frame``, or
+    when ``max_idle_streams`` streams already wait idle. Every query is checked
+    in full (signature, realm, expiry, replay, limits), whatever stream it
+    came on.
 
     The handler must do heavy work off the event loop (``trio.to_thread``
     with a limiter) and be cancellable: a cancel frame, a closed stream, the
@@ -193,6 +306,8 @@ class QueryServer(ProtocolServer):
         capabilities: Mapping[str, Collection[str]] | None = None,
         replay: NonceWindow | None = None,
         first_frame_timeout_s: float = 10.0,
+        idle_timeout_s: float = 60.0,
+        max_idle_streams: int = 64,
         write_timeout_s: float = 10.0,
         now_ms: Callable[[], int] = wall_ms,
     ) -> None:
@@ -209,11 +324,14 @@ class QueryServer(ProtocolServer):
         self.capabilities = capabilities
         self.replay = replay if replay is not None else NonceWindow()
         self.first_frame_timeout_s = first_frame_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_idle_streams = max_idle_streams
         self.write_timeout_s = write_timeout_s
         self.now_ms = now_ms
         self.protocol = query_protocol(realm_id.hex())
         self.stats: collections.Counter[str] = collections.Counter()
-        self.active = 0
+        self.active = 0  #: queries running now
+        self.idle_streams = 0  #: streams waiting for their next query
         self._nursery: trio.Nursery | None = None
 
     async def _on_stream(self, stream: INetStream) -> None:
@@ -228,111 +346,176 @@ class QueryServer(ProtocolServer):
         await done.wait()
 
     async def _serve(self, stream: INetStream, done: trio.Event) -> None:
-        exchange = _Exchange(stream)
+        session = _Session(stream)
+        self.stats["streams"] += 1
         try:
-            if self.active >= self.max_concurrent:
-                self.stats["busy"] += 1
-                message = f"worker is running {self.active} queries, its limit"
-                await self._finish(exchange, error_frame("busy", message, Blame.BROKER, True))
-                return
-            self.active += 1
-            try:
-                reply = await self._serve_query(exchange)
-            except Exception as exc:  # a bug here must cost one query, not the server
-                logger.exception("query stream failed")
-                self.stats["internal"] += 1
-                reply = error_frame("internal", f"{type(exc).__name__}: {exc}", Blame.WORKER, True)
-            finally:
-                self.active -= 1
-            await self._finish(exchange, reply)
+            async with trio.open_nursery() as nursery:
+                inbound_in, inbound = trio.open_memory_channel[_Inbound](0)
+                nursery.start_soon(self._read_inbound, stream, inbound_in)
+                try:
+                    await self._serve_queries(session, inbound)
+                except Exception as exc:  # a bug here must cost one stream, not the server
+                    logger.exception("query stream failed")
+                    self.stats["internal"] += 1
+                    if session.awaiting_reply:
+                        await self._reply(session, error_frame("internal", f"{type(exc).__name__}: {exc}",
+                                                               Blame.WORKER, True))
+                nursery.cancel_scope.cancel()
         except BaseException:
-            # Cancelled, bare or in a group: the server is stopping. Say so if nothing was sent.
-            if not exchange.finished:
+            # Cancelled, bare or in a group: the server is stopping. Say so if a query waits for it;
+            # an idle stream is only closed (a frame there would answer the broker's next query).
+            if session.awaiting_reply and session.usable:
                 self.stats["shutdown"] += 1
                 with trio.CancelScope(shield=True):
                     frame = error_frame("shutting_down", "worker is shutting down", Blame.NETWORK, True)
-                    await self._finish(exchange, frame, timeout_s=0.5)
+                    await self._reply(session, frame, timeout_s=0.5)
             raise
         finally:
+            if session.usable:
+                with trio.CancelScope(shield=True), trio.move_on_after(0.5) as scope:
+                    await _quietly(stream.close)
+                if scope.cancelled_caught:
+                    await _quietly(stream.reset)
             done.set()
 
-    async def _finish(self, exchange: _Exchange, frame: Frame | None, *, timeout_s: float | None = None) -> None:
-        """Send ``frame`` (if any) and close, all within the write timeout. Once per stream."""
-        stream, exchange.finished = exchange.stream, True
-        with trio.move_on_after(self.write_timeout_s if timeout_s is None else timeout_s) as scope:
-            if frame is not None:
-                try:
-                    await _write(stream, encode_frame(frame, max_frame_bytes=self.limits.max_frame_bytes))
-                except _StreamBroken:
-                    self.stats["send_failed"] += 1
-                    await _quietly(stream.reset)
-                    return
-            await _quietly(stream.close)
-        if scope.cancelled_caught:
-            self.stats["send_timeout"] += 1
-            await _quietly(stream.reset)
-
-    async def _serve_query(self, exchange: _Exchange) -> Frame | None:
-        """The reply to this stream's query (None: close without a word)."""
-        stream = exchange.stream
+    async def _read_inbound(self, stream: INetStream, inbound_in: trio.MemorySendChannel[_Inbound]) -> None:
+        """The stream's only reader: frames (or the framing error) in order; closing the channel means it ended."""
         decoder = FrameDecoder(max_frame_bytes=self.limits.max_frame_bytes)
-        frame: Frame | None = None
-        with trio.move_on_after(self.first_frame_timeout_s):
+        async with inbound_in:
+            while True:
+                try:
+                    frame = await _read_frame(stream, decoder)
+                except FrameError as exc:
+                    await inbound_in.send(exc)
+                    return
+                except _StreamBroken:
+                    return
+                if frame is None:
+                    return
+                await inbound_in.send(frame)
+
+    async def _next_inbound(self, session: _Session, inbound: trio.MemoryReceiveChannel[_Inbound],
+                            timeout_s: float) -> _Inbound | None:
+        """The next frame, or None when the peer closed the stream or sent nothing in ``timeout_s``."""
+        with trio.move_on_after(timeout_s):
             try:
-                frame = await _read_frame(stream, decoder)
-            except FrameError as exc:
+                return await inbound.receive()
+            except trio.EndOfChannel:
+                return None
+        return None
+
+    async def _serve_queries(self, session: _Session, inbound: trio.MemoryReceiveChannel[_Inbound]) -> None:
+        first = True
+        while session.usable:
+            if first:
+                item = await self._next_inbound(session, inbound, self.first_frame_timeout_s)
+            else:
+                self.idle_streams += 1
+                try:
+                    item = await self._next_inbound(session, inbound, self.idle_timeout_s)
+                finally:
+                    self.idle_streams -= 1
+            if item is None:
+                self.stats["no_query" if first else "stream_ended"] += 1
+                return
+            if isinstance(item, CancelFrame):  # a cancel that crossed our reply: the broker drops the stream
+                self.stats["late_cancel"] += 1
+                return
+            if not isinstance(item, QueryFrame):
                 self.stats["bad_frame"] += 1
-                return error_frame("bad_frame", str(exc), Blame.BROKER, False)
-            except _StreamBroken:
-                frame = None
-        if frame is None:
-            self.stats["no_query"] += 1
-            return None
-        if not isinstance(frame, QueryFrame):
-            self.stats["bad_frame"] += 1
-            return error_frame("bad_frame", f"expected a query frame, got {type(frame).__name__}", Blame.BROKER, False)
+                detail = str(item) if isinstance(item, FrameError) else f"expected a query frame, got {type(item).__name__}"
+                await self._reply(session, error_frame("bad_frame", detail, Blame.BROKER, False))
+                return
+            first = False
+            if self.active >= self.max_concurrent:
+                self.stats["busy"] += 1
+                message = f"worker is running {self.active} queries, its limit"
+                await self._reply(session, error_frame("busy", message, Blame.BROKER, True))
+                continue
+            self.active += 1
+            try:
+                if not await self._answer(session, inbound, item):
+                    return
+            finally:
+                self.active -= 1
+            if self.idle_streams >= self.max_idle_streams:
+                self.stats["idle_limit"] += 1
+                return
+
+    async def _answer(self, session: _Session, inbound: trio.MemoryReceiveChannel[_Inbound],
+                      frame: QueryFrame) -> bool:
+        """Check and run one query and send its reply; False when the stream must end (cancelled, broken)."""
         checked = check_query(
             frame.query, realm_id=self.realm_id, now_ms=self.now_ms(), replay=self.replay,
             limits=self.limits, capabilities=self.capabilities,
         )
+        session.awaiting_reply = True
         if checked.query is None:
             self.stats[checked.verdict.value] += 1
             message = checked.detail or checked.verdict.value.replace("_", " ")
-            return error_frame(checked.verdict.value, message, Blame.BROKER, checked.verdict.retryable)
-        return await self._run_handler(stream, decoder, checked.query)
-
-    async def _run_handler(self, stream: INetStream, decoder: FrameDecoder, query: Query) -> Frame | None:
-        """The reply frame, or None when the broker cancelled (nothing to send)."""
+            return await self._reply(session, error_frame(checked.verdict.value, message, Blame.BROKER,
+                                                          checked.verdict.retryable))
+        query = checked.query
         cancelled_by_peer = False
-        reply: Frame | None = None
         started = trio.current_time()
 
-        async def watch_peer(scope: trio.CancelScope) -> None:
-            nonlocal cancelled_by_peer
-            try:
-                frame = await _read_frame(stream, decoder)
-            except (FrameError, _StreamBroken):
-                frame = None
-            # A cancel frame, the end of the stream, a reset or anything else: stop.
-            del frame
-            cancelled_by_peer = True
-            scope.cancel()
+        watching = trio.CancelScope()
 
-        seconds_left = max(0, query.expiry_ms - self.now_ms()) / 1000
+        async def watch_peer(scope: trio.CancelScope) -> None:
+            # While the handler runs, anything from the broker (a cancel frame, the end of the
+            # stream, a reset, garbage) stops it. The watch ends before the reply goes out, so
+            # the broker's next query, sent once it has our reply, is left for the session loop.
+            nonlocal cancelled_by_peer
+            with watching:
+                try:
+                    await inbound.receive()
+                except trio.EndOfChannel:
+                    pass
+                cancelled_by_peer = True
+                scope.cancel()
+
+        kept = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_peer, nursery.cancel_scope)
+            sink = ProgressSink(session.stream, self.limits, nursery)
+            seconds_left = max(0, query.expiry_ms - self.now_ms()) / 1000
             with trio.move_on_after(seconds_left) as expiry:
-                reply = await self._call_handler(query, ProgressSink(stream, self.limits), started)
+                reply = await self._call_handler(query, sink, started)
+            watching.cancel()
             if expiry.cancelled_caught:
                 reply = error_frame("timeout", "query expired before the worker finished", Blame.WORKER, True)
+            self.stats["ok" if isinstance(reply, _EncodedResult) else getattr(reply, "code", "internal")] += 1
+            kept = await self._reply(session, reply, sink)
             nursery.cancel_scope.cancel()
         if cancelled_by_peer:
             self.stats["cancelled"] += 1
-            return None
-        self.stats["ok" if isinstance(reply, ResultFrame) else getattr(reply, "code", "internal")] += 1
-        return reply
+            return False
+        return kept
 
-    async def _call_handler(self, query: Query, sink: ProgressSink, started: float) -> Frame:
+    async def _reply(self, session: _Session, frame: Frame | _EncodedResult, sink: ProgressSink | None = None, *,
+                     timeout_s: float | None = None) -> bool:
+        """Send what ``sink`` still holds and then ``frame``, within the write timeout; False if that failed."""
+        stream = session.stream
+        with trio.move_on_after(self.write_timeout_s if timeout_s is None else timeout_s) as scope:
+            try:
+                ahead = await sink.drain() if sink is not None else b""
+                data = frame.data if isinstance(frame, _EncodedResult) else encode_frame(
+                    frame, max_frame_bytes=self.limits.max_frame_bytes)
+                await _write(stream, ahead + data)
+            except _StreamBroken:
+                self.stats["send_failed"] += 1
+                session.usable = session.awaiting_reply = False
+                await _quietly(stream.reset)
+                return False
+            session.awaiting_reply = False
+            return not (isinstance(frame, ErrorFrame) and frame.code in SESSION_ENDING_CODES)
+        assert scope.cancelled_caught
+        self.stats["send_timeout"] += 1
+        session.usable = session.awaiting_reply = False
+        await _quietly(stream.reset)
+        return False
+
+    async def _call_handler(self, query: Query, sink: ProgressSink, started: float) -> Frame | _EncodedResult:
         try:
             result = await self.handler(query, sink)
         except WorkerFault as fault:
@@ -343,16 +526,16 @@ class QueryServer(ProtocolServer):
         processing_ms = int((trio.current_time() - started) * 1000)
         return self._result_frame(query, result, processing_ms)
 
-    def _result_frame(self, query: Query, result: Any, processing_ms: int) -> Frame:
+    def _result_frame(self, query: Query, result: Any, processing_ms: int) -> Frame | _EncodedResult:
         want = str if query.result_type == "text" else bytes
         if not isinstance(result, HandlerResult) or result.result_type != query.result_type or not isinstance(result.data, want):
             return error_frame("bad_result", f"handler returned no valid {query.result_type} result", Blame.WORKER, True)
         raw = result_bytes(result.result_type, result.data)
         receipt = make_receipt(self.identity, query, result_type=result.result_type, result=raw,
                                processing_ms=processing_ms, ts_ms=self.now_ms())
-        frame = ResultFrame(result.result_type, result.data, receipt)
         try:
-            encode_frame(frame, max_frame_bytes=self.limits.max_frame_bytes)
+            data = encode_frame(ResultFrame(result.result_type, result.data, receipt),
+                                max_frame_bytes=self.limits.max_frame_bytes)
         except FrameError as exc:
             return error_frame("result_too_large", str(exc), Blame.WORKER, False)
-        return frame
+        return _EncodedResult(data)

@@ -152,7 +152,7 @@ async def test_reverse_query_streams_progress_and_returns_a_verified_receipt():
             verdict = check_receipt(result.receipt, query=signed, result_bytes=b"olleh",
                                     expected_worker=public_key_of(worker.mesh.peer_id))
             assert verdict is ReceiptVerdict.OK
-            # A second query on a fresh stream works too.
+            # A second query works too (on the same stream, from the pool).
             again = await broker.client.call(worker.mesh.peer_id, broker.query("ab"), timeout_s=5)
             assert again.data == "ba" and worker.server.stats["ok"] == 2
 
