@@ -253,7 +253,10 @@ class Broker:
         self.dispatcher_restarts = 0
         self.on_dispatcher_restart: Callable[[int], None] | None = None
         self._dispatcher_beat = 0.0
-        # Nonces only grow, across restarts too: microseconds of wall time, then +1 per query.
+        # Nonces only grow, across restarts too: microseconds of wall time at start, then +1 per
+        # query (a restarted broker starts above the old count unless it averaged over a query per
+        # µs). Not wall time per query: queries signed ms apart and delivered out of order on
+        # parallel streams would then be over the worker's replay window (1024) apart.
         self._nonce = time.time_ns() // 1000
         self.completed = 0
         self.failed = 0
@@ -453,7 +456,7 @@ class Broker:
         log.info("query %s: worker %s failed (%s, blamed on %s)", ticket.query_id.hex()[:8], worker[-8:], code, blame.value)
 
     def _signed_query(self, ticket: Ticket) -> dict:
-        self._nonce = max(self._nonce + 1, time.time_ns() // 1000)
+        self._nonce += 1
         now = wall_ms()
         ask = ticket.ask
         return make_query(

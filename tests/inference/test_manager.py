@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from inference.base import BackendError, Cancelled, MemoryBudgetExceeded, ModelLoadError
+import inference.manager as manager_mod
 from inference.manager import ModelManager, UnknownBackend
 
 from .fakes import CountingBackend
@@ -121,7 +122,8 @@ async def test_idle_unloader_service_unloads_idle_models(autojump_clock):
     assert backend.unloads == 1
 
 
-async def test_cancel_stops_the_worker_promptly():
+async def test_cancel_stops_the_worker_promptly(monkeypatch):
+    monkeypatch.setattr(manager_mod, "PROGRESS_BATCH_S", 0.0)  # one hop per event: checks at every event
     mgr = make()
     backend = CountingBackend("a")
     mgr.register(backend)
@@ -244,3 +246,28 @@ async def test_unregister_while_running_lets_the_run_finish_then_unloads():
         backend.gate.release()
     assert results == [[0, 1, 2]]
     assert not backend.loaded and backend.unloads == 1 and mgr.loaded_mb == 0
+
+
+async def test_progress_is_batched_in_order_and_complete_before_the_result():
+    """A fast backend's events (batched on its thread) all reach the loop, in order, before run()
+    returns; a consumer that cancels mid-batch gets nothing after its cancel."""
+    mgr = make()
+    backend = CountingBackend("a")
+    mgr.register(backend)
+    seen = []
+
+    async def on_progress(event):
+        seen.append(event)
+
+    await mgr.run("a", 20_000, on_progress=on_progress)
+    assert seen == list(range(20_000)), (seen[:5], len(seen))
+
+    seen.clear()
+    with trio.CancelScope() as scope:
+        async def cancelling(event):
+            seen.append(event)
+            if len(seen) == 50:
+                scope.cancel()
+
+        await mgr.run("a", 10_000_000, on_progress=cancelling)
+    assert scope.cancelled_caught and seen == list(range(50)) and not backend.running
