@@ -23,6 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ledger.address import AddressError, decode_address
+from ledger.blocks import BlockError, parse_block
+from ledger.validate import check_ranges
+from ledger.verdicts import Verdict as BlockVerdict
 from node import codec, signing
 from p2p.ads import MAX_AD_BYTES, check_ad_body
 from p2p.topics import ANNOUNCE, LEDGER, SYSOP
@@ -47,6 +50,7 @@ class Verdict(enum.Enum):
     BAD_SIGNER = "bad_signer"  # the signer field names no valid key
     BAD_SIGNATURE = "bad_signature"
     MULTI_TOPIC = "multi_topic"  # a pubsub message claiming several topics at once
+    RATE_LIMITED = "rate_limited"  # its origin sent more on this topic than its rate allows
 
     @property
     def action(self) -> Action:
@@ -57,7 +61,9 @@ class Verdict(enum.Enum):
         return Action.REJECT
 
 
-_IGNORED = frozenset({Verdict.DUPLICATE, Verdict.STALE, Verdict.TS_OUT_OF_WINDOW})
+#: RATE_LIMITED is ignored too: a relay passing on a flood is not at fault; the gossip
+#: service penalises the flood's origin itself when it is a direct neighbour.
+_IGNORED = frozenset({Verdict.DUPLICATE, Verdict.STALE, Verdict.TS_OUT_OF_WINDOW, Verdict.RATE_LIMITED})
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,24 @@ class EnvelopeRules:
     ts_window_s: int | None = 60
     #: Topic-specific schema check run before the signature; returns what is wrong, or None.
     body_check: Callable[[dict], str | None] | None = None
+    #: Like ``body_check``, on the message's bytes (for formats with their own strict decoder).
+    data_check: Callable[[bytes], str | None] | None = None
+
+
+def check_block_bytes(data: bytes) -> str | None:
+    """What makes ``data`` no ledger block at all, judged without any other block; None if nothing.
+
+    The ledger's own strict decoder (exact fields, types, canonical encoding) and
+    its self-contained range rules (height/type/previous, amount, balance). A block
+    that fails these is invalid on every node, so its forwarder can be penalised;
+    everything that needs other blocks (balances, forks) stays with the ledger.
+    """
+    try:
+        block = parse_block(data)
+    except BlockError as exc:
+        return f"not a ledger block: {exc}"
+    finding = check_ranges(block)
+    return None if finding.verdict is BlockVerdict.ACCEPTED else f"{finding.verdict.value}: {finding.detail}"
 
 
 def default_rules(ts_window_s: int = 60) -> dict[str, EnvelopeRules]:
@@ -79,7 +103,7 @@ def default_rules(ts_window_s: int = 60) -> dict[str, EnvelopeRules]:
     one height (a fork) both reach the ledger as evidence."""
     return {
         ANNOUNCE: EnvelopeRules("ad", MAX_AD_BYTES, "address", "seq", ts_window_s, check_ad_body),
-        LEDGER: EnvelopeRules("block", 4 * 1024, "account", None, None),
+        LEDGER: EnvelopeRules("block", 4 * 1024, "account", None, None, data_check=check_block_bytes),
         SYSOP: EnvelopeRules("sysop", 8 * 1024, "address", "seq", ts_window_s),
     }
 
@@ -142,6 +166,10 @@ def check_envelope(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: i
         return Checked(Verdict.BAD_SIGNER, detail=f"body.{rules.signer_field} is not an address or key")
     if rules.body_check is not None:
         problem = rules.body_check(body)
+        if problem is not None:
+            return Checked(Verdict.BAD_BODY, detail=problem)
+    if rules.data_check is not None:
+        problem = rules.data_check(data)
         if problem is not None:
             return Checked(Verdict.BAD_BODY, detail=problem)
     if not signing.verify(signer, rules.kind, body, sig):

@@ -12,7 +12,12 @@ Contract:
   a subscriber that falls behind loses messages (counted in ``dropped``)
   rather than slowing the mesh: gossip is lossy and ads repeat;
 * :meth:`Gossip.publish` checks the envelope locally first and raises
-  :class:`GossipPublishError` with the verdict instead of silently dropping.
+  :class:`GossipPublishError` with the verdict instead of silently dropping;
+* a peer whose score falls below :data:`p2p.scoring.DISCONNECT_THRESHOLD`
+  (two invalid messages, a flood past the rate limit, or two malformed
+  stream frames reported through :meth:`Gossip.penalize`) is blacklisted in
+  pubsub, disconnected and kept out for ``ban_s``: a banned peer that
+  reconnects is hung up on at once.
 
 The node's own messages are delivered to its own subscribers too.
 """
@@ -26,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
+from libp2p.abc import INotifee
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -36,8 +42,8 @@ from node import codec, signing
 from p2p.envelope import Action, EnvelopeRules, TopicValidator, Verdict, default_rules, signer_key
 from p2p.errors import P2PError
 from p2p.host import MeshHost
-from p2p.scoring import MeshScorer, scoring_params
-from p2p.topics import TOPIC_NAMES, RealmTopics
+from p2p.scoring import DISCONNECT_THRESHOLD, FLOOD_PENALTY, BanList, MeshScorer, OriginRateLimiter, scoring_params
+from p2p.topics import ANNOUNCE, LEDGER, SYSOP, TOPIC_NAMES, RealmTopics
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,18 @@ class GossipConfig:
     max_messages_per_topic_per_second: float = 200.0
     max_replay_entries: int = 10_000
     seen_ttl_s: int = 120
+    #: Per message origin and topic, (messages/s, burst), checked before any signature: beyond
+    #: it messages are ignored at every hop and a directly connected origin is penalised. An
+    #: Announcer sends at most 5 ads/s (min_gap_s 0.2 s), a busy broker a few hundred payment
+    #: blocks/s (bench/broker.py), a sysop a few messages a minute: 4x headroom or more.
+    origin_rates: tuple[tuple[str, float, int], ...] = (
+        (ANNOUNCE, 20.0, 50), (LEDGER, 1000.0, 2000), (SYSOP, 20.0, 50),
+    )
+    #: How often connected peers' scores are checked against the disconnect threshold.
+    police_interval_s: float = 0.5
+    #: How long a disconnected misbehaving peer is refused.
+    ban_s: float = 300.0
+    disconnect_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -154,8 +172,14 @@ class Gossip:
         #: topic name -> messages a slow subscriber missed.
         self.dropped: Counter[str] = Counter()
         self._subscribers: dict[str, list[trio.MemorySendChannel[Delivery]]] = {n: [] for n in TOPIC_NAMES}
+        self.bans = BanList(ban_s=config.ban_s)
+        self.rates = {name: OriginRateLimiter(rate_per_s=rate, burst=burst)
+                      for name, rate, burst in config.origin_rates}
+        #: Connections closed because the peer was (or became) banned.
+        self.disconnects = 0
         self._pubsub: Pubsub | None = None
         self._router: GossipSub | None = None
+        self._nursery: trio.Nursery | None = None
 
     # ---- consumers -------------------------------------------------------
     def subscribe(self, name: str, *, queue_size: int | None = None) -> trio.MemoryReceiveChannel[Delivery]:
@@ -198,6 +222,20 @@ class Gossip:
             return 0.0
         return router.scorer.score(ID.from_base58(peer_id), list(self.topics.all().values()))
 
+    def is_banned(self, peer_id: str) -> bool:
+        return self.bans.is_banned(peer_id, trio.current_time())
+
+    def penalize(self, peer_id: str) -> None:
+        """Report a provably malformed frame from ``peer_id`` on a query or sync stream.
+
+        Lowers its score (:data:`p2p.scoring.STREAM_FAULT_PENALTY`); the police
+        loop disconnects and bans it once the score is below the threshold.
+        Not for network failures (timeouts, resets): those prove nothing.
+        """
+        router = self._router
+        if router is not None:
+            router.scorer.on_stream_fault(ID.from_base58(peer_id))
+
     def topic_peers(self, name: str) -> list[str]:
         """Connected peers that told us they subscribe to topic ``name``."""
         pubsub = self._pubsub
@@ -213,11 +251,17 @@ class Gossip:
     # ---- trio shell ------------------------------------------------------
     def _libp2p_validator(self, name: str, scorer: MeshScorer) -> Callable[[ID, rpc_pb2.Message], bool]:
         validator = self.validators[name]
+        own_id = self.mesh.host.get_id()
+        rates = self.rates[name]
 
         def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
             scorer.clear_pardon()
             if len(msg.topicIDs) != 1:
                 verdict, detail = Verdict.MULTI_TOPIC, f"{len(msg.topicIDs)} topics"
+            elif forwarder != own_id and not rates.allow(msg.from_id, trio.current_time()):
+                verdict, detail = Verdict.RATE_LIMITED, "origin over its rate"
+                if forwarder.to_bytes() == msg.from_id:
+                    scorer.penalize_behavior(forwarder, FLOOD_PENALTY)
             else:
                 checked = validator.validate(msg.data, self._now_ms())
                 verdict, detail = checked.verdict, checked.detail
@@ -248,6 +292,44 @@ class Gossip:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers[name].remove(send)
 
+    # ---- policing --------------------------------------------------------
+    async def _police(self, pubsub: Pubsub, router: GossipSub) -> None:
+        """Cut off every connected peer that is banned or scores below the threshold; lift old bans."""
+        topics = list(self.topics.all().values())
+        while True:
+            now = trio.current_time()
+            for peer in list(self.mesh.host.get_connected_peers()):
+                peer_id = peer.to_base58()
+                if self.bans.is_banned(peer_id, now):
+                    await self._cut_off(peer)
+                    continue
+                score = router.scorer.standing(peer, topics)
+                if score < DISCONNECT_THRESHOLD:
+                    self.bans.ban(peer_id, now, score=score)
+                    logger.warning("disconnecting and banning peer %s for %.0f s: score %.1f", peer_id,
+                                   self.config.ban_s, score)
+                    await self._cut_off(peer)
+            for peer_id in self.bans.expire(now):
+                pubsub.remove_from_blacklist(ID.from_base58(peer_id))
+            await trio.sleep(self.config.police_interval_s)
+
+    async def _cut_off(self, peer: ID) -> None:
+        pubsub = self._pubsub
+        if pubsub is not None and not pubsub.is_peer_blacklisted(peer):
+            pubsub.add_to_blacklist(peer)
+        with trio.move_on_after(self.config.disconnect_timeout_s):
+            try:
+                await self.mesh.host.disconnect(peer)
+                self.disconnects += 1
+            except Exception as exc:  # noqa: BLE001 - already gone, or retried next round
+                logger.debug("could not disconnect banned peer %s: %s", peer, exc)
+
+    def _on_connected(self, peer: ID) -> None:
+        """Network callback: hang up on a banned peer at once (never blocks libp2p)."""
+        nursery = self._nursery
+        if nursery is not None and self.bans.is_banned(peer.to_base58(), trio.current_time()):
+            nursery.start_soon(self._cut_off, peer)
+
     async def _pump(self, name: str, subscription) -> None:
         async for msg in subscription:
             self._deliver(name, msg)
@@ -259,6 +341,9 @@ class Gossip:
         assert isinstance(scorer, MeshScorer)
         for name, topic in self.topics.all().items():
             pubsub.set_topic_validator(topic, self._libp2p_validator(name, scorer), False)
+        network = self.mesh.host.get_network()
+        notifee = _BanNotifee(self._on_connected)
+        network.register_notifee(notifee)
         try:
             async with background_trio_service(pubsub), background_trio_service(router):
                 await pubsub.wait_until_ready()
@@ -269,11 +354,41 @@ class Gossip:
                 async with trio.open_nursery() as nursery:
                     for name, subscription in subscriptions.items():
                         nursery.start_soon(self._pump, name, subscription)
-                    self._pubsub, self._router = pubsub, router
+                    self._pubsub, self._router, self._nursery = pubsub, router, nursery
+                    nursery.start_soon(self._police, pubsub, router)
                     task_status.started()
         finally:
-            self._pubsub = self._router = None
+            network.remove_notifee(notifee)
+            self._pubsub = self._router = self._nursery = None
             for senders in self._subscribers.values():
                 for send in senders:
                     send.close()
                 senders.clear()
+
+
+class _BanNotifee(INotifee):
+    """Tells the gossip service of every new connection, so a banned peer is hung up on."""
+
+    def __init__(self, on_connected: Callable[[ID], None]) -> None:
+        self.on_connected = on_connected
+
+    async def connected(self, network, conn) -> None:
+        try:
+            self.on_connected(conn.muxed_conn.peer_id)
+        except Exception as exc:  # noqa: BLE001 - a notifee must never fail libp2p's dial
+            logger.debug("ban check on a new connection failed: %r", exc)
+
+    async def disconnected(self, network, conn) -> None:
+        return None
+
+    async def opened_stream(self, network, stream) -> None:
+        return None
+
+    async def closed_stream(self, network, stream) -> None:
+        return None
+
+    async def listen(self, network, multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network, multiaddr) -> None:
+        return None

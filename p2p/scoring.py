@@ -24,6 +24,14 @@ Known py-libp2p limits (see docs/p2p-notes.md): the arrival gate uses the
 per-topic score, so invalid ads do not by themselves gate that peer's ledger
 messages; validators can only say yes/no, so :class:`MeshScorer` adds the
 IGNORE outcome.
+
+py-libp2p never disconnects anyone for a bad score: a graylisted peer keeps
+its connection, its streams and its place in our peer table. The gossip
+service therefore cuts off every peer whose score over the realm's topics
+falls below :data:`DISCONNECT_THRESHOLD` and keeps it out for
+:data:`BAN_S` (:class:`BanList`): disconnecting alone would not do, since
+py-libp2p forgets a peer's score when it disconnects and a reconnecting
+attacker would start again from zero.
 """
 
 from __future__ import annotations
@@ -35,6 +43,24 @@ from libp2p.pubsub.score import PeerScorer, ScoreParams, TopicScoreParams
 GOSSIP_THRESHOLD = -10.0
 PUBLISH_THRESHOLD = -50.0
 GRAYLIST_THRESHOLD = -80.0
+
+#: Below this score (over all realm topics) a peer is disconnected and banned.
+DISCONNECT_THRESHOLD = GRAYLIST_THRESHOLD
+#: How long a cut-off peer is refused (s): longer than P4's decay needs to forgive
+#: two invalid messages (~70 heartbeats), so a ban never ends on a still-bad score.
+BAN_S = 300.0
+#: Behaviour penalty (P5) for a provably malformed frame on a query or sync stream
+#: (garbage, truncated, oversized): two such frames put a peer below the disconnect
+#: threshold even with full first-delivery credit (10 - (2 x 60 - 10 slack) = -100 < -80),
+#: one does not (10 - 50 = -40), like invalid gossip messages.
+STREAM_FAULT_PENALTY = 60.0
+
+#: Behaviour penalty (P5) per message a directly connected peer originates beyond its
+#: rate (see :class:`OriginRateLimiter`). Like P4 above, it must be large: once a peer's
+#: per-topic score is under the publish threshold its messages are no longer validated,
+#: so the message that crosses that gate must also cross the disconnect threshold
+#: (first: 10 - 50 = -40, still validated; second: 10 - 110 = -100, gated and cut off).
+FLOOD_PENALTY = 60.0
 
 #: Score lost per invalid message on a topic (P4). > PUBLISH - GRAYLIST + max credit, see above.
 INVALID_MESSAGE_WEIGHT = 50.0
@@ -79,6 +105,84 @@ def scoring_params() -> ScoreParams:
     )
 
 
+class BanList:
+    """Peers cut off for misbehaviour, each until a deadline. Pure: callers pass ``now`` (seconds).
+
+    Bounded: past ``max_entries`` the ban that ends first is dropped, so a flood of
+    fresh identities cannot grow memory without limit.
+    """
+
+    def __init__(self, *, ban_s: float = BAN_S, max_entries: int = 10_000) -> None:
+        self.ban_s = ban_s
+        self.max_entries = max_entries
+        self._until: dict[str, float] = {}
+        #: The score that got each banned peer banned (None: banned for another reason).
+        self.score_at_ban: dict[str, float | None] = {}
+        self.total = 0
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._until
+
+    def ban(self, peer_id: str, now: float, *, score: float | None = None) -> bool:
+        """Ban (or extend the ban of) ``peer_id``; True if it was not banned before."""
+        fresh = peer_id not in self._until
+        self._until[peer_id] = now + self.ban_s
+        self.score_at_ban[peer_id] = score
+        if fresh:
+            self.total += 1
+            while len(self._until) > self.max_entries:
+                oldest = min(self._until, key=self._until.__getitem__)
+                del self._until[oldest]
+                self.score_at_ban.pop(oldest, None)
+        return fresh
+
+    def is_banned(self, peer_id: str, now: float) -> bool:
+        until = self._until.get(peer_id)
+        return until is not None and now < until
+
+    def expire(self, now: float) -> list[str]:
+        """Forget the bans that ended; return those peers."""
+        ended = [peer for peer, until in self._until.items() if now >= until]
+        for peer in ended:
+            del self._until[peer]
+            self.score_at_ban.pop(peer, None)
+        return ended
+
+    def banned(self) -> list[str]:
+        return list(self._until)
+
+
+class OriginRateLimiter:
+    """Token buckets per (message origin, topic): ``burst`` at once, then ``rate_per_s``.
+
+    Keyed by the pubsub origin (``from_id``), not by the forwarding neighbour, so
+    an honest relay is never blamed for passing on someone else's flood: every
+    hop drops what the origin sends beyond its rate, and only the origin's own
+    connection is penalised (by the caller). Pure: callers pass ``now``.
+    Bounded: past ``max_entries`` the least recently used bucket is forgotten.
+    """
+
+    def __init__(self, *, rate_per_s: float, burst: float, max_entries: int = 10_000) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be positive and burst at least 1")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_entries = max_entries
+        self._buckets: dict[object, tuple[float, float]] = {}  # key -> (tokens, last refill)
+        self.limited = 0
+
+    def allow(self, key: object, now: float) -> bool:
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate_per_s)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)  # re-inserted: most recent last
+        if len(self._buckets) > self.max_entries:
+            del self._buckets[next(iter(self._buckets))]
+        if not allowed:
+            self.limited += 1
+        return allowed
+
+
 class MeshScorer(PeerScorer):
     """Shim: a PeerScorer that can pardon the forwarder of an IGNOREd message.
 
@@ -109,3 +213,23 @@ class MeshScorer(PeerScorer):
             self.pardons += 1
             return
         super().on_invalid_message(peer, topic)
+
+    def worst_topic_score(self, peer: ID, topics: list[str]) -> float:
+        """The lowest per-topic score with the behaviour penalty applied, as the arrival gate sees it.
+
+        The disconnect check uses this as well as the combined score: first-delivery credit
+        earned on other topics must not keep a peer that is gated on one topic connected.
+        """
+        behaviour = (self.behavior_penalty[peer] + self.graft_flood_penalties[peer] + self.iwant_spam_penalties[peer]
+                     + self.ihave_spam_penalties[peer] + self.equivocation_penalties[peer])
+        params = self.params
+        excess = max(0.0, behaviour - params.p5_behavior_penalty_threshold) * params.p5_behavior_penalty_weight
+        return min((self.topic_score(peer, t) for t in topics), default=0.0) - excess
+
+    def standing(self, peer: ID, topics: list[str]) -> float:
+        """What the disconnect threshold is compared with: the worse of combined and per-topic score."""
+        return min(self.score(peer, topics), self.worst_topic_score(peer, topics))
+
+    def on_stream_fault(self, peer: ID) -> None:
+        """A provably malformed frame from ``peer`` on one of our streams (P5)."""
+        self.penalize_behavior(peer, STREAM_FAULT_PENALTY)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from ledger import blocks
 from node import codec, signing
 from node.identity import Identity
 from p2p.envelope import Action, ReplayGuard, TopicValidator, Verdict, check_envelope, default_rules
@@ -41,6 +42,7 @@ def test_verdict_actions():
         Verdict.DUPLICATE,
         Verdict.STALE,
         Verdict.TS_OUT_OF_WINDOW,
+        Verdict.RATE_LIMITED,
     }
 
 
@@ -101,14 +103,20 @@ def test_ledger_dedups_by_content_so_forks_get_through():
     ident = Identity.generate()
     v = TopicValidator(RULES["ledger"], REALM)
 
-    def block(payload: str) -> bytes:
-        body = {"realm": REALM, "account": ident.address, "height": 3, "payload": payload}
-        return enc(signing.sign(ident.signing_key, "block", body))
+    def block(amount: int) -> bytes:  # real open blocks of one account, all at height 0
+        return blocks.make_open(ident, REALM, blocks.alloc_id(REALM, 0), amount, 1).raw
 
-    assert v.validate(block("a"), NOW).verdict is Verdict.ACCEPT
-    assert v.validate(block("a"), NOW).verdict is Verdict.DUPLICATE
-    assert v.validate(block("b"), NOW).verdict is Verdict.ACCEPT  # same height, other block: evidence
-    assert v.validate(block("c"), NOW + 10**9).verdict is Verdict.ACCEPT  # no time window for blocks
+    assert v.validate(block(5), NOW).verdict is Verdict.ACCEPT
+    assert v.validate(block(5), NOW).verdict is Verdict.DUPLICATE
+    assert v.validate(block(6), NOW).verdict is Verdict.ACCEPT  # same height, other block: evidence
+    assert v.validate(block(7), NOW + 10**9).verdict is Verdict.ACCEPT  # no time window for blocks
+
+
+def test_ledger_topic_refuses_a_signed_body_that_is_not_a_block():
+    ident = Identity.generate()
+    v = TopicValidator(RULES["ledger"], REALM)
+    body = {"realm": REALM, "account": ident.address, "height": 3, "payload": "a"}
+    assert v.validate(enc(signing.sign(ident.signing_key, "block", body)), NOW).verdict is not Verdict.ACCEPT
 
 
 def test_replay_guard_is_bounded():
