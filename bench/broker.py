@@ -19,7 +19,7 @@ One run, the same prompt on every path, every answer checked:
       {"response": reversed}) on 127.0.0.1:0, reached by an httpx backend registered as a chat model
 
 For each: p50/p99 latency of sequential queries, and queries/s with ``--concurrency`` callers.
-Then the ledger's share: one hold + one payment (what the broker does per query), and one
+Then the ledger's share: one hold + one grouped settlement (what the broker does per query), and one
 query record (ledger/records.py, proposed for the broker), each through the LedgerService.
 
 Usage: python bench/broker.py [--queries N] [--concurrency C] [--no-sync] [--prompt TEXT]
@@ -374,14 +374,15 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 results.append(summary("d  broker → legacy HTTP worker", lat, qps, a2))
 
                 # the ledger's share -------------------------------------------------------------
-                async def hold_and_pay() -> None:
+                async def hold_and_settle() -> None:
+                    # what the broker does per query: an unsynced hold, then the payment and the
+                    # hold's removal in one group-committed (fsynced) write shared with concurrent queries
                     query_id = secrets.token_bytes(16)
                     await service.call(lambda led: led.place_hold(payer.public_key, query_id, UNIT))
-                    await service.run_recorded(_pay, payer, query_id, worker_id.public_key,
-                                               secrets.token_bytes(32), b"receipt")
+                    await service.write_grouped(_pay, payer, query_id, worker_id.public_key, secrets.token_bytes(32))
 
-                lat, qps = await measure(hold_and_pay, args.queries, 1)
-                results.append(summary("ledger: hold + payment", lat, qps, None))
+                lat, qps = await measure(hold_and_settle, args.queries, args.concurrency)
+                results.append(summary("ledger: hold + grouped settle", lat, qps, None))
 
                 class Done:
                     def __init__(self) -> None:
@@ -400,6 +401,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 results.append({"path": "check", "broker_completed": broker.completed + remote_broker.completed,
                                 "broker_failed": broker.failed + remote_broker.failed,
                                 "verify_ok": (await service.call(lambda led: led.verify())).ok,
+                                "mean_group": service.group_parts / max(1, service.group_commits),
                                 "failures": failures})
             nursery.cancel_scope.cancel()
         ledger.close()
@@ -425,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':<34}{'p50 ms':>9}{'p99 ms':>9}{'q/s':>9}{'p50-a2':>9}{'×a2':>7}")
     for r in results:
         if r["path"] == "check":
-            print(f"check: {r['broker_completed']} completed, {r['broker_failed']} failed, verify ok={r['verify_ok']}")
+            print(f"check: {r['broker_completed']} completed, {r['broker_failed']} failed, verify ok={r['verify_ok']}, "
+                  f"{r['mean_group']:.1f} settlements per ledger commit")
             for what, count in r["failures"].items():
                 print(f"  {count:>5} × {what}")
             continue
