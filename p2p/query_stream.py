@@ -368,7 +368,7 @@ class QueryServer(ProtocolServer):
                 self.stats["shutdown"] += 1
                 with trio.CancelScope(shield=True):
                     frame = error_frame("shutting_down", "worker is shutting down", Blame.NETWORK, True)
-                    await self._reply(session, frame, timeout_s=0.5)
+                    await self._reply(session, frame, timeout_s=2.0)  # generous: a loaded host is slow, and the node grants 5 s to stop
             raise
         finally:
             if session.usable:

@@ -54,8 +54,11 @@ def test_sigkill_mid_query_retries_elsewhere_and_conserves_tokens(tmp_path):
         survivor = next(w for w in workers if w is not first)
         assert outcome["result"] == PROMPT[::-1]
         assert outcome["worker"] == survivor.peer_id
-        assert [a["worker"] for a in outcome["attempts"]] == [first.peer_id]
-        assert outcome["attempts"][0]["blame"] == "network"
+        # The kill lands while `first` runs the query (a failed attempt, blamed on the network) or
+        # while it is still loading the model and the broker waits to ask again (the broker then
+        # sees it gone and goes straight to the survivor): never the survivor, never the worker's fault.
+        assert [a["worker"] for a in outcome["attempts"]] in ([first.peer_id], []), outcome["attempts"]
+        assert all(a["blame"] == "network" for a in outcome["attempts"]), outcome["attempts"]
 
         price = outcome["cost_units"]
         assert cli_json(broker, "wallet", "balance")["balance_units"] == payer_before - price  # paid exactly once
