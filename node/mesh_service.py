@@ -21,8 +21,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import trio
+from google.protobuf.message import DecodeError
+from libp2p.exceptions import ParseError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.pubsub.pubsub import Pubsub
 
 from ledger.address import AddressError, decode_address
 from node import signing
@@ -69,6 +72,37 @@ def sysop_rules(sysop_keys: frozenset[bytes], ts_window_s: int) -> dict:
 DISCOVERABLE = ("chat", "whisper", "bark", "imagine", "vision")
 
 
+def guard_rpc_decoding(target=Pubsub) -> None:
+    """Make an undecodable pubsub RPC cost one stream, not the whole node.
+
+    py-libp2p 0.8.1's ``Pubsub.continuously_read_stream`` lets protobuf's ``DecodeError``
+    escape; it climbs through the swarm connection's nursery and the network service and ends
+    ``mtor-node start``: one garbage frame from any peer kills the node (seen in the 10-node
+    partition test, tests/reliability/test_partitions.py: four nodes died within 11 s under
+    load). Re-raised as libp2p's ``ParseError``, the library's own handler resets that stream
+    and drops the peer from pubsub, as it does for a bad length prefix; the connection, and
+    sync over it, stay.
+
+    ``target`` is the ``Pubsub`` class (every instance, from its first stream on: what
+    :class:`MeshService` does, because the node's bootstrap peers open their pubsub streams
+    before the gossip service hands its instance out) or one instance. Idempotent.
+    """
+    read = target.continuously_read_stream
+    if getattr(read, "guards_decoding", False):
+        return
+
+    async def guarded(*args) -> None:
+        stream = args[-1]
+        try:
+            await read(*args)  # (self, stream) on the class, (stream) on an instance
+        except DecodeError as exc:
+            log.warning("undecodable gossip RPC from %s: resetting that stream", stream.muxed_conn.peer_id)
+            raise ParseError(f"undecodable pubsub RPC: {exc}") from exc
+
+    guarded.guards_decoding = True
+    target.continuously_read_stream = guarded
+
+
 class MeshService:
     def __init__(
         self,
@@ -97,6 +131,7 @@ class MeshService:
         self.sysop_keys = sysop_keys
         self.bus = bus
         self._sysop_seq = time.time_ns() // 1_000_000
+        guard_rpc_decoding(Pubsub)  # before the gossip's Pubsub exists (see the function)
         self.gossip = Gossip(mesh, realm_id, gossip_config, rules=sysop_rules(sysop_keys, gossip_config.ts_window_s))
         self.announcer = Announcer(self.gossip, identity, describe, interval_s=announce_interval_s)
         self.dht = CapabilityDHT(mesh, realm_id.hex())

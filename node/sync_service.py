@@ -15,6 +15,12 @@ Per-peer outcomes are kept for ``mtor-node ledger sync-status``
 (:func:`spread_fork_evidence`) so every node freezes it too; the lead's
 gossip path should call the same helper on a FORK verdict.
 
+A sync that times out or loses its stream closes that connection and dials the peer
+again (:meth:`SyncService._redial`): a connection that lived through a partition can
+stay open while carrying nothing, and only a fresh one heals the mesh promptly.
+When a fork reverts a payment this node's own wallet received, the node says so
+(:func:`report_own_losses`).
+
 Blocks learnt by sync are not re-gossiped: they are old news, and every node
 syncs with its peers anyway.
 """
@@ -29,7 +35,9 @@ from typing import Any
 
 import trio
 from libp2p.abc import INotifee
+from libp2p.peer.id import ID
 
+from ledger.address import encode_address
 from ledger.replication import blocks_at
 from p2p.errors import P2PError
 from p2p.host import MeshHost
@@ -39,6 +47,10 @@ from p2p.sync_wire import SyncLimits
 log = logging.getLogger(__name__)
 
 MAX_TRACKED_PEERS = 256
+#: Sync failures that say the connection, not the peer, is the problem: close it and dial again.
+REDIAL_ON = frozenset({"timeout", "connection_lost"})
+REDIAL_TIMEOUT_S = 5.0
+MAX_REDIAL_ADDRS = 4
 
 
 async def spread_fork_evidence(ledger_service: Any, block_hash: bytes) -> int:
@@ -61,6 +73,7 @@ async def spread_fork_evidence(ledger_service: Any, block_hash: bytes) -> int:
         return blocks_at(ledger, block.account, fork_height, 2)
 
     raws = await ledger_service.call(evidence)
+    await report_own_losses(ledger_service, block_hash)
     publish = getattr(ledger_service, "republish", None) or ledger_service.publish
     if publish is None or len(raws) < 2:
         return 0
@@ -73,6 +86,50 @@ async def spread_fork_evidence(ledger_service: Any, block_hash: bytes) -> int:
             log.debug("fork evidence not gossiped: %s", exc)
     log.info("account frozen by a fork; gossiped %d of its conflicting blocks", sent)
     return sent
+
+
+def own_losses(ledger, own_account: bytes, forked_account: bytes) -> list[dict]:
+    """Credits of ``own_account`` from ``forked_account`` that no longer count: the losing branch.
+
+    After a fork the payer's lower-hash block survives; a receive of the other branch's send is
+    kept as history but is not effective, and the receiver's chain stalls there (docs/ledger.md).
+    """
+    lost = []
+    for entry in ledger.history(own_account):
+        block = entry.block
+        if entry.effective or block.source is None:
+            continue
+        source = ledger.get_block(block.source)
+        if source is not None and source.account == forked_account and not ledger.is_effective(source.hash):
+            lost.append({"receive": block.hash.hex(), "send": source.hash.hex(), "amount_units": block.amount,
+                         "height": block.height, "payer": encode_address(forked_account)})
+    return lost
+
+
+async def report_own_losses(ledger_service: Any, block_hash: bytes) -> list[dict]:
+    """Tell this node's operator when a fork reverted a payment its own wallet had received.
+
+    Logs a warning per lost credit and, when the service has an event ``bus``, publishes
+    ``payment_reverted`` so consoles show it; the wallet's history marks the credit not
+    effective and further sends are refused as "stalled".
+    """
+    identity = getattr(ledger_service, "identity", None)
+    if identity is None:
+        return []
+
+    def find(ledger) -> list[dict]:
+        block = ledger.get_block(block_hash)
+        return [] if block is None else own_losses(ledger, identity.public_key, block.account)
+
+    lost = await ledger_service.call(find)
+    bus = getattr(ledger_service, "bus", None)
+    for loss in lost:
+        log.warning("payment of %d units from %s (send %s) lost to a fork: the payer signed two conflicting "
+                    "blocks and the other one won; wallet %s is stalled from height %d", loss["amount_units"],
+                    loss["payer"], loss["send"], identity.address, loss["height"])
+        if bus is not None:
+            bus.publish("payment_reverted", {**loss, "address": identity.address})
+    return lost
 
 
 @dataclass
@@ -169,6 +226,7 @@ class SyncService:
         self.client = SyncClient(mesh, realm_id, ledger_service.call, limits=limits)
         self.peers: OrderedDict[str, PeerSyncStatus] = OrderedDict()
         self.forks_spread = 0
+        self.redials = 0
         self._limiter = trio.CapacityLimiter(max_concurrent)
         self._busy: set[str] = set()
         self._next = 0
@@ -183,6 +241,7 @@ class SyncService:
             "interval_s": self.interval_s,
             "syncing": sorted(self._busy),
             "forks_spread": self.forks_spread,
+            "redials": self.redials,
             "connect_events_dropped": self._notifee.dropped if self._notifee else 0,
             "server": dict(self.server.stats),
             "peers": [st.to_json() | {"connected": st.peer in connected} for st in self.peers.values()],
@@ -209,6 +268,8 @@ class SyncService:
             st.failures += 1
             st.last_error, st.last_error_code = str(exc), exc.code
             log.info("%s", exc)
+            if exc.code in REDIAL_ON:
+                await self._redial(peer_id)
             return None
         st.last_sync_unix_s = time.time()
         st.last_duration_s = report.duration_s
@@ -228,6 +289,29 @@ class SyncService:
         for block_hash in report.forks:
             self.forks_spread += await spread_fork_evidence(self.ledger_service, block_hash) > 0
         return report
+
+    async def _redial(self, peer_id: str) -> bool:
+        """Replace a connection that could not carry a sync with a fresh one.
+
+        After a partition heals, a TCP connection that lived through it can stay "connected"
+        while its segments wait out retransmission backoff (tens of seconds): every sync over
+        it times out. Closing it and dialling the peer's known addresses again gives a working
+        connection, whose connect event syncs at once.
+        """
+        self.redials += 1
+        try:
+            await self.mesh.host.disconnect(ID.from_base58(peer_id))
+        except Exception as exc:  # noqa: BLE001 - already gone is fine
+            log.debug("could not close the connection to %s: %s", peer_id, exc)
+        for addr in self.mesh.known_addrs(peer_id)[:MAX_REDIAL_ADDRS]:
+            if "/p2p/" not in addr:
+                addr = f"{addr}/p2p/{peer_id}"
+            try:
+                await self.mesh.connect(addr, timeout_s=REDIAL_TIMEOUT_S)
+                return True
+            except P2PError as exc:
+                log.debug("redial of %s at %s failed: %s", peer_id, addr, exc)
+        return False
 
     def _status_of(self, peer_id: str) -> PeerSyncStatus:
         st = self.peers.get(peer_id)

@@ -14,10 +14,12 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.ledger import Ledger
+from ledger.wallet_files import load_wallet
 from node import genesis as genesis_mod
 from tests.harness import FAST, NodeProcess, run_cli
 
@@ -34,13 +36,16 @@ class ControlError(Exception):
 
 def control(data_dir: Path, area: str, op: str, payload: dict | None = None, *, post: bool = False,
             timeout_s: float = 10.0) -> dict:
-    """Call ``/control/<area>/<op>`` of the node running on ``data_dir`` (GET, or POST with JSON)."""
+    """Call ``/control/<area>/<op>`` of the node running on ``data_dir`` (GET, or POST with JSON).
+
+    An empty ``op`` calls ``/control/<area>`` (``control(d, "status", "")`` is the live node status).
+    """
     try:
         runtime = json.loads((data_dir / "node.json").read_text())
         secret = (data_dir / "admin.secret").read_text().strip()
     except (OSError, ValueError) as exc:
         raise ControlError(None, f"no running node: {exc}") from exc
-    url = f"{runtime['control_url'].rstrip('/')}/control/{area}/{op}"
+    url = f"{runtime['control_url'].rstrip('/')}/control/{area}" + (f"/{op}" if op else "")
     headers = {"Authorization": f"Bearer {secret}"}
     if post:
         request = urllib.request.Request(url, data=json.dumps(payload or {}).encode(),
@@ -58,18 +63,19 @@ def control(data_dir: Path, area: str, op: str, payload: dict | None = None, *, 
 
 
 def address_of(data_dir: Path) -> str:
-    out = run_cli("wallet", "address", "--data-dir", str(data_dir), "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)["address"]
+    """The node wallet's address, read from its key file (no CLI start-up)."""
+    return load_wallet(data_dir, None).address
 
 
 def init_realm(tmp_path: Path, names: list[str], realm: str) -> list[Path]:
-    """``init --realm`` the first data dir, ``init --join`` the others; return the dirs."""
+    """``init --realm`` the first data dir, ``init --join`` the others (all at once); return the dirs."""
     dirs = [tmp_path / n for n in names]
     made = run_cli("init", "--data-dir", str(dirs[0]), "--realm", realm)
     assert made.returncode == 0, made.stderr
-    for d in dirs[1:]:
-        joined = run_cli("init", "--data-dir", str(d), "--join", str(dirs[0] / "genesis.mtor"))
+    with ThreadPoolExecutor(max_workers=8) as pool:  # each join is its own process
+        joins = list(pool.map(lambda d: run_cli("init", "--data-dir", str(d), "--join", str(dirs[0] / "genesis.mtor")),
+                              dirs[1:]))
+    for joined in joins:
         assert joined.returncode == 0, joined.stderr
     return dirs
 

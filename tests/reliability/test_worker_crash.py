@@ -113,12 +113,11 @@ def _outcome(exc: ControlError) -> dict | None:
 
 
 def _running_on(data_dir) -> int:
-    """Queries the node says it is running now (its own live ad content)."""
+    """Queries the node is running this moment (its live status; its own ad lags by an announce)."""
     try:
-        peers = control(data_dir, "mesh", "peers")["peers"]
+        return control(data_dir, "status", "")["queue"]["running"]
     except ControlError:
         return 0
-    return sum(p["load"]["running"] for p in peers if p["is_self"])
 
 
 def _available_at_broker(broker_dir, peer_ids: set[str]) -> bool:
