@@ -49,6 +49,7 @@ from node.registry import PeerRegistry
 from node.sync_service import SyncService
 from node.watchdog import Watchdog
 from p2p.ads import AdContent, Capability
+from p2p.gossip import Gossip
 from p2p.query_client import QueryClient
 from p2p.query_stream import QueryServer
 from p2p.host import MeshHost, open_mesh_host, peer_id_for
@@ -349,11 +350,12 @@ class Node:
                         self.ledger.publish = self.mesh_service.gossip.publish
                         self.ledger.republish = self.mesh_service.gossip.republish
                         self.sync = SyncService(
-                            mesh, self.genesis.realm_id, self.ledger, interval_s=self.settings.ledger.sync_interval_s
+                            mesh, self.genesis.realm_id, self.ledger, interval_s=self.settings.ledger.sync_interval_s,
+                            on_peer_fault=self.mesh_service.gossip.penalize,
                         )
                         await nursery.start(self.sync.run)
                         await nursery.start(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s)
-                        await self._start_queries(nursery, mesh)
+                        await self._start_queries(nursery, mesh, self.mesh_service.gossip)
                         await self._serve_console(nursery, sock)
                         self.data.write_runtime(self._runtime_info())
                         task_status.started(self)
@@ -376,11 +378,15 @@ class Node:
         except MdnsError as exc:
             log.warning("mDNS discovery is off: %s", exc)
 
-    async def _start_queries(self, nursery: trio.Nursery, mesh: MeshHost) -> None:
-        """Worker side (answer queries) and broker side (place them), both on this node."""
+    async def _start_queries(self, nursery: trio.Nursery, mesh: MeshHost, gossip: Gossip) -> None:
+        """Worker side (answer queries) and broker side (place them), both on this node.
+
+        A malformed frame on a query stream scores its sender down in ``gossip``, which bans and disconnects.
+        """
         realm = self.genesis.realm_id
         await nursery.start(self.local.run)
-        server = QueryServer(mesh, realm, self.identity, self.local.handle, capabilities=self.local.serves_wire())
+        server = QueryServer(mesh, realm, self.identity, self.local.handle, capabilities=self.local.serves_wire(),
+                             on_peer_fault=gossip.penalize)
         await nursery.start(server.run)
         await nursery.start(self.queue.run)
         self.broker = Broker(

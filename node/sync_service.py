@@ -41,6 +41,7 @@ from ledger.address import encode_address
 from ledger.replication import blocks_at
 from p2p.errors import P2PError
 from p2p.host import MeshHost
+from p2p.stream_server import PeerFaultCallback
 from p2p.sync_stream import SyncClient, SyncError, SyncReport, SyncServer
 from p2p.sync_wire import SyncLimits
 
@@ -202,7 +203,10 @@ class _ConnectNotifee(INotifee):
 
 
 class SyncService:
-    """Replicates the ledger with connected peers. Construct freely; :meth:`run` serves."""
+    """Replicates the ledger with connected peers. Construct freely; :meth:`run` serves.
+
+    ``on_peer_fault`` goes to the :class:`SyncServer` (the node passes ``Gossip.penalize``).
+    """
 
     def __init__(
         self,
@@ -214,6 +218,7 @@ class SyncService:
         limits: SyncLimits = SyncLimits(),
         max_concurrent: int = 2,
         connect_queue_size: int = 64,
+        on_peer_fault: PeerFaultCallback | None = None,
     ) -> None:
         if interval_s <= 0 or max_concurrent < 1 or connect_queue_size < 1:
             raise ValueError("interval_s, max_concurrent and connect_queue_size must be positive")
@@ -222,7 +227,7 @@ class SyncService:
         self.ledger_service = ledger_service
         self.interval_s = interval_s
         self.connect_queue_size = connect_queue_size
-        self.server = SyncServer(mesh, realm_id, ledger_service.call, limits=limits)
+        self.server = SyncServer(mesh, realm_id, ledger_service.call, limits=limits, on_peer_fault=on_peer_fault)
         self.client = SyncClient(mesh, realm_id, ledger_service.call, limits=limits)
         self.peers: OrderedDict[str, PeerSyncStatus] = OrderedDict()
         self.forks_spread = 0

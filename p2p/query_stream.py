@@ -19,7 +19,9 @@ frame unless the broker cancelled it; every query is checked in full, whatever
 stream it came on; a handler's exception never reaches the server or libp2p;
 at most ``max_concurrent`` queries run at once (more get a retryable ``busy``
 at once); a handler runs no longer than its query's ``expiry_ms``; an idle
-stream is closed after ``idle_timeout_s``. The client raises only
+stream is closed after ``idle_timeout_s``; a provably malformed frame is
+reported to ``on_peer_fault`` (the node scores its sender down in gossip,
+which bans it on a second). The client raises only
 :class:`QueryFailed` for anything the worker or the network did. See
 docs/protocol.md, "Stream reuse".
 """
@@ -40,7 +42,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 from node.health import Blame
 from node.identity import Identity
 from p2p.host import MeshHost, peer_id_for
-from p2p.stream_server import ProtocolServer
+from p2p.stream_server import PeerFaultCallback, ProtocolServer, report_peer_fault
 from p2p.query_frames import (
     CancelFrame,
     ErrorFrame,
@@ -48,6 +50,7 @@ from p2p.query_frames import (
     FrameDecoder,
     PROGRESS_OVERHEAD_BYTES,
     FrameError,
+    FrameProblem,
     ProgressFrame,
     QueryFrame,
     ResultFrame,
@@ -292,6 +295,13 @@ class QueryServer(ProtocolServer):
     with a limiter) and be cancellable: a cancel frame, a closed stream, the
     query's expiry or server shutdown cancels it. ``stats`` counts every
     outcome by code (``"ok"``, a verdict, ``"busy"``, ``"cancelled"``, ...).
+
+    ``on_peer_fault`` (e.g. ``Gossip.penalize``) is told the peer id of a
+    broker whose bytes were not a valid frame (garbage, oversized, ill-formed,
+    or cut short on a live connection: see :func:`report_peer_fault`). Not
+    for timeouts, resets or well-formed queries that fail their checks
+    (expired, replayed, bad signature...): an honest broker can hit those, or
+    they are already refused at no cost to us.
     """
 
     def __init__(
@@ -310,6 +320,7 @@ class QueryServer(ProtocolServer):
         max_idle_streams: int = 64,
         write_timeout_s: float = 10.0,
         now_ms: Callable[[], int] = wall_ms,
+        on_peer_fault: PeerFaultCallback | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
@@ -328,6 +339,7 @@ class QueryServer(ProtocolServer):
         self.max_idle_streams = max_idle_streams
         self.write_timeout_s = write_timeout_s
         self.now_ms = now_ms
+        self.on_peer_fault = on_peer_fault
         self.protocol = query_protocol(realm_id.hex())
         self.stats: collections.Counter[str] = collections.Counter()
         self.active = 0  #: queries running now
@@ -386,6 +398,10 @@ class QueryServer(ProtocolServer):
                 try:
                     frame = await _read_frame(stream, decoder)
                 except FrameError as exc:
+                    # Reported here, the one place that sees every inbound frame, so garbage sent while a
+                    # query runs (which only cancels it) counts as well.
+                    if report_peer_fault(self.on_peer_fault, stream, truncated=exc.problem is FrameProblem.TRUNCATED):
+                        self.stats["peer_faults_reported"] += 1
                     await inbound_in.send(exc)
                     return
                 except _StreamBroken:

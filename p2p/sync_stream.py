@@ -22,8 +22,9 @@ sync continues where it stopped).
 Guarantees: a server never crashes on peer input; a malformed, wrong-realm,
 over-limit or out-of-order request gets an ``error`` message and the stream
 is closed; garbage, truncated or oversized frames, and peers that stall,
-cost only their own stream. A client raises :class:`SyncError` that names
-the peer and says whose fault it was.
+cost only their own stream (the provably malformed frames are also reported
+to ``on_peer_fault``, which the node points at gossip scoring). A client
+raises :class:`SyncError` that names the peer and says whose fault it was.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from p2p import sync_wire as wire
 from p2p.errors import P2PError
 from p2p.framing import FrameProblem, FrameStream, FramingError
 from p2p.host import MeshHost
-from p2p.stream_server import ProtocolServer
+from p2p.stream_server import PeerFaultCallback, ProtocolServer, report_peer_fault
 from p2p.sync_wire import Blocks, FrontiersPage, FrontiersRequest, Hello, NextRequest, PullRequest, SyncLimits
 from p2p.topics import sync_protocol
 
@@ -78,14 +79,21 @@ class SyncServer(ProtocolServer):
 
     ``stats`` counts sessions and every refusal by code (``wire`` codes,
     ``frame_<problem>`` for bad frames, ``busy``, ``internal``).
+
+    ``on_peer_fault`` (e.g. ``Gossip.penalize``) is told the peer id of a
+    client whose bytes were not a valid frame (garbage, oversized, or cut
+    short on a live connection: see :func:`p2p.stream_server.report_peer_fault`).
+    Not for timeouts, resets, or well-framed requests that break the
+    protocol's rules (those get an ``error`` message and cost their stream).
     """
 
     def __init__(self, mesh: MeshHost, realm_id: bytes, ledger_call: LedgerCall, *,
-                 limits: SyncLimits = SyncLimits()) -> None:
+                 limits: SyncLimits = SyncLimits(), on_peer_fault: PeerFaultCallback | None = None) -> None:
         self.mesh = mesh
         self.realm_id = realm_id
         self.ledger_call = ledger_call
         self.limits = limits
+        self.on_peer_fault = on_peer_fault
         self.protocol = sync_protocol(realm_id.hex())
         self.stats: Counter[str] = Counter()
         self.active = 0
@@ -149,7 +157,7 @@ class SyncServer(ProtocolServer):
         """Answer requests until the client closes; an error message ends the session."""
         limits, greeted, reader = self.limits, False, None
         while True:
-            obj = await frames.read()
+            obj = await self._read(frames)
             if obj is None:
                 return None
             try:
@@ -182,6 +190,19 @@ class SyncServer(ProtocolServer):
                 await self._send_batch(frames, reader)
             else:  # parse() only returns client messages here
                 return wire.error(wire.UNEXPECTED, type(msg).__name__)
+
+    async def _read(self, frames: FrameStream) -> Any:
+        """The client's next message; a malformed frame is reported as its fault before it ends the session.
+
+        Only reads report: a FramingError from our own writes is a timeout, a reset or our own bug.
+        """
+        try:
+            return await frames.read()
+        except FramingError as exc:
+            if exc.problem.peer_fault and report_peer_fault(self.on_peer_fault, frames.stream,
+                                                            truncated=exc.problem is FrameProblem.TRUNCATED):
+                self.stats["peer_faults_reported"] += 1
+            raise
 
     async def _send_batch(self, frames: FrameStream, reader: OrderedReader) -> None:
         limits = self.limits

@@ -19,7 +19,14 @@ message at each other honest node, exactly once) >= 99 %; nothing invalid ever r
 subscriber; both attackers were banned below the disconnect threshold and are disconnected,
 absent from the pubsub peer table and the topic meshes, and a reconnect is hung up on; no honest
 peer is banned or scored below zero; the worker still answers honest queries; all eight ledgers
-end at one state hash.
+end at one state hash. The worker and node 6 cut attacker B off for its malformed stream frames
+alone (B sends them no gossip), as node/runtime.py wires the servers: each frame is reported to
+``Gossip.penalize``.
+
+A second test takes a peer that misbehaves only on streams: two malformed frames (one on a query
+stream, one on a sync stream) get it disconnected, banned and hung up on, while an honest peer
+whose streams time out, are reset mid-frame or carry a query that fails its checks keeps a clean
+score.
 """
 
 from __future__ import annotations
@@ -41,17 +48,19 @@ from ledger import blocks as B
 from node import codec, signing
 from node.identity import Identity
 from p2p.envelope import Verdict
-from p2p.gossip import Delivery
+from p2p.gossip import Delivery, Gossip
 from p2p.host import open_mesh_host
 from p2p.query_client import QueryClient
 from p2p.query_frames import ErrorFrame, FrameDecoder, QueryFrame, encode_frame
 from p2p.query_stream import HandlerResult, QueryServer, wall_ms
 from p2p.query_wire import QueryLimits, make_query
 from p2p.scoring import DISCONNECT_THRESHOLD
+from p2p.sync_wire import SyncLimits
+from node.sync_service import SyncService
 from p2p.topics import query_protocol, sync_protocol
 from p2p.topics import TOPIC_NAMES
 from tests.mesh.harness import FOUNDER, GENESIS, UNIT, Chains, LedgerNode, ident, open_ledger_node, wait_converged
-from tests.p2p.harness import RawNode, open_gossip_mesh, open_raw_node, signed
+from tests.p2p.harness import LOCAL, RawNode, open_gossip_mesh, open_raw_node, signed
 from tests.p2p.waiting import wait_until
 
 REALM = GENESIS.realm_id
@@ -117,23 +126,27 @@ class Attacker:
                          what="attacker's pubsub stream")
 
     async def raw_stream(self, peer_id: str, protocol: str, payload: bytes, *, half_close: bool = True) -> bytes:
-        """Open ``protocol`` on ``peer_id``, write ``payload``, read whatever comes back until the end."""
-        stream = await self.raw.mesh.host.new_stream(ID.from_base58(peer_id), [protocol])
-        got = b""
-        with trio.move_on_after(15):
-            await stream.write(payload)
-            if half_close:
-                await stream.close()
-            while True:
-                try:
-                    chunk = await stream.read(65536)
-                except Exception:  # noqa: BLE001 - EOF or reset: the server hung up, as it should
-                    break
-                if not chunk:
-                    break
-                got += chunk
-        await _quietly_reset(stream)
-        return got
+        return await raw_stream(self.raw.mesh, peer_id, protocol, payload, half_close=half_close)
+
+
+async def raw_stream(mesh, peer_id: str, protocol: str, payload: bytes, *, half_close: bool = True) -> bytes:
+    """Open ``protocol`` on ``peer_id``, write ``payload``, read whatever comes back until the end."""
+    stream = await mesh.host.new_stream(ID.from_base58(peer_id), [protocol])
+    got = b""
+    with trio.move_on_after(15):
+        await stream.write(payload)
+        if half_close:
+            await stream.close()
+        while True:
+            try:
+                chunk = await stream.read(65536)
+            except Exception:  # noqa: BLE001 - EOF or reset: the server hung up, as it should
+                break
+            if not chunk:
+                break
+            got += chunk
+    await _quietly_reset(stream)
+    return got
 
 
 async def _quietly_reset(stream) -> None:
@@ -158,20 +171,24 @@ class Worker:
     identity: Identity
     mesh: object
     server: QueryServer
+    gossip: Gossip
+
+
+async def reverse(query, progress) -> HandlerResult:
+    return HandlerResult("text", query.prompt[::-1])
 
 
 @asynccontextmanager
 async def open_worker():
+    """A worker host with gossip and a query server that reports malformed frames to it (as node/runtime.py)."""
     identity = Identity.generate()
-
-    async def reverse(query, progress) -> HandlerResult:
-        return HandlerResult("text", query.prompt[::-1])
-
-    async with open_mesh_host(identity, ["/ip4/127.0.0.1/tcp/0"]) as mesh, trio.open_nursery() as nursery:
-        server = QueryServer(mesh, REALM, identity, reverse, limits=LIMITS)
+    async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
+        gossip = Gossip(mesh, REALM)
+        await nursery.start(gossip.run)
+        server = QueryServer(mesh, REALM, identity, reverse, limits=LIMITS, on_peer_fault=gossip.penalize)
         await nursery.start(server.run)
         try:
-            yield Worker(identity, mesh, server)
+            yield Worker(identity, mesh, server, gossip)
         finally:
             nursery.cancel_scope.cancel()
 
@@ -252,6 +269,8 @@ async def _run_attack(tmp_path) -> None:
     async with AsyncExitStack() as stack:
         nodes = [await stack.enter_async_context(open_ledger_node(tmp_path, f"h{i}", interval_s=5.0))
                  for i in range(HONEST)]
+        for node in nodes:  # as node/runtime.py wires it (the shared harness leaves it out)
+            node.sync.server.on_peer_fault = node.gossip.penalize
         async with trio.open_nursery() as dialers:
             for a, b in EDGES:
                 dialers.start_soon(connect, nodes[a], nodes[b])
@@ -364,8 +383,13 @@ async def _run_attack(tmp_path) -> None:
                 rows.append(f"verdicts@{v}: {verdicts}")
             return "\n".join(rows)
 
+        def cut_off_for_frames() -> bool:  # B sent the worker and node 6 malformed stream frames only
+            return (worker.gossip.is_banned(b.peer_id) and not worker.mesh.is_connected(b.peer_id)
+                    and cut_off(b, range(6, 7)))
+
         try:
-            await wait_until(lambda: cut_off(a, range(4)) and cut_off(b, range(4, 6)), timeout_s=LINK_TIMEOUT_S,
+            await wait_until(lambda: cut_off(a, range(4)) and cut_off(b, range(4, 6)) and cut_off_for_frames(),
+                             timeout_s=LINK_TIMEOUT_S,
                              what="both attackers to be banned and disconnected by their victims")
         except AssertionError as exc:
             raise AssertionError(f"{exc}:\n{standing()}") from None
@@ -431,6 +455,11 @@ async def _run_attack(tmp_path) -> None:
         assert worker.server.stats["ok"] == 2 and after.receipt is not None
         sync_stats = nodes[6].sync.server.stats
         assert sync_stats["frame_oversized"] == 1 and sync_stats["frame_truncated"] == 1, dict(sync_stats)
+        # Scored down for those frames alone: two reports each, and a ban below the threshold.
+        assert worker.server.stats["peer_faults_reported"] == 2, dict(worker.server.stats)
+        assert sync_stats["peer_faults_reported"] == 2, dict(sync_stats)
+        for gossip in (worker.gossip, nodes[6].gossip):
+            assert gossip.bans.score_at_ban[b.peer_id] < DISCONNECT_THRESHOLD
         nursery.cancel_scope.cancel()
 
 
@@ -446,3 +475,102 @@ async def test_stream_faults_reported_by_a_server_cut_the_peer_off():
                              what="the peer to be disconnected after a second fault")
             assert victim.gossip.is_banned(peer.mesh.peer_id)
             assert victim.gossip.bans.score_at_ban[peer.mesh.peer_id] < DISCONNECT_THRESHOLD
+
+
+# ------------------------------------------------------------------ a peer that breaks only stream frames
+
+STREAM_LIMITS = SyncLimits(read_timeout_s=1.0)
+
+
+@asynccontextmanager
+async def open_stream_victim(tmp_path):
+    """A node with gossip, a real ledger behind its sync service and a query server, wired as
+    node/runtime.py wires them: both stream servers report malformed frames to ``Gossip.penalize``.
+    Short first-frame and read timeouts, so the honest stalls below end quickly."""
+    async with open_ledger_node(tmp_path, "victim", with_sync=False) as node, trio.open_nursery() as nursery:
+        sync = SyncService(node.mesh, REALM, node.service, limits=STREAM_LIMITS, on_peer_fault=node.gossip.penalize)
+        await nursery.start(sync.run)
+        node.sync = sync
+        query = QueryServer(node.mesh, REALM, node.service.identity, reverse, limits=LIMITS,
+                            first_frame_timeout_s=1.0, on_peer_fault=node.gossip.penalize)
+        await nursery.start(query.run)
+        try:
+            yield node, query
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _reset_mid_frame(mesh, peer_id: str, protocol: str) -> None:
+    """Half a frame, then a reset: what a peer whose process or link dies looks like."""
+    stream = await mesh.host.new_stream(ID.from_base58(peer_id), [protocol])
+    await stream.write(struct.pack(">I", 500) + b"\x85")
+    await stream.reset()
+
+
+async def _open_and_stall(mesh, peer_id: str, protocol: str) -> None:
+    """A stream that never sends a frame: the server's timeout ends it."""
+    stream = await mesh.host.new_stream(ID.from_base58(peer_id), [protocol])
+    with trio.move_on_after(LINK_TIMEOUT_S):
+        try:
+            await stream.read(65536)  # returns once the server hangs up
+        except Exception:  # noqa: BLE001 - EOF or reset: the server hung up, as it should
+            pass
+    await _quietly_reset(stream)
+
+
+@pytest.mark.timeout(200)
+async def test_a_peer_that_breaks_only_stream_frames_is_banned_and_an_unlucky_honest_peer_is_not(tmp_path):
+    qp, sp = query_protocol(REALM.hex()), sync_protocol(REALM.hex())
+    with trio.fail_after(150):
+        async with (open_stream_victim(tmp_path) as (victim, query),
+                    open_mesh_host(Identity.generate(), LOCAL) as honest,
+                    open_mesh_host(Identity.generate(), LOCAL) as attacker):
+            sync = victim.sync.server
+            for mesh in (honest, attacker):
+                await mesh.connect(victim.mesh.listen_addrs[0], timeout_s=LINK_TIMEOUT_S)
+
+            # Honest bad luck proves nothing: stalls, resets mid-frame, a query that fails its checks.
+            for protocol in (qp, sp):
+                await _open_and_stall(honest, victim.peer_id, protocol)
+                await _reset_mid_frame(honest, victim.peer_id, protocol)
+            broker, now = Identity.generate(), wall_ms()
+            expired = make_query(broker, realm_id=REALM, query_id=os.urandom(16), payer=broker.address, type="chat",
+                                 model="", prompt="too late", max_price_units=100, price_units=10, nonce=1,
+                                 ts_ms=now - 60_000, expiry_ms=now - 30_000)
+            expired_reply = await raw_stream(honest, victim.peer_id, qp, encode_frame(
+                QueryFrame(expired), max_frame_bytes=LIMITS.max_frame_bytes))
+            # A reset stream ends as "no_query" or "bad_frame" (truncated), depending on whether its bytes
+            # were read before the reset came; either way it must not count against the peer.
+            await wait_until(lambda: query.stats["no_query"] + query.stats["bad_frame"] == 2
+                             and sync.stats["sessions"] == 2 and sync.active == 0, timeout_s=LINK_TIMEOUT_S,
+                             what=f"the honest streams to end: {dict(query.stats)} {dict(sync.stats)}")
+            assert sync.stats["frame_timeout"] == 1, dict(sync.stats)
+            assert error_code(expired_reply) == "expired", error_code(expired_reply)
+            assert query.stats["peer_faults_reported"] == sync.stats["peer_faults_reported"] == 0
+            assert victim.gossip.peer_score(honest.peer_id) >= 0 and not victim.gossip.is_banned(honest.peer_id)
+
+            # One oversized frame on a query stream: reported, scored down, not yet cut off.
+            reply = await raw_stream(attacker, victim.peer_id, qp, struct.pack(">I", 2**31))
+            assert error_code(reply) == "bad_frame" and query.stats["peer_faults_reported"] == 1
+            assert DISCONNECT_THRESHOLD < victim.gossip.peer_score(attacker.peer_id) < 0
+            assert not victim.gossip.is_banned(attacker.peer_id)
+
+            # A truncated frame on a sync stream (the peer ends its side mid-frame): the second fault.
+            await raw_stream(attacker, victim.peer_id, sp, struct.pack(">I", 500) + b"\x85" + b"x" * 40)
+            assert sync.stats["peer_faults_reported"] == 1, dict(sync.stats)
+            await wait_until(lambda: victim.gossip.is_banned(attacker.peer_id)
+                             and not victim.mesh.is_connected(attacker.peer_id), timeout_s=LINK_TIMEOUT_S,
+                             what="the attacker to be banned and disconnected")
+            assert victim.gossip.bans.score_at_ban[attacker.peer_id] < DISCONNECT_THRESHOLD
+
+            # A reconnect is hung up on; the honest peer stays connected, unbanned, unscathed.
+            disconnects = victim.gossip.disconnects
+            try:
+                await attacker.connect(victim.mesh.listen_addrs[0], timeout_s=LINK_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - refused outright is fine too
+                pass
+            await wait_until(lambda: victim.gossip.disconnects > disconnects
+                             and not victim.mesh.is_connected(attacker.peer_id), timeout_s=LINK_TIMEOUT_S,
+                             what="the victim to hang up on the banned attacker's reconnect")
+            assert victim.mesh.is_connected(honest.peer_id) and not victim.gossip.is_banned(honest.peer_id)
+            assert victim.gossip.peer_score(honest.peer_id) >= 0
