@@ -35,7 +35,7 @@ from ledger.verdicts import Result, Verdict
 from ledger.verify import VerifyReport, quick_check, verify_store
 from node.genesis import Genesis
 
-_CACHE_BLOCKS = 20_000
+_CACHE_BLOCKS = 4_096  # ~2 KB of RSS per parsed block in a node: ~8 MB at most (docs/reliability.md, soak)
 _CACHE_ACCOUNTS = 50_000
 
 

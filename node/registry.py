@@ -93,7 +93,8 @@ class PeerRegistry:
 
     def _evict_one(self, now_s: float) -> None:
         """Make room by forgetting the worker whose last ad is oldest."""
-        oldest = min(self._entries.values(), key=lambda e: e.health.last_ad_s or 0.0)
+        others = [e for e in self._entries.values() if not e.is_self] or list(self._entries.values())
+        oldest = min(others, key=lambda e: e.health.last_ad_s or 0.0)
         del self._entries[oldest.peer_id]
         self.bus.publish("worker_update", {"peer_id": oldest.peer_id, "change": "forgotten"})
 
@@ -153,7 +154,8 @@ class PeerRegistry:
                     models=entry.models(),
                     health=entry.health.score,
                     blacklisted=entry.health.blacklisted,
-                    fresh=health_rules.is_fresh(entry.health, now_s, self.policy),
+                    # Our own ad can lag behind a busy event loop; whether we can serve does not.
+                    fresh=entry.is_self or health_rules.is_fresh(entry.health, now_s, self.policy),
                     busy=content.running > 0 or content.queued > 0,
                     is_self=entry.is_self,
                     **candidate_terms(content.operator),

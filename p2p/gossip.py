@@ -121,7 +121,18 @@ class NoValidationCache:
 
 
 def build_router(config: GossipConfig = GossipConfig()) -> GossipSub:
-    """A GossipSub router with the mesh's scoring switched on."""
+    """A GossipSub router with the mesh's scoring switched on.
+
+    Adaptive gossip is off. py-libp2p 0.8.1 rates a "network health" every
+    30 s (mesh degree against ``degree``, peer scores, deliveries); a small
+    realm, with fewer peers than ``degree``, rates below 0.7, and then it sets
+    the heartbeat to 30 or 60 s (meant as "more frequent", it is 30-60x
+    rarer than our 1 s). Everything done per heartbeat would slow down with
+    it: score decay (the graylist and ban times in p2p/scoring.py assume 1 s),
+    mesh repair, IHAVE gossip, and the trimming of the message cache (kept
+    for ``gossip_history`` heartbeats: minutes of ledger blocks, not 5 s) and
+    of the equivocation table.
+    """
     params = scoring_params()
     router = GossipSub(
         protocols=GOSSIP_PROTOCOLS,
@@ -134,6 +145,7 @@ def build_router(config: GossipConfig = GossipConfig()) -> GossipSub:
         gossip_history=5,
         score_params=params,
         max_messages_per_topic_per_second=config.max_messages_per_topic_per_second,
+        adaptive_gossip_enabled=False,
     )
     router.scorer = MeshScorer(params)
     return router

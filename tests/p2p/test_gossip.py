@@ -5,7 +5,7 @@ import pytest
 from node import codec, signing
 from node.identity import Identity
 from p2p.envelope import Verdict
-from p2p.gossip import GossipPublishError
+from p2p.gossip import GossipConfig, GossipPublishError
 from tests.p2p.harness import assert_empty, collect, join_raw, open_gossip_mesh, open_raw_node, signed
 from tests.p2p.waiting import wait_until
 
@@ -82,3 +82,16 @@ async def test_timestamp_window():
         with pytest.raises(GossipPublishError) as info:
             await a.gossip.publish("announce", old)
         assert info.value.verdict is Verdict.TS_OUT_OF_WINDOW
+
+
+async def test_heartbeat_keeps_its_interval_in_a_mesh_smaller_than_the_degree():
+    """py-libp2p's adaptive gossip would rate this mesh unhealthy and slow the heartbeat to 30-60 s
+    (score decay and message-cache trimming with it); build_router turns it off."""
+    async with open_gossip_mesh(2) as (a, _b):
+        router = a.gossip._router
+        router.last_health_update = 0  # a health check is due at the next heartbeat
+        for beat in ("first", "second"):
+            current = router.mcache.history[0]  # every heartbeat's shift starts a new list here
+            await wait_until(lambda current=current: router.mcache.history[0] is not current,
+                             timeout_s=5, what=f"the {beat} heartbeat")
+            assert router.heartbeat_interval == GossipConfig().heartbeat_interval_s
