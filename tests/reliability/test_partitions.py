@@ -258,34 +258,28 @@ def _scenario(tmp_path):
             _await_convergence(nodes, dirs, addresses, "the funded mesh to agree")
             start = {a: control(dirs[0], "wallet", "balance", {"address": a})["balance_units"] for a in addresses}
 
+            def pay_through_a_kill(groups, victim: int, where: str) -> None:
+                """Payments within ``groups`` (None: the whole mesh); ``victim`` is SIGKILLed and restarted halfway."""
+                pay = Payments(dirs, addresses, _recipients(groups), rng).start()
+                phases.append(pay)
+                try:
+                    pay.wait_until(PHASE_OPS // 2, f"payments in {where}")
+                    _kill_and_restart(nodes, victim, started)
+                    kills[victim] += 1
+                    pay.wait_until(PHASE_OPS, f"payments after the restart in {where}")
+                finally:
+                    pay.halt()
+
             for rnd in range(ROUNDS):
                 order = list(range(N)) if rnd == 0 else rng.sample(range(N), N)
                 groups = [sorted(order[: N // 2]), sorted(order[N // 2:])]
                 lan.split(groups)
-                pay = Payments(dirs, addresses, _recipients(groups), rng).start()
-                phases.append(pay)
-                try:
-                    pay.wait_until(PHASE_OPS // 2, f"payments on both sides of the split (round {rnd})")
-                    victim = 3 if rnd == 0 else rng.randrange(N)
-                    _kill_and_restart(nodes, victim, started)
-                    kills[victim] += 1
-                    pay.wait_until(PHASE_OPS, f"payments after the restart in the split (round {rnd})")
-                finally:
-                    pay.halt()
+                pay_through_a_kill(groups, 3 if rnd == 0 else rng.randrange(N), f"the split (round {rnd})")
                 _assert_alive(nodes, f"during split {rnd}")
                 lan.heal()
                 heal_s.append(_await_convergence(nodes, dirs, addresses, f"all {N} nodes to agree after heal {rnd}"))
 
-                pay = Payments(dirs, addresses, _recipients(None), rng).start()
-                phases.append(pay)
-                try:
-                    pay.wait_until(PHASE_OPS // 2, f"payments across the healed mesh (round {rnd})")
-                    victim = 7 if rnd == 0 else rng.randrange(N)
-                    _kill_and_restart(nodes, victim, started)
-                    kills[victim] += 1
-                    pay.wait_until(PHASE_OPS, f"payments after the churn restart (round {rnd})")
-                finally:
-                    pay.halt()
+                pay_through_a_kill(None, 7 if rnd == 0 else rng.randrange(N), f"the healed mesh (round {rnd})")
                 _assert_alive(nodes, f"during churn {rnd}")
                 churn_s.append(_await_convergence(nodes, dirs, addresses, f"all {N} nodes to agree after churn {rnd}"))
         finally:
