@@ -171,6 +171,8 @@ async def _gauges(node: "Node", state: ConsoleState) -> dict[str, tuple[str, flo
         "mtor_queue_depth": ("Queries waiting in this broker's fair queue.", node.queue.depth),
         "mtor_peers": ("Workers this node knows (itself included).", len(node.peers())),
         "mtor_console_connections": ("Open console WebSocket connections.", len(state.hub.connections)),
+        "mtor_console_direct_connections": ("Open consoles written to straight on their socket (webui/wire.py).",
+                                            state.hub.direct_connections()),
         "mtor_console_users": ("Distinct console users connected now.", state.hub.users_now()),
         "mtor_console_dropped_slow_total": ("Console connections dropped for not reading.", state.hub.dropped_slow),
         "mtor_console_coalesced": ("State snapshots replaced unsent (latest wins) in open consoles' outboxes.",

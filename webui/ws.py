@@ -45,6 +45,7 @@ import trio
 
 from webui import protocol
 from webui.auth import host_refusal
+from webui.wire import Message, SocketWriter, attach
 
 if TYPE_CHECKING:
     from webui.state import ConsoleState
@@ -147,6 +148,14 @@ class Outbox:
             except trio.WouldBlock:
                 await self._lot.park()
 
+    async def wait(self) -> None:
+        """Until something is put, the outbox is closed or :meth:`poke` is called (may return early)."""
+        await self._lot.park()
+
+    def poke(self) -> None:
+        """Wake whoever waits in :meth:`wait` (the sender has other work: a half-written frame)."""
+        self._lot.unpark_all()
+
     def close(self) -> None:
         """No more puts; what is queued can still be taken."""
         self.closed = True
@@ -167,19 +176,33 @@ class Connection:
         self.dropped = False
         self.identity = None
         self.address = ""
+        #: Writes straight to the socket once the sender runs (webui/wire.py); None: through quart.
+        self.writer: SocketWriter | None = None
 
-    def offer(self, text: str, key: str | None = None) -> bool:
-        """Queue ``text`` for the browser; drop the connection if its outbox is full.
+    def offer(self, text: "str | Message", key: str | None = None) -> bool:
+        """Send ``text`` to the browser now if its socket is idle, else queue it; drop the
+        connection if its outbox is full.
 
         ``key`` marks ``text`` as the snapshot of that kind (:data:`SNAPSHOT_KINDS`): it then
         replaces this connection's unsent one. Only broadcasts pass it, so a message made for
         one console (a sysop's ``active_users`` with its user list) is never replaced by one
-        made for all.
+        made for all. Writing at once skips the outbox and the sender task, which is what
+        makes a broadcast to a thousand consoles cheap; it happens only when nothing is
+        queued or being written, so the order of messages is kept.
         """
         if self.dropped:
             return False
+        message = text if isinstance(text, Message) else Message(text)
+        writer = self.writer
+        if writer is not None and not self.outbox and not self.outbox.closed and writer.idle():
+            if writer.write_now(message.wire):
+                if writer.rest is not None:
+                    self.outbox.poke()  # the sender finishes the frame
+                return True
+            self.scope.cancel()  # the socket is gone
+            return False
         try:
-            if self.outbox.put(text, key):
+            if self.outbox.put(message, key):
                 return True
         except trio.ClosedResourceError:
             return False
@@ -268,7 +291,8 @@ class Hub:
         self.broadcasts += 1
         if key is not None:
             self._last_fan_out[key] = trio.current_time()
-        return sum(conn.offer(text, key) for conn in list(self.connections.values()))
+        message = Message(text)  # framed once, the same bytes to every socket
+        return sum(conn.offer(message, key) for conn in list(self.connections.values()))
 
     async def pace_snapshots(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Send held snapshots when their interval is up, until cancelled (see :meth:`broadcast`)."""
@@ -297,14 +321,20 @@ class Hub:
         """Snapshots replaced unsent in the outboxes of the connections open now."""
         return sum(conn.outbox.coalesced for conn in self.connections.values())
 
+    def direct_connections(self) -> int:
+        """Connections whose messages skip quart and hypercorn (see :mod:`webui.wire`)."""
+        return sum(conn.writer is not None for conn in self.connections.values())
+
     def largest_outbox(self) -> int:
         return max((len(conn.outbox) for conn in self.connections.values()), default=0)
 
     def to_user(self, guid: str, text: str) -> int:
-        return sum(conn.offer(text) for conn in self.tabs(guid))
+        message = Message(text)
+        return sum(conn.offer(message) for conn in self.tabs(guid))
 
     def to_sysops(self, text: str) -> int:
-        return sum(conn.offer(text) for conn in list(self.connections.values()) if conn.is_sysop)
+        message = Message(text)
+        return sum(conn.offer(message) for conn in list(self.connections.values()) if conn.is_sysop)
 
     def close_user(self, guid: str) -> None:
         for conn in self.tabs(guid):
@@ -429,10 +459,10 @@ async def _flush_then_close(conn: Connection, websocket) -> None:
     try:
         while True:
             try:
-                text = conn.outbox.get_nowait()
+                message = conn.outbox.get_nowait()
             except trio.EndOfChannel:
                 break
-            await websocket.send(text)
+            await websocket.send(_text(message))
         await websocket.close(1011, "cannot serve this console now")
     except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         log.debug("console went away while being closed: %s", exc)
@@ -447,13 +477,42 @@ async def _receiver(state: "ConsoleState", conn: Connection, websocket) -> None:
 
 
 async def _sender(conn: Connection, websocket) -> None:
-    while True:
-        try:
-            text = await conn.outbox.get()
-        except trio.EndOfChannel:
-            break
-        await websocket.send(text)
-    conn.close()  # the outbox was closed by finish(): everything queued went out
+    """Drain the outbox; with a :class:`SocketWriter`, also finish frames that
+    :meth:`Connection.offer` began and the socket took only part of."""
+    conn.writer = writer = attach(websocket)
+    if writer is None:
+        log.debug("console connection %d sends through quart (no direct socket)", conn.id)
+    outbox = conn.outbox
+    try:
+        while True:
+            if writer is not None and writer.rest is not None:
+                await writer.finish_rest()
+            elif writer is not None and writer.broken:
+                break
+            else:
+                try:
+                    message = outbox.get_nowait()
+                except trio.WouldBlock:
+                    await outbox.wait()
+                    continue
+                except trio.EndOfChannel:
+                    break
+                if writer is None:
+                    await websocket.send(_text(message))
+                else:
+                    await writer.write(_wire(message))
+    finally:
+        if writer is not None:
+            writer.abandon()
+    conn.close()  # the outbox was closed by finish() and everything queued went out, or the socket is gone
+
+
+def _text(message: "str | Message") -> str:
+    return message.text if isinstance(message, Message) else message
+
+
+def _wire(message: "str | Message") -> bytes:
+    return (message if isinstance(message, Message) else Message(message)).wire
 
 
 async def _heartbeat(state: "ConsoleState", conn: Connection) -> None:

@@ -50,9 +50,10 @@ def drain(outbox: Outbox) -> list[str]:
     texts = []
     while True:
         try:
-            texts.append(outbox.get_nowait())
+            item = outbox.get_nowait()
         except trio.WouldBlock:
             return texts
+        texts.append(getattr(item, "text", item))  # the hub queues webui.wire.Message objects
 
 
 async def test_outbox_keeps_order_and_only_the_newest_unsent_snapshot():
@@ -205,6 +206,8 @@ def assert_in_order_with_every_step(readers: Readers, finals: list[int]) -> None
 async def test_every_console_holds_every_queue_state_in_order(node):
     async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
         readers = await open_readers(stack, nursery, node.console_url, READERS)
+        # Every reader has been greeted, so its sender runs: each is written to straight on its socket.
+        assert (await metrics(node))["mtor_console_direct_connections"] >= READERS
         asker = await stack.enter_async_context(bus(node.console_url, guid=f"asker-{uuid.uuid4().hex[:12]}"))
         await asker.expect("user_info")
         finals: list[int] = []
