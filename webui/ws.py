@@ -15,12 +15,13 @@ which never blocks. Two kinds of message share the outbox:
   cancelled, the socket closes) and counted in :attr:`Hub.dropped_slow`, so
   one slow reader never delays the others.
 
-A broadcast encodes its JSON once and offers the same string to every
-connection (no per-client work but a deque append). Snapshot broadcasts are
-also paced per kind (:data:`SNAPSHOT_INTERVAL_S`, :meth:`Hub.pace_snapshots`):
-what reaches the wire is bounded by time, not by how fast the queue churns,
-because every message costs the node a trip through quart and hypercorn and a
-``send`` per console (about 0.1-0.2 ms of CPU each; see bench/console.py).
+A broadcast encodes its JSON and frames it once (:class:`webui.wire.Message`)
+and offers the same bytes to every connection: a console whose socket is idle
+gets them written at once, inline, the others in their outbox (see
+:mod:`webui.wire` for why quart's own send is too dear at a thousand
+consoles). Snapshot broadcasts are also paced per kind
+(:data:`SNAPSHOT_INTERVAL_S`, :meth:`Hub.pace_snapshots`): what reaches the
+wire is bounded by time, not by how fast the queue churns.
 The hub follows the
 node's event bus with one subscription and turns ``queue_depth`` /
 ``worker_update`` / ``worker_health`` events into ``queue_update`` /
