@@ -145,66 +145,58 @@ class LocalWorker:
         if self.on_models_changed is not None:
             self.on_models_changed(what, name)
 
+    # A runner passes the model no progress callback when nobody watches (``progress`` None: the
+    # broker said so): the model then hands nothing to the event loop token by token.
+
     async def _chat(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
         request = ChatRequest(messages=[{"role": "user", "content": query.prompt}])
 
         async def on_token(token: str) -> None:
             await progress.token(token)
 
-        name = self._backend(query)
-        await self._ensure_loaded(name, progress)
-        # No sink, no per-token hop back to the event loop.
-        result = await self.manager.run(name, request, on_progress=on_token if progress is not None else None)
+        result = await self._run(query, request, progress, on_token)
         return HandlerResult("text", result.text)
 
     async def _whisper(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
         from inference.whisper import TranscribeRequest
 
         async def on_segment(segment) -> None:
-            if progress is not None:
-                await progress.token(getattr(segment, "text", ""))
+            await progress.token(getattr(segment, "text", ""))
 
-        name = self._backend(query)
-        await self._ensure_loaded(name, progress)
-        result = await self.manager.run(name, TranscribeRequest(audio=query.media or b""), on_progress=on_segment)
+        result = await self._run(query, TranscribeRequest(audio=query.media or b""), progress, on_segment)
         return HandlerResult("text", result.text)
 
     async def _bark(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
         from inference.tts import SpeakRequest
 
         async def on_sentence(sentence) -> None:
-            if progress is not None:
-                await progress.status(f"sentence {sentence.index + 1}")
+            await progress.status(f"sentence {sentence.index + 1}")
 
-        name = self._backend(query)
-        await self._ensure_loaded(name, progress)
-        result = await self.manager.run(name, SpeakRequest(text=query.prompt), on_progress=on_sentence)
+        result = await self._run(query, SpeakRequest(text=query.prompt), progress, on_sentence)
         return HandlerResult("audio", result.wav)
 
     async def _imagine(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
         from inference.imagine import ImagineRequest
 
         async def on_step(step) -> None:
-            if progress is not None:
-                await progress.step(step.step, step.total)
+            await progress.step(step.step, step.total)
 
-        name = self._backend(query)
-        await self._ensure_loaded(name, progress)
-        result = await self.manager.run(name, ImagineRequest(prompt=query.prompt), on_progress=on_step)
+        result = await self._run(query, ImagineRequest(prompt=query.prompt), progress, on_step)
         return HandlerResult("image", result.png)
 
     async def _vision(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
         from inference.vision import VisionRequest
 
         async def on_token(token: str) -> None:
-            if progress is not None:
-                await progress.token(token)
+            await progress.token(token)
 
-        request = VisionRequest(image=query.media or b"", prompt=query.prompt)
+        result = await self._run(query, VisionRequest(image=query.media or b"", prompt=query.prompt), progress, on_token)
+        return HandlerResult("text", result.text)
+
+    async def _run(self, query: Query, request, progress: ProgressSink | None, on_progress):
         name = self._backend(query)
         await self._ensure_loaded(name, progress)
-        result = await self.manager.run(name, request, on_progress=on_token)
-        return HandlerResult("text", result.text)
+        return await self.manager.run(name, request, on_progress=on_progress if progress is not None else None)
 
     _RUNNERS = {"chat": _chat, "whisper": _whisper, "bark": _bark, "imagine": _imagine, "vision": _vision}
 

@@ -269,7 +269,8 @@ class QueryClient:
         if worker_key is None:
             raise failed("bad_request", f"peer id {peer_id!r} does not embed an Ed25519 key", Blame.BROKER, False)
         try:
-            payload = encode_frame(QueryFrame(signed_query), max_frame_bytes=self.limits.max_frame_bytes)
+            payload = encode_frame(QueryFrame(signed_query, progress=on_progress is not None),
+                                   max_frame_bytes=self.limits.max_frame_bytes)
         except FrameError as exc:
             raise failed("bad_request", f"query cannot be sent: {exc}", Blame.BROKER, False) from None
         started = trio.current_time()

@@ -34,9 +34,15 @@ class FrameError(ValueError):
 
 @dataclass(frozen=True)
 class QueryFrame:
-    """broker -> worker: the signed query envelope (checked by :func:`check_query`, not here)."""
+    """broker -> worker: the signed query envelope (checked by :func:`check_query`, not here).
+
+    ``progress`` False tells the worker nobody watches this query live, so it sends no progress
+    frames and runs its model without a per-token hand-over to the event loop. On the wire the
+    key appears only when False, so a frame that wants progress is the same as before the field.
+    """
 
     query: Any
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,8 @@ def error_frame(code: str, message: str, blame: Blame, retryable: bool) -> Error
 
 def _to_obj(frame: Frame) -> dict:
     if isinstance(frame, QueryFrame):
-        return {"t": "query", "query": frame.query}
+        return {"t": "query", "query": frame.query} if frame.progress else {
+            "t": "query", "query": frame.query, "progress": False}
     if isinstance(frame, ProgressFrame):
         return {"t": "progress", "seq": frame.seq, "kind": frame.kind, "data": frame.data}
     if isinstance(frame, ResultFrame):
@@ -137,9 +144,11 @@ def _from_obj(obj: Any) -> Frame:
     kind, keys = obj["t"], set(obj)
     bad = FrameError(FrameProblem.BAD_FIELD, f"{kind[:16]!r} frame has missing or ill-typed fields")
     if kind == "query":
-        if keys != {"t", "query"}:
+        if keys == {"t", "query"}:
+            return QueryFrame(obj["query"])
+        if keys != {"t", "query", "progress"} or not isinstance(obj["progress"], bool):
             raise bad
-        return QueryFrame(obj["query"])
+        return QueryFrame(obj["query"], obj["progress"])
     if kind == "progress":
         if keys != {"t", "seq", "kind", "data"} or not _is_int(obj["seq"]) or not _progress_ok(obj["kind"], obj["data"]):
             raise bad

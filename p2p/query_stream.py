@@ -254,7 +254,7 @@ class ProgressSink:
         return self._take_queued()
 
 
-Handler = Callable[[Query, ProgressSink], Awaitable[HandlerResult]]
+Handler = Callable[[Query, "ProgressSink | None"], Awaitable[HandlerResult]]
 
 
 class _Session:
@@ -493,7 +493,9 @@ class QueryServer(ProtocolServer):
         kept = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_peer, nursery.cancel_scope)
-            sink = ProgressSink(session.stream, self.limits, nursery)
+            # A broker nobody watches live says so: no progress frames, and the handler runs
+            # without a sink (a model then hands no tokens to the event loop one by one).
+            sink = ProgressSink(session.stream, self.limits, nursery) if frame.progress else None
             seconds_left = max(0, query.expiry_ms - self.now_ms()) / 1000
             with trio.move_on_after(seconds_left) as expiry:
                 reply = await self._call_handler(query, sink, started)
@@ -531,7 +533,7 @@ class QueryServer(ProtocolServer):
         await _quietly(stream.reset)
         return False
 
-    async def _call_handler(self, query: Query, sink: ProgressSink, started: float) -> Frame | _EncodedResult:
+    async def _call_handler(self, query: Query, sink: ProgressSink | None, started: float) -> Frame | _EncodedResult:
         try:
             result = await self.handler(query, sink)
         except WorkerFault as fault:

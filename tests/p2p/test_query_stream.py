@@ -49,12 +49,14 @@ class Probe:
         self.started = trio.Event()
         self.cancelled = trio.Event()
         self.release = trio.Event()
+        self.sinks: list[bool] = []  # per query: did the handler get a progress sink
 
 
-async def reverse_handler(query: Query, progress: ProgressSink, probe: Probe) -> HandlerResult:
+async def reverse_handler(query: Query, progress: ProgressSink | None, probe: Probe) -> HandlerResult:
     """The test capability: reverses the prompt, one progress token per character.
 
     Prompts starting with a command word exercise the failure paths instead."""
+    probe.sinks.append(progress is not None)
     command = query.prompt.split(":")[0]
     if command == "fault":
         raise WorkerFault("model_load_failed", "weights are corrupt", retryable=False)
@@ -63,7 +65,8 @@ async def reverse_handler(query: Query, progress: ProgressSink, probe: Probe) ->
     if command == "wrongtype":
         return HandlerResult("image", b"not text")
     if command in ("block", "hold"):
-        await progress.status("working")
+        if progress is not None:  # None: the broker asked for no progress
+            await progress.status("working")
         probe.started.set()
         try:
             if command == "hold":
@@ -73,7 +76,7 @@ async def reverse_handler(query: Query, progress: ProgressSink, probe: Probe) ->
         except trio.Cancelled:
             probe.cancelled.set()
             raise
-    for char in reversed(query.prompt):
+    for char in reversed(query.prompt if progress is not None else ""):
         await progress.token(char)
     return HandlerResult("text", query.prompt[::-1])
 
@@ -152,9 +155,11 @@ async def test_reverse_query_streams_progress_and_returns_a_verified_receipt():
             verdict = check_receipt(result.receipt, query=signed, result_bytes=b"olleh",
                                     expected_worker=public_key_of(worker.mesh.peer_id))
             assert verdict is ReceiptVerdict.OK
-            # A second query works too (on the same stream, from the pool).
+            # A second query works too (on the same stream, from the pool). Without on_progress the
+            # client asks for none: the handler gets no sink and no progress frame is sent.
             again = await broker.client.call(worker.mesh.peer_id, broker.query("ab"), timeout_s=5)
             assert again.data == "ba" and worker.server.stats["ok"] == 2
+            assert worker.probe.sinks == [True, False]
 
 
 async def test_bad_envelopes_get_their_specific_error_blamed_on_the_broker():

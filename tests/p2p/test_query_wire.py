@@ -232,6 +232,7 @@ def test_result_bytes_of_text_are_utf8():
 
 FRAMES = [
     QueryFrame(query()),
+    QueryFrame(query(), progress=False),
     ProgressFrame(0, "token", "he"),
     ProgressFrame(1, "step", [3, 20]),
     ProgressFrame(2, "status", "loading model"),
@@ -252,6 +253,14 @@ def test_frames_round_trip_even_fed_byte_by_byte():
             out.append(frame)
     decoder.close()
     assert out == FRAMES
+
+
+def test_a_query_frame_names_progress_only_when_none_is_wanted():
+    """Unchanged on the wire for a broker that wants progress (what every worker understood before)."""
+    wanted = encode_frame(QueryFrame({"body": {}}), max_frame_bytes=MAX)
+    unwanted = encode_frame(QueryFrame({"body": {}}, progress=False), max_frame_bytes=MAX)
+    assert codec.decode(wanted[4:]) == {"t": "query", "query": {"body": {}}}
+    assert codec.decode(unwanted[4:]) == {"t": "query", "query": {"body": {}}, "progress": False}
 
 
 def test_frame_prefix_is_4_byte_big_endian_length():
@@ -292,6 +301,8 @@ def test_bad_frames_raise_typed_errors():
         {"t": "error", "code": "x", "message": "m", "blame": "moon", "retryable": True},
         {"t": "cancel", "why": "because"},
         {"t": "query"},
+        {"t": "query", "query": {}, "progress": 0},
+        {"t": "query", "query": {}, "progress": True, "why": "because"},
     ):
         assert frame_problem(framed(bad)) is FrameProblem.BAD_FIELD, bad
 
