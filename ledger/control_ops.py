@@ -14,7 +14,7 @@ wallet/receive     wallet?, passphrase?                                 receive 
 wallet/history     address? | wallet?                                   {address, entries}
 wallet/trail       address? | wallet?, limit?                           {address, records, totals}
 ledger/verify      -                                                    verify report
-ledger/stats       -                                                    stats + state hash
+ledger/stats       -                                                    stats + state hash + memory
 ledger/show        block (hex hash)                                     block dict
 =================  ===================================================  ==========
 """
@@ -103,7 +103,8 @@ def trail(ledger: Ledger, address: str, limit: str | None) -> dict:
 
 def ledger_stats(ledger: Ledger) -> dict:
     ok, held, supply = ledger.check_bank()
-    return {**ledger.stats(), "state_hash": ledger.state_hash().hex(), "bank_invariant": ok}
+    return {**ledger.stats(), "state_hash": ledger.state_hash().hex(), "bank_invariant": ok,
+            "memory": ledger.memory()}
 
 
 def dispatch(ledger: Ledger, node_identity: Identity, data_dir: Path, op: str, payload: dict) -> dict:

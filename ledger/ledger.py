@@ -426,6 +426,16 @@ class Ledger(RecordsMixin):
                 "sync_writes": self.sync,
             }
 
+    def memory(self) -> dict:
+        """What this open ledger holds in memory by design (bounded caches; docs/ledger.md)."""
+        with self._lock:
+            self._check_open()
+            return {
+                "cached_blocks": len(self._blocks),
+                "cached_accounts": len(self._accounts),
+                "leveldb_bytes": int(self._db.get_property(b"leveldb.approximate-memory-usage") or 0),
+            }
+
     def verify(self) -> VerifyReport:
         """Re-validate every block and rebuild every index from scratch; report problems (O(blocks))."""
         with self._lock:

@@ -282,7 +282,8 @@ class Broker:
             raise BrokerRefused("price_over_max", f"the price is {quote.tokens} tokens, over your maximum", 402)
         query_id = secrets.token_bytes(16)
         try:
-            await self.ledger.call(lambda ledger: ledger.place_hold(ask.payer.public_key, query_id, quote.units))
+            # An unsynced put (Ledger.place_hold): quick enough for the event loop.
+            await self.ledger.call_quick(lambda ledger: ledger.place_hold(ask.payer.public_key, query_id, quote.units))
         except InsufficientFunds as exc:
             raise BrokerRefused("insufficient_funds", f"not enough tokens: {exc}", 402) from exc
         ticket = Ticket(query_id, ask, quote, trio.current_time(), load=self.queue.depth)

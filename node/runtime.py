@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -188,6 +189,7 @@ class Node:
             "broker": {"completed": self.broker.completed, "failed": self.broker.failed} if self.broker else None,
             "ledger": self.ledger.summary() if self.ledger else None,
             "watchdog": {"stalls": self.watchdog.stalls, "max_loop_lag_s": round(self.watchdog.max_lag_s, 4)},
+            "python_allocated_blocks": sys.getallocatedblocks(),  # a leak of Python objects shows here first
         }
 
     def _on_expired(self, entries) -> None:
