@@ -17,6 +17,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 from ledger.ledger import Ledger
 from ledger.wallet_files import load_wallet
@@ -60,6 +61,22 @@ def control(data_dir: Path, area: str, op: str, payload: dict | None = None, *, 
         raise ControlError(exc.code, exc.read().decode(errors="replace")) from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise ControlError(None, f"{type(exc).__name__}: {exc}") from exc  # cut off, e.g. by a kill
+
+
+def quiescent(read_hashes: Callable[[], list], read_owed: Callable[[], Iterable[int]]) -> bool:
+    """Every node at one state hash, nothing left to receive, and no block added while we looked.
+
+    Reads the hashes, then what is owed, then the hashes again, and wants the two reads equal.
+    One read of each is not enough: a worker that receives its last payments after the hashes
+    were read and before the balances were (so it owes itself nothing any more) would pass a
+    realm whose other nodes never got those receive blocks.
+    """
+    first = read_hashes()
+    if None in first or len(set(first)) != 1:
+        return False
+    if any(read_owed()):
+        return False
+    return read_hashes() == first
 
 
 def address_of(data_dir: Path) -> str:

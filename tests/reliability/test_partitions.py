@@ -49,7 +49,7 @@ from p2p.host import peer_id_for
 from tests.harness import FAST, wait_for
 from tests.reliability import netns
 from tests.reliability.realm import (
-    LONG, ControlError, address_of, assert_bank, control, init_realm, open_ledger, stop_all,
+    LONG, ControlError, address_of, assert_bank, control, init_realm, open_ledger, quiescent, stop_all,
 )
 
 N = 10
@@ -165,11 +165,14 @@ def _converged(dirs, addresses) -> bool:
     can take longer to answer than the mesh takes to converge, and the check would lag it.
     """
     with ThreadPoolExecutor(max_workers=len(dirs)) as pool:
-        stats = list(pool.map(_stats, dirs))
-        if any(s is None for s in stats) or len({s["state_hash"] for s in stats}) != 1:
-            return False
-        owed = pool.map(lambda a: control(dirs[0], "wallet", "balance", {"address": a})["receivable_units"], addresses)
-        return not any(owed)
+        def hashes() -> list:
+            return [None if s is None else s["state_hash"] for s in pool.map(_stats, dirs)]
+
+        def owed():
+            return pool.map(lambda a: control(dirs[0], "wallet", "balance", {"address": a})["receivable_units"],
+                            addresses)
+
+        return quiescent(hashes, owed)
 
 
 def _await_convergence(nodes, dirs, addresses, what: str) -> float:

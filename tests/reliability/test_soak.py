@@ -44,7 +44,7 @@ import trio
 
 from tests.harness import NodeProcess, wait_for
 from tests.reliability.realm import (
-    LONG, ControlError, address_of, assert_bank, control, init_realm, start_node, stop_all,
+    LONG, ControlError, address_of, assert_bank, control, init_realm, quiescent, start_node, stop_all,
 )
 from tests.webui.client import bus
 
@@ -334,9 +334,8 @@ def run_soak(tmp_path: Path, soak_s: float) -> dict:
         elapsed = time.monotonic() - t0
 
         def converged() -> bool:
-            stats = [control(d, "ledger", "stats") for d in dirs]
-            owed = [control(d, "wallet", "balance")["receivable_units"] for d in dirs]
-            return len({s["state_hash"] for s in stats}) == 1 and not any(owed)
+            return quiescent(lambda: [control(d, "ledger", "stats")["state_hash"] for d in dirs],
+                             lambda: [control(d, "wallet", "balance")["receivable_units"] for d in dirs])
 
         t_conv = time.monotonic()
         wait_for(converged, 120, "all five nodes at one state hash, nothing left to receive")

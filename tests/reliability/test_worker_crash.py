@@ -30,7 +30,8 @@ import pytest
 from ledger.address import decode_address
 from tests.harness import wait_for
 from tests.reliability.realm import (
-    ControlError, address_of, assert_bank, bank_report, control, init_realm, open_ledger, start_node, stop_all,
+    ControlError, address_of, assert_bank, bank_report, control, init_realm, open_ledger, quiescent, start_node,
+    stop_all,
 )
 
 PROMPT_CHARS = 12  # 3 s on reverse-slow: a wide window for the kill to land while queries run
@@ -162,9 +163,8 @@ def test_worker_sigkill_under_load_retries_or_refunds_and_keeps_every_paid_recei
             asks.halt()
 
         def converged() -> bool:
-            hashes = {control(d, "ledger", "stats")["state_hash"] for d in (broker_dir, w0_dir, w1_dir)}
-            owed = [control(d, "wallet", "balance")["receivable_units"] for d in (w0_dir, w1_dir)]
-            return len(hashes) == 1 and not any(owed)
+            return quiescent(lambda: [control(d, "ledger", "stats")["state_hash"] for d in (broker_dir, w0_dir, w1_dir)],
+                             lambda: [control(d, "wallet", "balance")["receivable_units"] for d in (w0_dir, w1_dir)])
 
         wait_for(converged, 120, "one state hash and nothing left to receive")
     finally:
