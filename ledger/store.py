@@ -79,10 +79,20 @@ def ref_key(ref: bytes, send_hash: bytes = b"") -> bytes:
     return REFERENCE + bytes([len(ref)]) + ref + send_hash
 
 
+#: LevelDB's own memory, set instead of its defaults (8 MiB block cache, 4 MiB memtables, of which
+#: two can exist at once): the ledger keeps parsed blocks and accounts in its own caches
+#: (ledger.ledger), so LevelDB's block cache mostly holds what those already hold, and a node's
+#: memory should reach its steady size within minutes, not fill over half an hour (the soak,
+#: docs/reliability.md). At most about 2 + 2 x 1 MiB.
+LEVELDB_CACHE_BYTES = 2 << 20
+LEVELDB_WRITE_BUFFER_BYTES = 1 << 20
+
+
 def open_db(path: Path, *, create: bool = True) -> plyvel.DB:
     """Open (creating if asked) the LevelDB at ``path``; a held lock raises :class:`StoreLocked`."""
     try:
-        return plyvel.DB(str(path), create_if_missing=create)
+        return plyvel.DB(str(path), create_if_missing=create, lru_cache_size=LEVELDB_CACHE_BYTES,
+                         write_buffer_size=LEVELDB_WRITE_BUFFER_BYTES)
     except plyvel.IOError as exc:
         if "lock" in str(exc).lower():
             raise StoreLocked(f"ledger {path} is in use by another process (is the node running?)") from exc
