@@ -67,7 +67,7 @@ class Limits:
     """How much a node may grow between the first and last third of the post-warm-up samples.
 
     CI (30 s, about 8 samples a node after warm-up) only catches gross leaks: a node's RSS moves
-    by a few MB as pymalloc arenas and LevelDB's write buffer (4 MB) and block cache (8 MB) fill,
+    by a few MB as pymalloc arenas and LevelDB's memtable (1 MiB) and block cache (2 MiB) fill,
     so 24 MB between thirds or 30 MB/min is far above that noise; a leak of tens of KB per
     operation (a kept connection, a query's buffers) crosses it. A slow leak (under ~5 MB/min)
     passes CI; the long mode is the trend test: over 30 minutes a steady 0.5 MB/min is 15 MB, and
