@@ -140,17 +140,8 @@ class Outbox:
             del self._unsent[key]
         return text
 
-    async def get(self) -> str:
-        """The oldest unsent message, waiting for one; ``trio.EndOfChannel`` once closed and empty."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                return self.get_nowait()
-            except trio.WouldBlock:
-                await self._lot.park()
-
     async def wait(self) -> None:
-        """Until something is put, the outbox is closed or :meth:`poke` is called (may return early)."""
+        """Park until something is put, the outbox is closed or :meth:`poke` is called (may return early)."""
         await self._lot.park()
 
     def poke(self) -> None:
@@ -463,7 +454,7 @@ async def _flush_then_close(conn: Connection, websocket) -> None:
                 message = conn.outbox.get_nowait()
             except trio.EndOfChannel:
                 break
-            await websocket.send(_text(message))
+            await websocket.send(message.text)
         await websocket.close(1011, "cannot serve this console now")
     except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         log.debug("console went away while being closed: %s", exc)
@@ -499,21 +490,13 @@ async def _sender(conn: Connection, websocket) -> None:
                 except trio.EndOfChannel:
                     break
                 if writer is None:
-                    await websocket.send(_text(message))
+                    await websocket.send(message.text)
                 else:
-                    await writer.write(_wire(message))
+                    await writer.write(message.wire)
     finally:
         if writer is not None:
             writer.abandon()
     conn.close()  # the outbox was closed by finish() and everything queued went out, or the socket is gone
-
-
-def _text(message: "str | Message") -> str:
-    return message.text if isinstance(message, Message) else message
-
-
-def _wire(message: "str | Message") -> bytes:
-    return (message if isinstance(message, Message) else Message(message)).wire
 
 
 async def _heartbeat(state: "ConsoleState", conn: Connection) -> None:
