@@ -36,7 +36,45 @@ def _packed_key(key: str | int | bytes) -> bytes:
     return msgpack.packb(key, use_bin_type=True)
 
 
+#: Types passed through as they are; exact types only (a subclass takes the checked path below).
+_AS_IS = frozenset({str, bytes, bool, type(None)})
+_KEY_TYPES = frozenset({str, int, bytes})
+
+
+@lru_cache(maxsize=1024)
+def _key_order(keys: tuple[str | int | bytes, ...]) -> tuple[str | int | bytes, ...]:
+    """A map's keys in canonical order. Cached by the keys as they came: a kind of message has the
+    same keys in the same order every time (bounded, so key sets chosen by a peer cannot grow it).
+    Only called with keys of exact types str, int and bytes, so equal tuples are identical keys."""
+    return tuple(sorted(keys, key=_packed_key))
+
+
 def _canonical(obj: Any) -> Any:
+    """``obj`` with every map rebuilt in canonical key order, checked against the rules above.
+
+    The first branches are the hot path (exact built-in types, every signed
+    message goes through here several times); anything else, subclasses
+    included, is checked by :func:`_canonical_other`.
+    """
+    kind = type(obj)
+    if kind in _AS_IS:
+        return obj
+    if kind is int:
+        if not _INT_MIN <= obj <= _INT_MAX:
+            raise CodecError(f"integer out of 64-bit range: {obj}")
+        return obj
+    if kind is dict:
+        keys = tuple(obj)
+        for key in keys:
+            if type(key) not in _KEY_TYPES:
+                return _canonical_other(obj)
+        return _SortedMap([(key, _canonical(obj[key])) for key in _key_order(keys)])
+    if kind is list or kind is tuple:
+        return [_canonical(item) for item in obj]
+    return _canonical_other(obj)
+
+
+def _canonical_other(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, bytes, str)):
         return obj
     if isinstance(obj, int):

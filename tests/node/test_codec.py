@@ -28,6 +28,35 @@ def test_key_order_does_not_change_bytes(mapping):
     assert codec.encode(mapping) == codec.encode(reordered)
 
 
+mixed_keys = st.dictionaries(st.text(max_size=4) | st.integers(-5, 300) | st.binary(max_size=4),
+                             st.integers(0, 9), max_size=6)
+
+
+@given(st.one_of(values, mixed_keys))
+def test_fast_path_encodes_as_the_checked_path(value):
+    # exact built-in types take a quicker route through _canonical; its bytes must be the same
+    assert codec.encode(value) == msgpack.packb(codec._canonical_other(value), use_bin_type=True)
+
+
+def test_cached_key_order_never_admits_a_bool_key():
+    assert codec.encode({1: "a", "x": 2}) == codec.encode({"x": 2, 1: "a"})
+    with pytest.raises(codec.CodecError, match="map key of type bool"):
+        codec.encode({True: "a", "x": 2})  # equal to the cached (1, "x") as a tuple, but refused
+
+
+def test_subclasses_are_checked_as_before():
+    import enum
+
+    class Size(enum.IntEnum):
+        BIG = 7
+
+    assert codec.encode({"n": Size.BIG}) == codec.encode({"n": 7})
+    with pytest.raises(codec.CodecError, match="64-bit"):
+        codec.encode([Size.BIG, 1 << 64])
+    with pytest.raises(codec.CodecError, match="cannot be encoded"):
+        codec.encode({"s": {1, 2}})
+
+
 @given(st.binary(max_size=64))
 def test_garbage_never_crashes(data):
     try:
