@@ -83,7 +83,7 @@ def validate(block: Block, view: View, *, signature_checked: bool = False) -> Fi
     found = check_ranges(block)
     if found.verdict is not Verdict.ACCEPTED:
         return found
-    if not signature_checked and not signature_ok(block):
+    if not (signature_checked or block.signature_known) and not signature_ok(block):
         return Finding(Verdict.BAD_SIGNATURE, "signature does not verify for the account")
     prev_balance = 0
     if block.previous is not None:

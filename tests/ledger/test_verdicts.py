@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from ledger import blocks as B
+from ledger.validate import signature_ok
 from ledger.verdicts import Verdict
 from node import codec, genesis as genesis_mod, signing
 from tests.ledger.conftest import UNIT, ident
@@ -73,6 +74,18 @@ def test_signature_realm_replay(ledger, funded, builder, founder):
     _refused(ledger, send.raw, Verdict.DUPLICATE)
     # someone else signing founder's block
     _refused(ledger, _body(builder, ident(3), send, amount=2).raw, Verdict.BAD_SIGNATURE)
+
+
+def test_only_the_accounts_own_signature_skips_verification(ledger, funded, builder, founder):
+    send = builder.send(founder, ident(2), UNIT)
+    assert send.signature_known and signature_ok(send)
+    assert not B.parse_block(send.raw).signature_known  # bytes from anywhere are checked
+    forged = _body(builder, ident(3), send, amount=2)  # someone else signing founder's block
+    assert not forged.signature_known
+    before = _db_snapshot(ledger)
+    assert ledger.submit(forged).verdict is Verdict.BAD_SIGNATURE  # as a Block object too
+    assert _db_snapshot(ledger) == before
+    assert ledger.submit(send).verdict is Verdict.ACCEPTED
 
 
 def test_amount_and_balance_rules(ledger, funded, founder):
