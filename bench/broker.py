@@ -22,7 +22,7 @@ For each: p50/p99 latency of sequential queries, and queries/s with ``--concurre
 Then the ledger's share: one hold + one grouped settlement (what the broker does per query), and one
 query record (ledger/records.py, proposed for the broker), each through the LedgerService.
 
-Usage: python bench/broker.py [--queries N] [--concurrency C] [--no-sync] [--prompt TEXT]
+Usage: python bench/broker.py [--queries N] [--concurrency C] [--no-sync] [--prompt TEXT] [--paths a2,c,d]
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ import secrets
 import statistics
 import sys
 import tempfile
+import subprocess
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -76,6 +79,7 @@ from p2p.query_wire import Query, make_query  # noqa: E402
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 LEGACY_MODEL = "legacy-reverse"
+LEGACY_MODEL_OTHER = "legacy-reverse-other-process"
 UNIT = genesis_mod.UNITS_PER_TOKEN
 
 
@@ -116,12 +120,13 @@ async def serve_legacy(stream: trio.SocketStream) -> None:
 class LegacyHttpBackend(Backend[ChatRequest, ChatResult]):
     """A chat "model" that is a legacy worker's ``/predict`` endpoint (one keep-alive httpx client)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, model: str = LEGACY_MODEL) -> None:
         self._url = url
+        self._model = model
         self._client: httpx.Client | None = None
 
     def describe(self) -> BackendInfo:
-        return BackendInfo("chat", LEGACY_MODEL, (LEGACY_MODEL,), "legacy-http", 1)
+        return BackendInfo("chat", self._model, (self._model,), "legacy-http", 1)
 
     @property
     def loaded(self) -> bool:
@@ -144,6 +149,56 @@ class LegacyHttpBackend(Backend[ChatRequest, ChatResult]):
         return ChatResult(text, len(text), len(prompt), "stop")
 
 
+# ---------------------------------------------------------------- the other node, in its own process
+
+
+async def serve_other_node(seed_hex: str, realm_hex: str) -> None:
+    """The worker node of (c) and the legacy worker of (d), in a process of their own as deployed.
+
+    Prints ``{"p2p": <address>, "legacy": <url>}`` on one line, then serves until
+    its stdin closes (the bench's end).
+    """
+    identity, realm = Identity.from_seed(bytes.fromhex(seed_hex)), bytes.fromhex(realm_hex)
+    settings = Settings()
+    manager = ModelManager(memory_budget_mb=settings.inference.memory_budget_mb,
+                           idle_unload_s=settings.inference.model_idle_unload_s)
+    manager.register(ReverseBackend())
+    worker = LocalWorker(manager)
+    async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
+        server = QueryServer(mesh, realm, identity, worker.handle, capabilities=worker.serves_wire())
+        await nursery.start(server.run)
+        listeners = await nursery.start(partial(trio.serve_tcp, serve_legacy, 0, host="127.0.0.1"))
+        legacy_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/predict"
+        print(json.dumps({"p2p": mesh.listen_addrs[0], "legacy": legacy_url}), flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def other_node(worker: Identity, realm: bytes) -> AsyncIterator[dict]:
+    """Start :func:`serve_other_node` in a child process; yield its addresses; stop it at the end."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, __file__, "--serve-other-node", worker.seed.hex(), realm.hex()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        line = b""
+        with trio.fail_after(60):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError("the other node's process ended before it was serving")
+                line += chunk
+        yield json.loads(line)
+    finally:
+        with trio.CancelScope(shield=True):
+            await process.stdin.aclose()
+            with trio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
 # ---------------------------------------------------------------- measuring
 
 
@@ -158,27 +213,66 @@ def summary(name: str, latencies_s: list[float], qps: float, baseline_p50: float
     return out
 
 
-async def measure(call: Callable[[], Awaitable[None]], n: int, concurrency: int) -> tuple[list[float], float]:
-    """``n`` sequential calls (latencies), then ``n`` calls by ``concurrency`` tasks (queries/s)."""
-    for _ in range(min(20, n)):  # warm-up: first calls pay loading, connection and cache costs
-        await call()
-    latencies = []
-    for _ in range(n):
+@dataclass
+class BenchPath:
+    """One way of answering the query, and what was measured of it."""
+
+    name: str
+    call: Callable[[], Awaitable[None]]
+    concurrency: int  #: callers in the throughput phase
+    over_a2: bool = True  #: report its p50 against a2's
+    latencies: list[float] = field(default_factory=list)
+    qps: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.name.split()[0]
+
+
+async def measure(paths: list[BenchPath], n: int, rounds: int) -> None:
+    """``n`` sequential calls per path (latencies), then ``n`` calls by ``concurrency`` tasks (queries/s).
+
+    The sequential calls go in ``rounds`` rounds, every path in turn in each
+    round, so a slow spell of the machine (it is a shared VM) lands on every
+    path alike and the differences between paths stay meaningful.
+    """
+    for path in paths:
+        for _ in range(min(20, n)):  # warm-up: first calls pay loading, connection and cache costs
+            await path.call()
+    per_round = [n // rounds + (1 if i < n % rounds else 0) for i in range(rounds)]
+    for count in per_round:
+        for path in paths:
+            for _ in range(count):
+                started = time.perf_counter()
+                await path.call()
+                path.latencies.append(time.perf_counter() - started)
+    for path in paths:
+        remaining = [n]
+
+        async def caller(call: Callable[[], Awaitable[None]] = path.call) -> None:
+            while remaining[0] > 0:
+                remaining[0] -= 1
+                await call()
+
         started = time.perf_counter()
-        await call()
-        latencies.append(time.perf_counter() - started)
-    remaining = [n]
+        async with trio.open_nursery() as nursery:
+            for _ in range(path.concurrency):
+                nursery.start_soon(caller)
+        path.qps = n / (time.perf_counter() - started)
 
-    async def caller() -> None:
-        while remaining[0] > 0:
-            remaining[0] -= 1
-            await call()
 
-    started = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(caller)
-    return latencies, n / (time.perf_counter() - started)
+def targets(p50: dict[str, float], qps: dict[str, float]) -> dict:
+    """The issue's three targets, where this run measured what they need."""
+    out = {}
+    if "c" in p50 and "a1" in p50:
+        out["c_over_a_ms"] = round(p50["c"] - p50["a1"], 3)
+        out["c_within_a_plus_3ms"] = out["c_over_a_ms"] <= 3.0
+    if "b" in qps:
+        out["broker_qps"] = round(qps["b"], 1)
+        out["broker_500_qps"] = qps["b"] >= 500
+    if "c" in p50 and "d" in p50:
+        out["c_faster_than_d"] = p50["c"] < p50["d"]
+    return out
 
 
 def self_ad(identity: Identity, realm: bytes, models: dict[str, tuple[str, ...]], seq: int):
@@ -219,6 +313,7 @@ async def make_broker(nursery: trio.Nursery, identity: Identity, realm: bytes, l
 async def run(args: argparse.Namespace) -> list[dict]:
     settings = Settings()
     payer, broker_id, worker_id = Identity.generate(), Identity.generate(), Identity.generate()
+    other_id = Identity.generate()  # the worker node in another process
     genesis = genesis_mod.create(payer, "bench", founder_supply_units=10**9 * UNIT)
     realm = genesis.realm_id
     prompt, expected = args.prompt, args.prompt[::-1]
@@ -227,7 +322,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
         ledger = Ledger.open(Path(tmp) / "ledger", genesis, sync=args.sync)
         receive_all(ledger, payer)
         service = LedgerService(ledger, DataDir(Path(tmp)), broker_id)
-        async with trio.open_nursery() as nursery:
+        async with other_node(other_id, realm) as other, trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, serve_legacy, 0, host="127.0.0.1"))
             legacy_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/predict"
 
@@ -235,6 +330,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
                                    idle_unload_s=settings.inference.model_idle_unload_s)
             manager.register(ReverseBackend())
             manager.register(LegacyHttpBackend(legacy_url))
+            manager.register(LegacyHttpBackend(other["legacy"], LEGACY_MODEL_OTHER))
             local = LocalWorker(manager)
             worker_manager = ModelManager(memory_budget_mb=settings.inference.memory_budget_mb,
                                           idle_unload_s=settings.inference.model_idle_unload_s)
@@ -248,6 +344,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
                                      capabilities=remote_worker.serves_wire())
                 await nursery.start(server.run)
                 await mesh_a.connect(mesh_b.listen_addrs[0])
+                await mesh_a.connect(other["p2p"])
 
                 # a1, a2 ------------------------------------------------------------------
                 request = ChatRequest(messages=[{"role": "user", "content": prompt}])
@@ -275,11 +372,15 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 async def worker_entry() -> None:
                     assert (await local.handle(query, None)).data == expected
 
-                lat, qps = await measure(direct, args.queries, args.concurrency)
-                results.append(summary("a1 ModelManager.run", lat, qps, None))
-                lat, qps = await measure(worker_entry, args.queries, args.concurrency)
-                a2 = statistics.median(lat) * 1000
-                results.append(summary("a2 LocalWorker.handle", lat, qps, None))
+                paths: list[BenchPath] = []
+
+                def path(name: str, call: Callable[[], Awaitable[None]], concurrency: int,
+                         over_a2: bool = True) -> None:
+                    if not args.paths or name.split()[0] in args.paths:
+                        paths.append(BenchPath(name, call, concurrency, over_a2))
+
+                path("a1 ModelManager.run", direct, args.concurrency, over_a2=False)
+                path("a2 LocalWorker.handle", worker_entry, args.concurrency, over_a2=False)
 
                 class DropProgress:
                     async def token(self, text: str) -> None: ...
@@ -289,12 +390,11 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 async def worker_entry_with_progress() -> None:
                     assert (await local.handle(query, DropProgress())).data == expected
 
-                lat, qps = await measure(worker_entry_with_progress, args.queries, args.concurrency)
-                results.append(summary("a3 LocalWorker.handle, progress", lat, qps, a2))
+                path("a3 LocalWorker.handle, progress", worker_entry_with_progress, args.concurrency)
 
                 # b, d: a broker with this node as the worker --------------------------------
                 broker = await make_broker(nursery, broker_id, realm, service, settings, mesh_a, broker_id,
-                                           {"chat": (REVERSE_MODEL, LEGACY_MODEL)}, local)
+                                           {"chat": (REVERSE_MODEL, LEGACY_MODEL, LEGACY_MODEL_OTHER)}, local)
 
                 failures: dict[str, int] = {}
 
@@ -308,8 +408,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
                             assert outcome["result"] == expected, outcome
                     return call
 
-                lat, qps = await measure(through(broker, REVERSE_MODEL, "b"), args.queries, args.concurrency)
-                results.append(summary("b  broker, local worker", lat, qps, a2))
+                path("b  broker, local worker", through(broker, REVERSE_MODEL, "b"), args.concurrency)
 
                 # c0, c: host A → host B -------------------------------------------------------
                 # c0 signs from its own host C: the worker keeps one nonce window per broker key,
@@ -336,16 +435,14 @@ async def run(args: argparse.Namespace) -> list[dict]:
                     while got < len(message):
                         got += len(await echo_stream.read(65536))
 
-                lat, qps = await measure(raw_round_trip, args.queries, 1)  # one stream: one caller
-                results.append(summary("r  raw libp2p stream round trip", lat, qps, None))
+                path("r  raw libp2p stream round trip", raw_round_trip, 1, over_a2=False)  # one stream: one caller
 
                 async def raw_remote() -> None:
                     result = await client.call(mesh_b.peer_id, signed_query(REVERSE_MODEL, client_id), timeout_s=30)
                     assert result.data == expected
 
                 # the worker refuses more than max_concurrent streams at once ("busy")
-                lat, qps = await measure(raw_remote, args.queries, min(args.concurrency, server.max_concurrent))
-                results.append(summary("c0 QueryClient A→B, no broker", lat, qps, a2))
+                path("c0 QueryClient A→B, no broker", raw_remote, min(args.concurrency, server.max_concurrent))
 
                 # c1: c0 in a second realm whose server hands the handler no progress sink, as a2 runs:
                 # c1 - a2 is what the protocol and the network cost, without the per-token hops of a3.
@@ -363,15 +460,19 @@ async def run(args: argparse.Namespace) -> list[dict]:
                     signed = signed_query(REVERSE_MODEL, client_id, realm_quiet)
                     assert (await quiet_client.call(mesh_b.peer_id, signed, timeout_s=30)).data == expected
 
-                lat, qps = await measure(quiet_remote, args.queries, min(args.concurrency, quiet_server.max_concurrent))
-                results.append(summary("c1 c0, handler without progress", lat, qps, a2))
+                path("c1 c0, handler without progress", quiet_remote, min(args.concurrency, quiet_server.max_concurrent))
                 remote_broker = await make_broker(nursery, broker_id, realm, service, settings, mesh_a, worker_id,
                                                   {"chat": (REVERSE_MODEL,)}, None)
-                lat, qps = await measure(through(remote_broker, REVERSE_MODEL, "c"), args.queries, args.concurrency)
-                results.append(summary("c  broker A → worker B (libp2p)", lat, qps, a2))
-
-                lat, qps = await measure(through(broker, LEGACY_MODEL, "d"), args.queries, args.concurrency)
-                results.append(summary("d  broker → legacy HTTP worker", lat, qps, a2))
+                other_broker = await make_broker(nursery, broker_id, realm, service, settings, mesh_a, other_id,
+                                                 {"chat": (REVERSE_MODEL,)}, None)
+                path("c  broker A → worker B (libp2p), B in another process",
+                     through(other_broker, REVERSE_MODEL, "c"), args.concurrency)
+                path("d  broker → legacy HTTP worker in another process",
+                     through(broker, LEGACY_MODEL_OTHER, "d"), args.concurrency)
+                path("c-in c, worker B in this process", through(remote_broker, REVERSE_MODEL, "c-in"),
+                     args.concurrency)
+                path("d-in d, legacy worker in this process", through(broker, LEGACY_MODEL, "d-in"),
+                     args.concurrency)
 
                 # the ledger's share -------------------------------------------------------------
                 async def hold_and_settle() -> None:
@@ -381,8 +482,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
                     await service.call(lambda led: led.place_hold(payer.public_key, query_id, UNIT))
                     await service.write_grouped(_pay, payer, query_id, worker_id.public_key, secrets.token_bytes(32))
 
-                lat, qps = await measure(hold_and_settle, args.queries, args.concurrency)
-                results.append(summary("ledger: hold + grouped settle", lat, qps, None))
+                path("ledger: hold + grouped settle", hold_and_settle, args.concurrency, over_a2=False)
 
                 class Done:
                     def __init__(self) -> None:
@@ -396,10 +496,15 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 async def record() -> None:
                     await service.call(record_outcome, Done(), 0, 100)
 
-                lat, qps = await measure(record, args.queries, 1)
-                results.append(summary("ledger: query record (proposed)", lat, qps, None))
-                results.append({"path": "check", "broker_completed": broker.completed + remote_broker.completed,
-                                "broker_failed": broker.failed + remote_broker.failed,
+                path("ledger: query record (proposed)", record, 1, over_a2=False)
+
+                await measure(paths, args.queries, args.rounds)
+                p50 = {p.key: statistics.median(p.latencies) * 1000 for p in paths}
+                for p in paths:
+                    results.append(summary(p.name, p.latencies, p.qps, p50.get("a2") if p.over_a2 else None))
+                results.append({"path": "targets", **targets(p50, {p.key: p.qps for p in paths})})
+                results.append({"path": "check", "broker_completed": broker.completed + remote_broker.completed + other_broker.completed,
+                                "broker_failed": broker.failed + remote_broker.failed + other_broker.failed,
                                 "verify_ok": (await service.call(lambda led: led.verify())).ok,
                                 "mean_group": service.group_parts / max(1, service.group_commits),
                                 "failures": failures})
@@ -409,13 +514,20 @@ async def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--serve-other-node"]:  # the child of other_node()
+        trio.run(serve_other_node, *sys.argv[2:4])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=300, help="queries per path and phase (default 300)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent callers in the throughput phase")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="the sequential calls of every path are spread over this many interleaved rounds")
     parser.add_argument("--no-sync", dest="sync", action="store_false",
                         help="ledger without fsync per write batch (default: fsync, as the node's default)")
     parser.add_argument("--prompt", default="What is the capital of France?")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--paths", type=lambda text: set(text.split(",")), default=set(),
+                        help="only these paths, comma-separated (a1,a2,a3,b,r,c0,c1,c,d,ledger:); default all")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = trio.run(run, args)
@@ -424,15 +536,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{args.queries} queries per path, {args.concurrency} concurrent callers for q/s, "
           f"ledger sync={'on' if args.sync else 'off'}, prompt {len(args.prompt)} chars, {os.cpu_count()} CPUs")
-    print(f"{'path':<34}{'p50 ms':>9}{'p99 ms':>9}{'q/s':>9}{'p50-a2':>9}{'×a2':>7}")
+    print(f"{'path':<52}{'p50 ms':>9}{'p99 ms':>9}{'q/s':>9}{'p50-a2':>9}{'×a2':>7}")
     for r in results:
+        if r["path"] == "targets":
+            print("targets: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "path"))
+            continue
         if r["path"] == "check":
             print(f"check: {r['broker_completed']} completed, {r['broker_failed']} failed, verify ok={r['verify_ok']}, "
                   f"{r['mean_group']:.1f} settlements per ledger commit")
             for what, count in r["failures"].items():
                 print(f"  {count:>5} × {what}")
             continue
-        print(f"{r['path']:<34}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['qps']:>9.1f}"
+        print(f"{r['path']:<52}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['qps']:>9.1f}"
               f"{r.get('p50_over_a2_ms', ''):>9}{r.get('p50_ratio_a2', ''):>7}")
     return 0
 
