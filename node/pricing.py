@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
+from functools import lru_cache
 
 from node.genesis import UNITS_PER_TOKEN
 
@@ -102,6 +103,7 @@ def half_steps(factor: float) -> int:
     return math.floor(clamped * 2 + 0.5)
 
 
+@lru_cache(maxsize=512)  # 19 steps × the few multipliers configured: exact Fractions are slow to redo per quote
 def price_units(steps: int, multiplier: Fraction = Fraction(1)) -> int:
     """Units for ``steps`` half-tokens times ``multiplier``, nearest unit (ties up)."""
     exact = steps * HALF_TOKEN_UNITS * multiplier

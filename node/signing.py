@@ -9,6 +9,7 @@ another (an ad). Nothing here signs bytes it did not encode itself.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from typing import Any
 
 import nacl.exceptions
@@ -25,6 +26,7 @@ class SignatureError(ValueError):
     """A signed object is malformed or its signature does not verify."""
 
 
+@lru_cache(maxsize=64)  # a handful of kinds, checked on every digest
 def _check_kind(kind: str) -> bytes:
     if not kind or not kind.isascii() or not all(c.isalnum() or c in "-_." for c in kind):
         raise ValueError(f"invalid signing kind {kind!r}")
