@@ -264,6 +264,11 @@ class _Session:
         self.stream = stream
         self.awaiting_reply = False  #: a query was accepted and its result/error frame is not sent yet
         self.usable = True  #: False once a write failed or timed out (the stream was reset)
+        #: The running handler's scope: whatever the broker sends meanwhile (a cancel frame, the end
+        #: of the stream, a reset, garbage) cancels it. None outside the handler, so the broker's
+        #: next query, sent once it has our reply, is left for the session loop.
+        self.running: trio.CancelScope | None = None
+        self.cancelled_by_peer = False
 
 
 _Inbound = Union[Frame, FrameError]
@@ -363,7 +368,7 @@ class QueryServer(ProtocolServer):
         try:
             async with trio.open_nursery() as nursery:
                 inbound_in, inbound = trio.open_memory_channel[_Inbound](0)
-                nursery.start_soon(self._read_inbound, stream, inbound_in)
+                nursery.start_soon(self._read_inbound, session, inbound_in)
                 try:
                     await self._serve_queries(session, inbound)
                 except Exception as exc:  # a bug here must cost one stream, not the server
@@ -390,25 +395,36 @@ class QueryServer(ProtocolServer):
                     await _quietly(stream.reset)
             done.set()
 
-    async def _read_inbound(self, stream: INetStream, inbound_in: trio.MemorySendChannel[_Inbound]) -> None:
-        """The stream's only reader: frames (or the framing error) in order; closing the channel means it ended."""
+    async def _read_inbound(self, session: _Session, inbound_in: trio.MemorySendChannel[_Inbound]) -> None:
+        """The stream's only reader: frames (or the framing error) in order; closing the channel means it ended.
+
+        While a handler runs, anything that comes (or the stream's end) cancels
+        it instead, and the session ends with that query.
+        """
+        stream = session.stream
         decoder = FrameDecoder(max_frame_bytes=self.limits.max_frame_bytes)
         async with inbound_in:
             while True:
+                item: _Inbound | None
                 try:
-                    frame = await _read_frame(stream, decoder)
+                    item = await _read_frame(stream, decoder)
                 except FrameError as exc:
                     # Reported here, the one place that sees every inbound frame, so garbage sent while a
                     # query runs (which only cancels it) counts as well.
                     if report_peer_fault(self.on_peer_fault, stream, truncated=exc.problem is FrameProblem.TRUNCATED):
                         self.stats["peer_faults_reported"] += 1
-                    await inbound_in.send(exc)
-                    return
+                    item = exc
                 except _StreamBroken:
+                    item = None
+                if session.running is not None:
+                    session.cancelled_by_peer = True
+                    session.running.cancel()
                     return
-                if frame is None:
+                if item is None:
                     return
-                await inbound_in.send(frame)
+                await inbound_in.send(item)
+                if isinstance(item, FrameError):
+                    return
 
     async def _next_inbound(self, session: _Session, inbound: trio.MemoryReceiveChannel[_Inbound],
                             timeout_s: float) -> _Inbound | None:
@@ -450,7 +466,7 @@ class QueryServer(ProtocolServer):
                 continue
             self.active += 1
             try:
-                if not await self._answer(session, inbound, item):
+                if not await self._answer(session, item):
                     return
             finally:
                 self.active -= 1
@@ -458,8 +474,7 @@ class QueryServer(ProtocolServer):
                 self.stats["idle_limit"] += 1
                 return
 
-    async def _answer(self, session: _Session, inbound: trio.MemoryReceiveChannel[_Inbound],
-                      frame: QueryFrame) -> bool:
+    async def _answer(self, session: _Session, frame: QueryFrame) -> bool:
         """Check and run one query and send its reply; False when the stream must end (cancelled, broken)."""
         checked = check_query(
             frame.query, realm_id=self.realm_id, now_ms=self.now_ms(), replay=self.replay,
@@ -472,43 +487,40 @@ class QueryServer(ProtocolServer):
             return await self._reply(session, error_frame(checked.verdict.value, message, Blame.BROKER,
                                                           checked.verdict.retryable))
         query = checked.query
-        cancelled_by_peer = False
         started = trio.current_time()
-
-        watching = trio.CancelScope()
-
-        async def watch_peer(scope: trio.CancelScope) -> None:
-            # While the handler runs, anything from the broker (a cancel frame, the end of the
-            # stream, a reset, garbage) stops it. The watch ends before the reply goes out, so
-            # the broker's next query, sent once it has our reply, is left for the session loop.
-            nonlocal cancelled_by_peer
-            with watching:
-                try:
-                    await inbound.receive()
-                except trio.EndOfChannel:
-                    pass
-                cancelled_by_peer = True
-                scope.cancel()
-
-        kept = False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_peer, nursery.cancel_scope)
+        session.cancelled_by_peer = False
+        if frame.progress:
+            async with trio.open_nursery() as nursery:  # the sink's writer lives until the reply is out
+                kept = await self._run_and_reply(session, query, ProgressSink(session.stream, self.limits, nursery),
+                                                 started)
+                nursery.cancel_scope.cancel()
+        else:
             # A broker nobody watches live says so: no progress frames, and the handler runs
             # without a sink (a model then hands no tokens to the event loop one by one).
-            sink = ProgressSink(session.stream, self.limits, nursery) if frame.progress else None
-            seconds_left = max(0, query.expiry_ms - self.now_ms()) / 1000
-            with trio.move_on_after(seconds_left) as expiry:
-                reply = await self._call_handler(query, sink, started)
-            watching.cancel()
-            if expiry.cancelled_caught:
-                reply = error_frame("timeout", "query expired before the worker finished", Blame.WORKER, True)
-            self.stats["ok" if isinstance(reply, _EncodedResult) else getattr(reply, "code", "internal")] += 1
-            kept = await self._reply(session, reply, sink)
-            nursery.cancel_scope.cancel()
-        if cancelled_by_peer:
+            kept = await self._run_and_reply(session, query, None, started)
+        if session.cancelled_by_peer:
             self.stats["cancelled"] += 1
             return False
         return kept
+
+    async def _run_and_reply(self, session: _Session, query: Query, sink: ProgressSink | None,
+                             started: float) -> bool:
+        """Run the handler (cancelled by anything the broker sends meanwhile, or by the query's
+        expiry) and send its reply; False when the stream must end."""
+        seconds_left = max(0, query.expiry_ms - self.now_ms()) / 1000
+        reply: Frame | _EncodedResult | None = None
+        with trio.CancelScope() as running, trio.move_on_after(seconds_left) as expiry:
+            session.running = running
+            try:
+                reply = await self._call_handler(query, sink, started)
+            finally:
+                session.running = None
+        if session.cancelled_by_peer:
+            return False
+        if expiry.cancelled_caught or reply is None:
+            reply = error_frame("timeout", "query expired before the worker finished", Blame.WORKER, True)
+        self.stats["ok" if isinstance(reply, _EncodedResult) else getattr(reply, "code", "internal")] += 1
+        return await self._reply(session, reply, sink)
 
     async def _reply(self, session: _Session, frame: Frame | _EncodedResult, sink: ProgressSink | None = None, *,
                      timeout_s: float | None = None) -> bool:
