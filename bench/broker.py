@@ -14,15 +14,23 @@ One run, the same prompt on every path, every answer checked:
       streams are pooled, so after warm-up each query reuses an open stream
   c1  c0 with the worker's handler given no progress sink (as a2 runs it): c1 - a2 is the cost of
       the protocol and libp2p alone, c0 - c1 the per-token progress (see a3)
-  c   Broker.ask on host A with host B as the (only) worker: (b)'s pipeline over libp2p
-  d   Broker.ask to a legacy HTTP worker: a minimal real server (POST /predict {prompt} →
-      {"response": reversed}) on 127.0.0.1:0, reached by an httpx backend registered as a chat model
+  c   Broker.ask on host A with worker node B in another process (as deployed): (b)'s pipeline
+      over libp2p
+  d   Broker.ask to a legacy HTTP worker in that other process: a minimal real server (POST /predict
+      {prompt} → {"response": reversed}) on 127.0.0.1:0, reached by an httpx backend registered as a
+      chat model (the original system's path)
+  c-in, d-in  c and d with the worker in this process (the layout of earlier figures)
 
 For each: p50/p99 latency of sequential queries, and queries/s with ``--concurrency`` callers.
-Then the ledger's share: one hold + one grouped settlement (what the broker does per query), and one
-query record (ledger/records.py, proposed for the broker), each through the LedgerService.
+The sequential calls run in ``--rounds`` rounds, every path in turn in each round: this box is a
+shared VM whose speed drifts by tens of percent within a minute, and interleaving makes that drift
+land on every path alike. Then the ledger's share: one hold + one grouped settlement (what the
+broker does per query), and one query record, each through the LedgerService. The last lines check
+issue 5's targets on this run: c within 3 ms of a1 (p50), ≥ 500 q/s through the broker (b), c
+faster than d. ``bench/query_timeline.py`` splits one path's time into its stages.
 
-Usage: python bench/broker.py [--queries N] [--concurrency C] [--no-sync] [--prompt TEXT] [--paths a2,c,d]
+Usage: python bench/broker.py [--queries N] [--concurrency C] [--rounds R] [--no-sync] [--prompt TEXT]
+                             [--paths a1,b,c,d]
 """
 
 from __future__ import annotations
@@ -539,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':<52}{'p50 ms':>9}{'p99 ms':>9}{'q/s':>9}{'p50-a2':>9}{'×a2':>7}")
     for r in results:
         if r["path"] == "targets":
-            print("targets: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "path"))
+            if len(r) > 1:
+                print("targets: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "path"))
             continue
         if r["path"] == "check":
             print(f"check: {r['broker_completed']} completed, {r['broker_failed']} failed, verify ok={r['verify_ok']}, "
