@@ -40,7 +40,7 @@ from libp2p.peer.id import ID
 from ledger.address import encode_address
 from ledger.replication import blocks_at
 from p2p.errors import P2PError
-from p2p.host import MeshHost
+from p2p.host import MeshHost, dialable
 from p2p.stream_server import PeerFaultCallback
 from p2p.sync_stream import SyncClient, SyncError, SyncReport, SyncServer
 from p2p.sync_wire import SyncLimits
@@ -309,8 +309,7 @@ class SyncService:
         except Exception as exc:  # noqa: BLE001 - already gone is fine
             log.debug("could not close the connection to %s: %s", peer_id, exc)
         for addr in self.mesh.known_addrs(peer_id)[:MAX_REDIAL_ADDRS]:
-            if "/p2p/" not in addr:
-                addr = f"{addr}/p2p/{peer_id}"
+            addr = dialable(addr, peer_id)
             try:
                 await self.mesh.connect(addr, timeout_s=REDIAL_TIMEOUT_S)
                 return True

@@ -22,7 +22,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.errors import P2PError
-from p2p.host import MeshHost
+from p2p.host import MeshHost, dialable
 from p2p.topics import capability_key
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,7 @@ class CapabilityDHT:
         for info in infos:
             addrs = found.setdefault(info.peer_id.to_base58(), [])
             for addr in info.addrs:
-                text = str(addr)
-                if "/p2p/" not in text:
-                    text = f"{text}/p2p/{info.peer_id.to_base58()}"
+                text = dialable(str(addr), info.peer_id.to_base58())
                 if text not in addrs:
                     addrs.append(text)
         return found

@@ -93,6 +93,12 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
 
 
+def dialable(addr: str, peer_id: str) -> str:
+    """``addr`` with ``/p2p/<peer_id>`` appended unless it names a peer already (peer stores and
+    provider records keep bare transport addresses)."""
+    return addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}"
+
+
 def parse_multiaddr(text: str, *, what: str) -> multiaddr.Multiaddr:
     try:
         return multiaddr.Multiaddr(text)

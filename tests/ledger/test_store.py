@@ -7,7 +7,6 @@ import pytest
 from ledger import store
 from ledger.ledger import Ledger, LedgerError, LedgerLocked
 from node import genesis as genesis_mod
-from tests.ledger.conftest import UNIT, ident
 from tests.ledger.scenarios import make_history
 
 

@@ -8,7 +8,7 @@ import pytest
 from ledger import blocks as B
 from ledger.validate import signature_ok
 from ledger.verdicts import Verdict
-from node import codec, genesis as genesis_mod, signing
+from node import codec, genesis as genesis_mod
 from tests.ledger.conftest import UNIT, ident
 
 

@@ -1,5 +1,4 @@
 import time
-from contextlib import AsyncExitStack
 
 import pytest
 import trio
@@ -8,7 +7,6 @@ from node import codec, signing
 from node.identity import Identity
 from p2p.ads import AdContent, Announcer, AdVerdict, Capability, build_ad_body, parse_ad, sign_ad
 from p2p.envelope import Verdict
-from p2p.gossip import GossipConfig
 from p2p.host import peer_id_for
 from tests.p2p.harness import REALM, open_gossip_mesh
 from tests.p2p.waiting import wait_until

@@ -3,7 +3,6 @@ import time
 import pytest
 
 from node import codec, signing
-from node.identity import Identity
 from p2p.envelope import Verdict
 from p2p.gossip import GossipConfig, GossipPublishError
 from tests.p2p.harness import assert_empty, collect, join_raw, open_gossip_mesh, open_raw_node, signed

@@ -16,7 +16,7 @@ import trio
 
 from node.identity import Identity
 from p2p.host import open_mesh_host
-from p2p.query_client import QueryClient, StreamPool
+from p2p.query_client import StreamPool
 from p2p.query_frames import FrameDecoder, ProgressFrame, ResultFrame, encode_frame
 from p2p.query_stream import HandlerResult, ProgressSink, QueryServer, wall_ms
 from p2p.query_wire import Query, make_receipt, result_bytes

@@ -88,7 +88,7 @@ LIMITS = Limits(24.0, 30.0, 24, 40) if SOAK_S < 600 else Limits(16.0, 0.5, 16, 0
 @dataclass
 class Sample:
     t: float
-    rss_mb: float  # anonymous resident memory (RssAnon): what the trend is checked on
+    anon_mb: float  # anonymous resident memory (RssAnon, MB): what the trend is checked on
     fds: int
     file_mb: float = 0.0  # file-backed resident memory (RssFile): reported, not checked
 
@@ -142,9 +142,9 @@ def trend(samples: list[Sample], warmup_until: float) -> Trend:
     assert len(kept) >= 6, f"only {len(kept)} samples after warm-up"
     third = len(kept) // 3
     first, last = kept[:third], kept[-third:]
-    rss_first, rss_last = statistics.median(s.rss_mb for s in first), statistics.median(s.rss_mb for s in last)
+    rss_first, rss_last = statistics.median(s.anon_mb for s in first), statistics.median(s.anon_mb for s in last)
     fds_first, fds_last = statistics.median(s.fds for s in first), statistics.median(s.fds for s in last)
-    return Trend(rss_last - rss_first, slope_per_min([(s.t, s.rss_mb) for s in kept]),
+    return Trend(rss_last - rss_first, slope_per_min([(s.t, s.anon_mb) for s in kept]),
                  fds_last - fds_first, slope_per_min([(s.t, s.fds) for s in kept]),
                  rss_first, rss_last, fds_first, fds_last, len(kept))
 
@@ -371,7 +371,7 @@ def test_soak_mixed_load_no_errors_no_growth(tmp_path):
         Path(os.environ["MTOR_SOAK_JSON"]).write_text(json.dumps({
             "elapsed_s": out["elapsed_s"], "phases": out["phases"], "acked": load.acked, "refused": load.refused,
             "network_failed": load.network_failed, "errors": load.errors[:50],
-            "samples": {n: [(s.t, s.rss_mb, s.fds, s.file_mb) for s in ss] for n, ss in out["samples"].items()},
+            "samples": {n: [(s.t, s.anon_mb, s.fds, s.file_mb) for s in ss] for n, ss in out["samples"].items()},
         }))
     assert not load.errors, load.errors[:20]
     assert not out["tracebacks"], out["tracebacks"]
