@@ -29,6 +29,7 @@ from ledger.verdicts import Verdict
 from ledger.wallet_ops import receive_all
 from node.config import Settings
 from node.datadir import DataDir
+from node.events import EventBus
 from node.genesis import Genesis
 from node.identity import Identity
 from p2p.errors import P2PError
@@ -91,6 +92,9 @@ class LedgerService:
         #: Set with ``publish``: sends again what gossip already carried (fork evidence).
         self.republish: Callable[[str, bytes], Any] | None = None
         self.gossip_verdicts: Counter[str] = Counter()
+        #: Set by the runtime: the node's event bus, for ledger news the console shows
+        #: (``payment_reverted``, :func:`node.sync_service.report_own_losses`).
+        self.bus: EventBus | None = None
         self._group_line: list[_Part] = []
         self._group_committing = False
         self.group_commits = 0  #: commits made by write_grouped (parts / commits = mean group size)

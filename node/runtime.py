@@ -325,6 +325,7 @@ class Node:
         sock = bind_console_socket(console.host, console.port)
         try:
             self.ledger = await LedgerService.open(self.data, self.genesis, self.identity, self.settings)
+            self.ledger.bus = self.bus
             try:
                 async with open_mesh_host(
                     self.identity, self.options.listen, bootstrap=self.options.bootstrap

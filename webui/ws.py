@@ -38,12 +38,14 @@ import re
 import time
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import trio
 
+from node.genesis import UNITS_PER_TOKEN
 from webui import protocol
 from webui.auth import host_refusal
 from webui.wire import Message, SocketWriter, attach
@@ -336,7 +338,7 @@ class Hub:
         """Turn node events into broadcasts until cancelled; resubscribe if the bus drops us."""
         bus = state.node.bus
         kinds = ("queue_depth", "worker_update", "worker_health", "sysop_message", "model_loading", "model_loaded",
-                 "dispatcher_restarted")
+                 "dispatcher_restarted", "payment_reverted")
         since = None
         started = False
         while True:
@@ -352,6 +354,8 @@ class Hub:
                     elif event.kind == "dispatcher_restarted":  # SPEC §6: the watchdog tells the sysop
                         self.to_sysops(protocol.encode("sysop_warning", message="the query dispatcher stalled and "
                                                        f"was restarted ({event.data['queued']} queued)"))
+                    elif event.kind == "payment_reverted":  # a fork took back a credit of the node wallet
+                        self.to_sysops(protocol.encode("sysop_warning", message=reverted_warning(event.data)))
                     elif event.kind in ("model_loading", "model_loaded"):  # first use of a model can take a minute
                         self.broadcast(protocol.encode("model_status", state=event.kind[len("model_"):],
                                                        **dict(event.data)))
@@ -364,6 +368,14 @@ class Hub:
                         self.broadcast(worker_update(state))
             since = sub.last_id
             log.warning("the console fell behind the node's events; resuming after event %d", since)
+
+
+def reverted_warning(loss: Mapping[str, Any]) -> str:
+    """The sysop's line for a ``payment_reverted`` event (node.sync_service.report_own_losses)."""
+    tokens = loss.get("amount_units", 0) / UNITS_PER_TOKEN
+    return (f"a payment of {tokens:g} tokens from {loss.get('payer', '?')} to this node's wallet was reverted: "
+            f"the payer signed two conflicting blocks and the other one won. The wallet is stalled from "
+            f"height {loss.get('height', '?')} and cannot send (docs/ledger.md)")
 
 
 def worker_update(state: "ConsoleState") -> str:

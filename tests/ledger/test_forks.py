@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import trio
+
 from ledger import blocks as B
 from ledger.forks import ForkProof, ForkProofVerdict, check_fork_proof
 from ledger.ledger import Ledger, Settlement
 from ledger.verdicts import Verdict
+from node.datadir import DataDir
+from node.events import EventBus
+from node.ledger_service import LedgerService
+from node.sync_service import spread_fork_evidence
 from tests.ledger.conftest import UNIT, ident
+from webui.ws import reverted_warning
 
 
 def _setup(ledger, builder, founder):
@@ -95,3 +102,28 @@ def test_settled_quiet_period(ledger, builder, founder, clock):
     clock.now += 2000
     assert ledger.settled(send.hash, quiet_s=2) is Settlement.SETTLED
     assert ledger.settled(b"\0" * 32, quiet_s=2) is Settlement.UNKNOWN
+
+
+async def test_a_credit_reverted_by_a_fork_reaches_the_bus(tmp_path, ledger, builder, founder):
+    """The node whose wallet received the losing send says so: a log line and ``payment_reverted``
+    on its event bus, which the console turns into a warning for its sysops."""
+    base = _setup(ledger, builder, founder)
+    one = B.make_send(founder, base, ident(2).public_key, 10 * UNIT, 5)
+    two = B.make_send(founder, base, ident(3).public_key, 20 * UNIT, 6)
+    loser, winner = sorted((one, two), key=lambda b: b.hash, reverse=True)
+    me = ident(2) if loser is one else ident(3)  # this node's wallet took the send that will lose
+    assert ledger.submit(loser.raw).verdict is Verdict.ACCEPTED
+    assert ledger.submit(B.make_open(me, builder.realm, loser.hash, loser.amount, 8).raw).verdict is Verdict.ACCEPTED
+
+    service = LedgerService(ledger, DataDir(tmp_path / "node"), me)
+    service.bus = EventBus()
+    events = service.bus.subscribe(["payment_reverted"])
+    assert ledger.submit(winner.raw).verdict is Verdict.FORK
+    await spread_fork_evidence(service, winner.hash)  # what gossip and sync call on a FORK verdict
+
+    with trio.fail_after(5):
+        event = await events.receive()
+    assert event.data["amount_units"] == loser.amount and event.data["send"] == loser.hash.hex()
+    assert event.data["address"] == me.address and event.data["height"] == 0
+    warning = reverted_warning(event.data)
+    assert f"{loser.amount / UNIT:g} tokens" in warning and "stalled from height 0" in warning
