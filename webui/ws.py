@@ -45,9 +45,9 @@ from urllib.parse import urlsplit
 
 import trio
 
-from node.genesis import UNITS_PER_TOKEN
 from webui import protocol
 from webui.auth import host_refusal
+from webui.bridge import tokens
 from webui.wire import Message, SocketWriter, attach
 
 if TYPE_CHECKING:
@@ -372,10 +372,9 @@ class Hub:
 
 def reverted_warning(loss: Mapping[str, Any]) -> str:
     """The sysop's line for a ``payment_reverted`` event (node.sync_service.report_own_losses)."""
-    tokens = loss.get("amount_units", 0) / UNITS_PER_TOKEN
-    return (f"a payment of {tokens:g} tokens from {loss.get('payer', '?')} to this node's wallet was reverted: "
-            f"the payer signed two conflicting blocks and the other one won. The wallet is stalled from "
-            f"height {loss.get('height', '?')} and cannot send (docs/ledger.md)")
+    return (f"a payment of {tokens(loss.get('amount_units', 0)):g} tokens from {loss.get('payer', '?')} "
+            f"to this node's wallet was reverted: the payer signed two conflicting blocks and the other one "
+            f"won. The wallet is stalled from height {loss.get('height', '?')} and cannot send (docs/ledger.md)")
 
 
 def worker_update(state: "ConsoleState") -> str:
