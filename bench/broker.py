@@ -157,6 +157,21 @@ class LegacyHttpBackend(Backend[ChatRequest, ChatResult]):
         return ChatResult(text, len(text), len(prompt), "stop")
 
 
+async def start_legacy_worker(nursery: trio.Nursery) -> str:
+    """Serve :func:`serve_legacy` on 127.0.0.1 (a free port) in ``nursery``; return its /predict URL."""
+    listeners = await nursery.start(partial(trio.serve_tcp, serve_legacy, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/predict"
+
+
+def model_manager(settings: Settings, *backends: Backend) -> ModelManager:
+    """A ModelManager as the node configures one, with ``backends`` registered."""
+    manager = ModelManager(memory_budget_mb=settings.inference.memory_budget_mb,
+                           idle_unload_s=settings.inference.model_idle_unload_s)
+    for backend in backends:
+        manager.register(backend)
+    return manager
+
+
 # ---------------------------------------------------------------- the other node, in its own process
 
 
@@ -167,16 +182,11 @@ async def serve_other_node(seed_hex: str, realm_hex: str) -> None:
     its stdin closes (the bench's end).
     """
     identity, realm = Identity.from_seed(bytes.fromhex(seed_hex)), bytes.fromhex(realm_hex)
-    settings = Settings()
-    manager = ModelManager(memory_budget_mb=settings.inference.memory_budget_mb,
-                           idle_unload_s=settings.inference.model_idle_unload_s)
-    manager.register(ReverseBackend())
-    worker = LocalWorker(manager)
+    worker = LocalWorker(model_manager(Settings(), ReverseBackend()))
     async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
         server = QueryServer(mesh, realm, identity, worker.handle, capabilities=worker.serves_wire())
         await nursery.start(server.run)
-        listeners = await nursery.start(partial(trio.serve_tcp, serve_legacy, 0, host="127.0.0.1"))
-        legacy_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/predict"
+        legacy_url = await start_legacy_worker(nursery)
         print(json.dumps({"p2p": mesh.listen_addrs[0], "legacy": legacy_url}), flush=True)
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
         nursery.cancel_scope.cancel()
@@ -331,19 +341,11 @@ async def run(args: argparse.Namespace) -> list[dict]:
         receive_all(ledger, payer)
         service = LedgerService(ledger, DataDir(Path(tmp)), broker_id)
         async with other_node(other_id, realm) as other, trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, serve_legacy, 0, host="127.0.0.1"))
-            legacy_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/predict"
-
-            manager = ModelManager(memory_budget_mb=settings.inference.memory_budget_mb,
-                                   idle_unload_s=settings.inference.model_idle_unload_s)
-            manager.register(ReverseBackend())
-            manager.register(LegacyHttpBackend(legacy_url))
-            manager.register(LegacyHttpBackend(other["legacy"], LEGACY_MODEL_OTHER))
+            legacy_url = await start_legacy_worker(nursery)
+            manager = model_manager(settings, ReverseBackend(), LegacyHttpBackend(legacy_url),
+                                    LegacyHttpBackend(other["legacy"], LEGACY_MODEL_OTHER))
             local = LocalWorker(manager)
-            worker_manager = ModelManager(memory_budget_mb=settings.inference.memory_budget_mb,
-                                          idle_unload_s=settings.inference.model_idle_unload_s)
-            worker_manager.register(ReverseBackend())
-            remote_worker = LocalWorker(worker_manager)
+            remote_worker = LocalWorker(model_manager(settings, ReverseBackend()))
 
             async with AsyncExitStack() as stack:
                 mesh_a = await stack.enter_async_context(open_mesh_host(broker_id, LOCAL))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import statistics
 import sys
 import time
@@ -35,7 +36,7 @@ queries: list[list[tuple[str, float]]] = []
 
 
 def _stamped(original, name: str):
-    if getattr(original, "__code__", None) and original.__code__.co_flags & 0x80:  # a coroutine function
+    if inspect.iscoroutinefunction(original):
         @functools.wraps(original)
         async def wrapper(*args, **kwargs):
             stamps.append((name + ">", time.perf_counter()))
