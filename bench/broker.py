@@ -14,10 +14,13 @@ One run, the same prompt on every path, every answer checked:
       streams are pooled, so after warm-up each query reuses an open stream
   c1  c0 with the worker's handler given no progress sink (as a2 runs it): c1 - a2 is the cost of
       the protocol and libp2p alone, c0 - c1 the per-token progress (see a3)
+  rx, c0x  r and c0 to the worker node in another process (the one c uses): c - c0x is what the
+      broker adds, c0x - rx what the query protocol adds to libp2p
   c   Broker.ask on host A with worker node B in another process (as deployed): (b)'s pipeline
       over libp2p
   d   Broker.ask to a legacy HTTP worker in that other process: a minimal real server (POST /predict
-      {prompt} → {"response": reversed}) on 127.0.0.1:0, reached by an httpx backend registered as a
+      {prompt} → {"response": reversed}, GET /health) on 127.0.0.1:0, reached by the node's own legacy
+      adapter (inference.remote_legacy.LegacyWorkerBackend, httpx) registered as a
       chat model (the original system's path)
   c-in, d-in  c and d with the worker in this process (the layout of earlier figures)
 
@@ -55,13 +58,13 @@ from typing import Awaitable, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
-import httpx  # noqa: E402
 import trio  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 
-from inference.base import Backend, BackendInfo, CancelToken, ProgressFn  # noqa: E402
-from inference.chat import ChatRequest, ChatResult  # noqa: E402
+from inference.base import Backend  # noqa: E402
+from inference.chat import ChatRequest  # noqa: E402
 from inference.manager import ModelManager  # noqa: E402
+from inference.remote_legacy import LegacyWorkerBackend  # noqa: E402
 from inference.reverse import REVERSE_MODEL, ReverseBackend  # noqa: E402
 from ledger.ledger import Ledger  # noqa: E402
 from ledger.records import record_outcome  # noqa: E402
@@ -95,7 +98,7 @@ UNIT = genesis_mod.UNITS_PER_TOKEN
 
 
 async def serve_legacy(stream: trio.SocketStream) -> None:
-    """HTTP/1.1 keep-alive: ``POST /predict {"prompt": ...}`` → ``{"response": prompt reversed}``."""
+    """HTTP/1.1 keep-alive: ``POST /predict {"prompt": ...}`` → ``{"response": prompt reversed}``, ``GET /health``."""
     buffer = b""
     try:
         while True:
@@ -117,6 +120,8 @@ async def serve_legacy(stream: trio.SocketStream) -> None:
             body, buffer = buffer[:length], buffer[length:]
             if method == b"POST" and path == b"/predict":
                 status, reply = b"200 OK", json.dumps({"response": json.loads(body)["prompt"][::-1]}).encode()
+            elif method == b"GET" and path == b"/health":
+                status, reply = b"200 OK", b'{"status": "ok"}'
             else:
                 status, reply = b"404 Not Found", b'{"error": "not found"}'
             await stream.send_all(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
@@ -125,42 +130,10 @@ async def serve_legacy(stream: trio.SocketStream) -> None:
         return
 
 
-class LegacyHttpBackend(Backend[ChatRequest, ChatResult]):
-    """A chat "model" that is a legacy worker's ``/predict`` endpoint (one keep-alive httpx client)."""
-
-    def __init__(self, url: str, model: str = LEGACY_MODEL) -> None:
-        self._url = url
-        self._model = model
-        self._client: httpx.Client | None = None
-
-    def describe(self) -> BackendInfo:
-        return BackendInfo("chat", self._model, (self._model,), "legacy-http", 1)
-
-    @property
-    def loaded(self) -> bool:
-        return self._client is not None
-
-    def load(self) -> None:
-        if self._client is None:
-            self._client = httpx.Client(timeout=10.0)
-
-    def unload(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def run(self, request: ChatRequest, progress: ProgressFn, cancel: CancelToken) -> ChatResult:
-        prompt = next((m["content"] for m in reversed(request.messages) if m.get("role") == "user"), "")
-        response = self._client.post(self._url, json={"prompt": prompt, "max_tokens": request.max_tokens})
-        response.raise_for_status()
-        text = response.json()["response"]
-        return ChatResult(text, len(text), len(prompt), "stop")
-
-
 async def start_legacy_worker(nursery: trio.Nursery) -> str:
-    """Serve :func:`serve_legacy` on 127.0.0.1 (a free port) in ``nursery``; return its /predict URL."""
+    """Serve :func:`serve_legacy` on 127.0.0.1 (a free port) in ``nursery``; return its base URL."""
     listeners = await nursery.start(partial(trio.serve_tcp, serve_legacy, 0, host="127.0.0.1"))
-    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/predict"
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
 
 def model_manager(settings: Settings, *backends: Backend) -> ModelManager:
@@ -175,6 +148,18 @@ def model_manager(settings: Settings, *backends: Backend) -> ModelManager:
 # ---------------------------------------------------------------- the other node, in its own process
 
 
+ECHO_PROTOCOL = "/mtor-bench/echo/1"
+
+
+async def echo(stream) -> None:
+    """Write back what comes (the raw round trips r and rx)."""
+    try:
+        while data := await stream.read(65536):
+            await stream.write(data)
+    except Exception:  # the stream closing at the end of the run
+        pass
+
+
 async def serve_other_node(seed_hex: str, realm_hex: str) -> None:
     """The worker node of (c) and the legacy worker of (d), in a process of their own as deployed.
 
@@ -186,6 +171,7 @@ async def serve_other_node(seed_hex: str, realm_hex: str) -> None:
     async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
         server = QueryServer(mesh, realm, identity, worker.handle, capabilities=worker.serves_wire())
         await nursery.start(server.run)
+        mesh.host.set_stream_handler(ECHO_PROTOCOL, echo)
         legacy_url = await start_legacy_worker(nursery)
         print(json.dumps({"p2p": mesh.listen_addrs[0], "legacy": legacy_url}), flush=True)
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
@@ -342,8 +328,8 @@ async def run(args: argparse.Namespace) -> list[dict]:
         service = LedgerService(ledger, DataDir(Path(tmp)), broker_id)
         async with other_node(other_id, realm) as other, trio.open_nursery() as nursery:
             legacy_url = await start_legacy_worker(nursery)
-            manager = model_manager(settings, ReverseBackend(), LegacyHttpBackend(legacy_url),
-                                    LegacyHttpBackend(other["legacy"], LEGACY_MODEL_OTHER))
+            manager = model_manager(settings, ReverseBackend(), LegacyWorkerBackend(legacy_url, model=LEGACY_MODEL),
+                                    LegacyWorkerBackend(other["legacy"], model=LEGACY_MODEL_OTHER))
             local = LocalWorker(manager)
             remote_worker = LocalWorker(model_manager(settings, ReverseBackend()))
 
@@ -428,24 +414,23 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 await mesh_c.connect(mesh_b.listen_addrs[0])
                 client = QueryClient(mesh_c, realm)
 
-                async def echo(stream) -> None:
-                    try:
-                        while data := await stream.read(65536):
-                            await stream.write(data)
-                    except Exception:  # the stream closing at the end of the run
-                        pass
-
-                mesh_b.host.set_stream_handler("/mtor-bench/echo/1", echo)
-                echo_stream = await mesh_c.host.new_stream(ID.from_base58(mesh_b.peer_id), ["/mtor-bench/echo/1"])
+                mesh_b.host.set_stream_handler(ECHO_PROTOCOL, echo)
                 message = encode_frame(QueryFrame(signed_query(REVERSE_MODEL, client_id)), max_frame_bytes=1 << 20)
 
-                async def raw_round_trip() -> None:
-                    await echo_stream.write(message)
-                    got = 0
-                    while got < len(message):
-                        got += len(await echo_stream.read(65536))
+                async def raw_round_trip_to(peer_id: str) -> Callable[[], Awaitable[None]]:
+                    echo_stream = await mesh_c.host.new_stream(ID.from_base58(peer_id), [ECHO_PROTOCOL])
 
-                path("r  raw libp2p stream round trip", raw_round_trip, 1, over_a2=False)  # one stream: one caller
+                    async def round_trip() -> None:
+                        await echo_stream.write(message)
+                        got = 0
+                        while got < len(message):
+                            got += len(await echo_stream.read(65536))
+                    return round_trip
+
+                # one stream each: one caller
+                path("r  raw libp2p stream round trip", await raw_round_trip_to(mesh_b.peer_id), 1, over_a2=False)
+                await mesh_c.connect(other["p2p"])
+                path("rx r, to the other process", await raw_round_trip_to(peer_id_for(other_id)), 1, over_a2=False)
 
                 async def raw_remote() -> None:
                     result = await client.call(mesh_b.peer_id, signed_query(REVERSE_MODEL, client_id), timeout_s=30)
@@ -453,6 +438,12 @@ async def run(args: argparse.Namespace) -> list[dict]:
 
                 # the worker refuses more than max_concurrent streams at once ("busy")
                 path("c0 QueryClient A→B, no broker", raw_remote, min(args.concurrency, server.max_concurrent))
+
+                async def raw_remote_other() -> None:
+                    signed = signed_query(REVERSE_MODEL, client_id)
+                    assert (await client.call(peer_id_for(other_id), signed, timeout_s=30)).data == expected
+
+                path("c0x c0, to the other process", raw_remote_other, min(args.concurrency, server.max_concurrent))
 
                 # c1: c0 in a second realm whose server hands the handler no progress sink, as a2 runs:
                 # c1 - a2 is what the protocol and the network cost, without the per-token hops of a3.

@@ -152,6 +152,16 @@ class Backend(abc.ABC, Generic[Req, Res]):
     @abc.abstractmethod
     def loaded(self) -> bool: ...
 
+    def runs_inline(self, request: Req) -> bool:
+        """Whether ``run(request)`` may run on the event loop instead of a worker thread.
+
+        Only for work that is pure CPU, never waits on anything and is bounded well below the
+        cost of a trip to a thread and back (about 0.2 ms on a small VM): a deterministic
+        transform of a short prompt, say. Models, remote servers and anything sized by its
+        input beyond a small bound answer False (the default).
+        """
+        return False
+
 
 def no_progress(_event: Any) -> None:
     """A ``ProgressFn`` that discards events (for direct, non-streaming calls)."""

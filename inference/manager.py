@@ -4,7 +4,7 @@ Guarantees:
 - Lazy: a backend is loaded on the first ``run`` that needs it, never at registration.
 - One load at a time per model (a per-model lock); concurrent first calls share one load.
 - Heavy work never runs on the event loop: ``load``, ``run`` and ``unload`` execute in worker
-  threads, and ``run``/``load`` hold the :class:`trio.CapacityLimiter` of the backend's device
+  threads (only a run its backend declares trivial, ``Backend.runs_inline``, runs on the loop), and ``run``/``load`` hold the :class:`trio.CapacityLimiter` of the backend's device
   (one slot per device unless ``device_slots`` says otherwise), so a CPU node never runs two
   models' compute at once.
 - Memory budget: before loading, idle models (loaded, not running) are unloaded least-recently
@@ -38,6 +38,7 @@ from .base import (
     Cancelled,
     MemoryBudgetExceeded,
     ModelLoadError,
+    no_progress,
 )
 
 #: An async callback run on the event loop for each progress event; the worker thread waits for
@@ -147,7 +148,7 @@ class ModelManager:
 
     # -- running ----------------------------------------------------------------------------
     async def run(self, name: str, request: Any, *, on_progress: OnProgress | None = None) -> Any:
-        """Load ``name`` if needed and run ``request`` on it in a worker thread.
+        """Load ``name`` if needed and run ``request`` on it in a worker thread (or inline, see ``runs_inline``).
 
         ``on_progress`` is awaited on the event loop for each partial result. Raises the
         backend's typed errors; anything untyped is wrapped in ``BackendError``. When the
@@ -158,6 +159,8 @@ class ModelManager:
         try:
             await self._ensure_loaded(slot)
             slot.last_used = trio.current_time()
+            if slot.backend.runs_inline(request):
+                return await _run_inline(name, slot.backend, request, on_progress)
             token = CancelToken()
             progress = _thread_progress(name, token, on_progress)
 
@@ -326,10 +329,7 @@ class _ThreadProgress:
         self._last_hop = time.monotonic()
 
     async def _deliver(self, batch: list[Any]) -> None:
-        for index, event in enumerate(batch):
-            if index:
-                await trio.lowlevel.checkpoint_if_cancelled()  # a consumer that cancelled gets no more
-            await self.on_progress(event)
+        await _deliver(self.on_progress, batch)
 
     def _guard(self, fn, *args) -> None:
         try:
@@ -339,6 +339,28 @@ class _ThreadProgress:
         except (trio.Cancelled, trio.RunFinishedError):
             self.token.cancel()
             raise Cancelled(self.name) from None
+
+
+async def _run_inline(name: str, backend: Backend, request: Any, on_progress: OnProgress | None) -> Any:
+    """``backend.run`` here on the loop (``Backend.runs_inline``); its progress is delivered after it."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    events: list[Any] = []
+    try:
+        result = backend.run(request, events.append if on_progress is not None else no_progress, CancelToken())
+    except BackendError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - untyped backend failure, typed as the thread path does
+        raise BackendError(name, f"{type(exc).__name__}: {exc}") from exc
+    if events:
+        await _deliver(on_progress, events)
+    return result
+
+
+async def _deliver(on_progress: OnProgress, batch: list[Any]) -> None:
+    for index, event in enumerate(batch):
+        if index:
+            await trio.lowlevel.checkpoint_if_cancelled()  # a consumer that cancelled gets no more
+        await on_progress(event)
 
 
 def _thread_progress(name: str, token: CancelToken, on_progress: OnProgress | None) -> _ThreadProgress:

@@ -19,6 +19,9 @@ REVERSE_MODEL = "reverse"
 #: running when a test (or an operator's experiment) kills or cancels it.
 SLOW_REVERSE_MODEL = "reverse-slow"
 SLOW_SECONDS_PER_CHAR = 0.25
+#: Prompts up to this many characters are reversed on the event loop (a few µs, less than the
+#: trip to a thread); longer ones, and the slow variant, run in a worker thread.
+INLINE_MAX_CHARS = 1024
 
 
 class ReverseBackend(Backend[ChatRequest, ChatResult]):
@@ -40,6 +43,12 @@ class ReverseBackend(Backend[ChatRequest, ChatResult]):
 
     def unload(self) -> None:
         self._loaded = False
+
+    def runs_inline(self, request: ChatRequest) -> bool:
+        if self._delay_s:
+            return False
+        contents = [m.get("content") if isinstance(m, dict) else None for m in request.messages]
+        return all(isinstance(c, str) for c in contents) and sum(map(len, contents)) <= INLINE_MAX_CHARS
 
     def run(self, request: ChatRequest, progress: ProgressFn, cancel: CancelToken) -> ChatResult:
         prompt = next((m["content"] for m in reversed(request.messages) if m.get("role") == "user"), "")

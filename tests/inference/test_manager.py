@@ -271,3 +271,48 @@ async def test_progress_is_batched_in_order_and_complete_before_the_result():
 
         await mgr.run("a", 10_000_000, on_progress=cancelling)
     assert scope.cancelled_caught and seen == list(range(50)) and not backend.running
+
+
+async def test_a_trivial_run_stays_on_the_loop_and_a_long_one_goes_to_a_thread():
+    import threading
+
+    from inference.chat import ChatRequest
+    from inference.reverse import INLINE_MAX_CHARS, ReverseBackend
+
+    class WhereReverse(ReverseBackend):
+        def run(self, request, progress, cancel):
+            self.thread = threading.get_ident()
+            return super().run(request, progress, cancel)
+
+    mgr = make()
+    backend = WhereReverse()
+    name = mgr.register(backend)
+    seen: list[str] = []
+
+    async def on_progress(event):
+        seen.append(event)
+
+    short = ChatRequest(messages=[{"role": "user", "content": "abc"}])
+    assert (await mgr.run(name, short, on_progress=on_progress)).text == "cba"
+    assert backend.thread == threading.get_ident() and seen == ["c", "b", "a"]  # every event, in order
+
+    long_prompt = "x" * (INLINE_MAX_CHARS + 1)
+    long = ChatRequest(messages=[{"role": "user", "content": long_prompt}], max_tokens=INLINE_MAX_CHARS + 1)
+    assert (await mgr.run(name, long)).text == long_prompt
+    assert backend.thread != threading.get_ident()
+    assert not ReverseBackend(slow=True).runs_inline(short)
+
+
+async def test_an_inline_run_wraps_untyped_errors_like_a_threaded_one():
+    class ExplodingInline(CountingBackend):
+        def runs_inline(self, request):
+            return True
+
+        def run(self, request, progress, cancel):
+            raise RuntimeError("kaboom")
+
+    mgr = make()
+    mgr.register(ExplodingInline("x"))
+    with pytest.raises(BackendError, match="^x: RuntimeError: kaboom") as info:
+        await mgr.run("x", 1)
+    assert isinstance(info.value.__cause__, RuntimeError)
