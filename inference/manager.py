@@ -188,6 +188,8 @@ class ModelManager:
             await self._release(slot)
 
     async def _ensure_loaded(self, slot: _Slot) -> None:
+        if slot.backend.loaded and not slot.lock.locked():
+            return  # the usual case, without a trip through the scheduler for the lock
         async with slot.lock:
             if slot.backend.loaded:
                 return

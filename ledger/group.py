@@ -75,7 +75,7 @@ class GroupWrite:
         if value is None:
             return None
         if key not in self._holds:
-            self._holds[key] = Hold.decode(key, value)
+            self._holds[key] = Hold.decode(key, value, canonical=False)
         return self._holds[key]
 
     # -- writing (into the group's batch) ---------------------------------------------------

@@ -77,11 +77,13 @@ class Hold:
         )
 
     @classmethod
-    def decode(cls, key: bytes, value: bytes) -> "Hold":
+    def decode(cls, key: bytes, value: bytes, *, canonical: bool = True) -> "Hold":
+        """A stored hold, checked; ``canonical=False`` skips the re-encoding check (a settlement's hot
+        path, on values this node wrote: the fields are still checked, and ``verify`` keeps the full check)."""
         if len(key) != 1 + 32 + QUERY_ID_BYTES:
             raise HoldError(f"hold key of {len(key)} bytes is malformed")
         try:
-            obj = codec.decode(value, max_bytes=64 * 1024)
+            obj = codec.decode(value, max_bytes=64 * 1024, require_canonical=canonical)
             return cls(
                 key[1:33],
                 key[33:],

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: The most parts one group commit takes; the rest go in the next one.
 MAX_GROUP_PARTS = 64
+#: Writes whose new blocks may wait for :meth:`LedgerService.run_announcer` before writers publish their own.
+ANNOUNCE_BACKLOG = 1024
 
 
 class _Part:
@@ -101,6 +103,8 @@ class LedgerService:
         self.bus: EventBus | None = None
         self._group_line: list[_Part] = []
         self._group_committing = False
+        self._announce_in, self._announce_out = trio.open_memory_channel[list[bytes]](ANNOUNCE_BACKLOG)
+        self._announcing = False
         self.group_commits = 0  #: commits made by write_grouped (parts / commits = mean group size)
         self.group_parts = 0
 
@@ -225,10 +229,36 @@ class LedgerService:
             await self.announce_blocks(new_blocks)
         return value
 
+    async def run_announcer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Gossip the blocks this node creates, in order, off their writers' critical path.
+
+        Without it (tools, tests) :meth:`announce_blocks` publishes in the caller's task, and a
+        query's answer waited for the payment block's gossip: our own validation of it and a
+        write to every mesh peer, ≈ 0.3 ms and more per peer on a small VM. The block is
+        durable before it is queued here; a block still queued when the node stops reaches its
+        peers by sync, as one they missed would.
+        """
+        self._announcing = True
+        task_status.started()
+        try:
+            async for raw_blocks in self._announce_out:
+                await self._publish_blocks(raw_blocks)
+        finally:
+            self._announcing = False
+
     async def announce_blocks(self, raw_blocks: list[bytes]) -> None:
-        """Gossip blocks this node created; peers that miss them catch up by sync."""
+        """Gossip blocks this node created (by :meth:`run_announcer` when it runs); peers that miss them catch up by sync."""
         if self.publish is None:
             return
+        if self._announcing:
+            try:
+                self._announce_in.send_nowait(list(raw_blocks))
+                return
+            except trio.WouldBlock:  # a long backlog: this caller publishes its own (back-pressure)
+                pass
+        await self._publish_blocks(raw_blocks)
+
+    async def _publish_blocks(self, raw_blocks: list[bytes]) -> None:
         for raw in raw_blocks:
             try:
                 await self.publish("ledger", raw)

@@ -352,6 +352,7 @@ class Node:
                             await self._start_mdns(nursery, mesh)
                         self.ledger.publish = self.mesh_service.gossip.publish
                         self.ledger.republish = self.mesh_service.gossip.republish
+                        await nursery.start(self.ledger.run_announcer)
                         self.sync = SyncService(
                             mesh, self.genesis.realm_id, self.ledger, interval_s=self.settings.ledger.sync_interval_s,
                             on_peer_fault=self.mesh_service.gossip.penalize,

@@ -45,15 +45,22 @@ def sign(key: nacl.signing.SigningKey, kind: str, body: Any) -> dict:
 
 def verify(public_key: bytes, kind: str, body: Any, sig: bytes) -> bool:
     """True only if ``sig`` is ``public_key``'s signature of ``body`` as ``kind``."""
+    try:
+        hashed = digest(kind, body)
+    except (codec.CodecError, TypeError):
+        return False
+    return verify_digest(public_key, hashed, sig)
+
+
+def verify_digest(public_key: bytes, hashed: bytes, sig: bytes) -> bool:
+    """:func:`verify` for a caller that has the body's :func:`digest` already (and needs it again)."""
     if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
         return False
     if not isinstance(sig, bytes) or len(sig) != SIGNATURE_BYTES:
         return False
     try:
-        nacl.signing.VerifyKey(public_key).verify(digest(kind, body), sig)
+        nacl.signing.VerifyKey(public_key).verify(hashed, sig)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, TypeError):
-        return False
-    except codec.CodecError:
         return False
     return True
 

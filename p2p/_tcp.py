@@ -9,7 +9,8 @@ peers' dials. mtor-node does not hole punch, so this transport listens with
 bind time, and the failure is kept in :attr:`ExclusiveTCP.listen_errors` so the
 host can say which address failed (the swarm itself only logs it at debug).
 
-Dialling is inherited unchanged from :class:`libp2p.transport.tcp.tcp.TCP`.
+Dialling is inherited from :class:`libp2p.transport.tcp.tcp.TCP`; both ways, the TCP stream's
+locks are :class:`p2p.quick_lock.QuickLock` (no scheduler pass when they are free).
 See docs/p2p-notes.md.
 """
 
@@ -21,12 +22,14 @@ import trio
 from multiaddr import Multiaddr
 from multiaddr.exceptions import ProtocolLookupError
 
-from libp2p.abc import IListener
+from libp2p.abc import IListener, IRawConnection
 from libp2p.custom_types import THandler
 from libp2p.io.trio import TrioTCPStream
 from libp2p.transport.exceptions import OpenConnectionError
 from libp2p.transport.tcp.tcp import TCP
 from libp2p.utils.multiaddr_utils import extract_ip_from_multiaddr, multiaddr_from_socket
+
+from p2p.quick_lock import quicken
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class ExclusiveTCPListener(IListener):
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
-            await self._handler(TrioTCPStream(stream))
+            await self._handler(_quick_tcp_stream(TrioTCPStream(stream)))
         except Exception as exc:  # one bad inbound connection must not stop the listener
             logger.debug("inbound TCP connection failed: %r", exc)
 
@@ -94,3 +97,17 @@ class ExclusiveTCP(TCP):
 
     def create_listener(self, handler_function: THandler) -> ExclusiveTCPListener:  # type: ignore[override]
         return ExclusiveTCPListener(handler_function, self.listen_errors)
+
+    async def dial(self, maddr: Multiaddr) -> IRawConnection:
+        conn = await super().dial(maddr)
+        stream = getattr(conn, "stream", None)
+        if isinstance(stream, TrioTCPStream):
+            _quick_tcp_stream(stream)
+        return conn
+
+
+def _quick_tcp_stream(stream: TrioTCPStream) -> TrioTCPStream:
+    """Its read and write locks as :class:`p2p.quick_lock.QuickLock`: new, nobody holds them yet (the
+    connection's frame loop holds the read lock while it waits for data, so later is too late)."""
+    quicken(stream, "read_lock", "write_lock")
+    return stream

@@ -46,6 +46,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from node.identity import Identity
 from p2p._tcp import ExclusiveTCP
 from p2p.errors import P2PAddressError, P2PDialError, P2PError, P2PListenError
+from p2p.quick_lock import quicken
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,8 @@ class _StreamTable(dict):
     def __setitem__(self, stream_id: int, stream: YamuxStream) -> None:
         if type(stream) is YamuxStream:
             stream.__class__ = _HalfWindowCreditStream
+            quicken(stream, "window_lock", "close_lock")
+            quicken(stream.rw_lock, "_readers_lock", "_writer_lock")
         super().__setitem__(stream_id, stream)
 
 
@@ -217,9 +220,10 @@ class _QuietWindows(INotifee):
         muxed = getattr(conn, "muxed_conn", None)
         if isinstance(muxed, Yamux) and not isinstance(muxed.streams, _StreamTable):
             muxed.streams = _StreamTable(muxed.streams)
+            quicken(muxed, "_write_lock", "streams_lock")  # the TCP stream's: p2p._tcp
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
+        quicken(stream, "_state_lock")
 
     async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
         pass

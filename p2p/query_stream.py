@@ -422,7 +422,10 @@ class QueryServer(ProtocolServer):
                     return
                 if item is None:
                     return
-                await inbound_in.send(item)
+                try:  # the query loop is normally waiting for it: hand it over without a scheduler pass
+                    inbound_in.send_nowait(item)
+                except trio.WouldBlock:
+                    await inbound_in.send(item)
                 if isinstance(item, FrameError):
                     return
 

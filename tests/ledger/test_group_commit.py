@@ -156,3 +156,37 @@ async def test_a_failed_commit_fails_every_writer_in_it(service, founder):
             await trio.testing.wait_all_tasks_blocked()
             service.ledger.close()  # the commit will find the store closed
     assert len(failures) == 3 and service.group_commits == 0
+
+
+async def test_without_the_announcer_a_writer_publishes_its_own_blocks_before_it_hears(service, founder):
+    published: list[bytes] = []
+
+    async def publish(topic: str, raw: bytes) -> None:
+        published.append(raw)
+
+    service.publish = publish
+    acked = await service.write_grouped(settle(founder, 0, UNIT))
+    assert published == [service.ledger.get_block(acked).raw]
+
+
+async def test_blocks_are_gossiped_in_order_by_the_announcer_after_the_writers_heard(service, founder):
+    published: list[bytes] = []
+    gossip_may_finish = trio.Event()
+
+    async def slow_publish(topic: str, raw: bytes) -> None:
+        assert topic == "ledger"
+        await gossip_may_finish.wait()
+        published.append(raw)
+
+    service.publish = slow_publish
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run_announcer)
+        with trio.fail_after(10):  # answered although gossip cannot finish yet
+            acked = [await service.write_grouped(settle(founder, n, UNIT)) for n in range(3)]
+        assert published == []
+        gossip_may_finish.set()
+        with trio.fail_after(10):
+            while len(published) < 3:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert [service.ledger.get_block(h).raw for h in acked] == published
