@@ -7,7 +7,8 @@ stamps of the queries that went the usual way. The stamps cost a few µs
 each, so the total reads a little over the bench's own p50.
 
 Usage: python bench/query_timeline.py [PATH] [QUERIES]   (default: c-in 500; c's worker runs in
-another process, so only its broker-side stages would show)
+another process, so only its broker-side stages would show; c0/c1 have no broker: a query is one
+QueryClient.call)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import broker as bench  # noqa: E402  (bench/broker.py)
 import ledger.ledger as ledger_mod  # noqa: E402
 import ledger.txn as txn_mod  # noqa: E402
 import node.broker as broker_mod  # noqa: E402
+import node.capabilities as capabilities_mod  # noqa: E402
 import node.ledger_service as service_mod  # noqa: E402
 import p2p.query_client as client_mod  # noqa: E402
 import p2p.query_stream as stream_mod  # noqa: E402
@@ -63,23 +65,33 @@ STAGES = [
     (client_mod, "check_receipt", "check_receipt"), (broker_mod.Broker, "_settle", "settle"),
     (service_mod.LedgerService, "write_grouped", "write_grouped"), (ledger_mod.Ledger, "write_group", "thread"),
     (broker_mod, "_pay", "pay"), (broker_mod, "record_outcome", "record"), (txn_mod.LedgerTxn, "commit", "commit"),
+    (capabilities_mod.LocalWorker, "handle", "worker"), (stream_mod.QueryServer, "_result_frame", "receipt"),
 ]
 
 
-def install() -> None:
+def _delimited(owner, attribute: str, name: str) -> None:
+    """``owner.attribute`` (a coroutine function) as one query: the stamps from its start to its end."""
+    original = getattr(owner, attribute)
+
+    @functools.wraps(original)
+    async def timed(*args, **kwargs):
+        stamps.clear()
+        stamps.append((name + ">", time.perf_counter()))
+        value = await original(*args, **kwargs)
+        stamps.append((name + "<", time.perf_counter()))
+        queries.append(list(stamps))
+        return value
+
+    setattr(owner, attribute, timed)
+
+
+def install(path: str) -> None:
     for owner, attribute, name in STAGES:
         setattr(owner, attribute, _stamped(getattr(owner, attribute), name))
-    ask = broker_mod.Broker.ask
-
-    async def timed_ask(self, request):
-        stamps.clear()
-        stamps.append(("ask>", time.perf_counter()))
-        outcome = await ask(self, request)
-        stamps.append(("ask<", time.perf_counter()))
-        queries.append(list(stamps))
-        return outcome
-
-    broker_mod.Broker.ask = timed_ask
+    if path.startswith("c0") or path.startswith("c1"):  # no broker: one query is one QueryClient.call
+        _delimited(client_mod.QueryClient, "call", "call")
+    else:
+        _delimited(broker_mod.Broker, "ask", "ask")
 
 
 def report(sequential: list[list[tuple[str, float]]]) -> None:
@@ -95,7 +107,7 @@ def report(sequential: list[list[tuple[str, float]]]) -> None:
 def main() -> int:
     path = sys.argv[1] if len(sys.argv) > 1 else "c-in"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 500
-    install()
+    install(path)
     measure = bench.measure
 
     async def measure_and_report(paths, count, rounds):
