@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from node.broker import Ask, BrokerRefused, ProgressFeed
+from node.broker import Ask, BrokerRefused
+from node.progress_feed import ProgressFeed
 from node.identity import Identity
 from webui import media as media_codec
 from webui.users import QueryRecord, UserStore

@@ -17,7 +17,8 @@ import trio
 import trio.testing
 
 from node.datadir import DataDir
-from node.broker import MAX_PENDING_PROGRESS, MAX_PENDING_TEXT, Ask, ProgressFeed
+from node.broker import Ask
+from node.progress_feed import MAX_PENDING_PROGRESS, MAX_PENDING_TEXT, ProgressFeed
 from tests.harness import FAST, NodeProcess, cli_json, run_cli, wait_for
 from tests.node.test_broker_inprocess import _broker
 from tests.webui.client import bus

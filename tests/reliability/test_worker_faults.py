@@ -34,7 +34,8 @@ from inference.manager import ModelManager
 from inference.reverse import ReverseBackend
 from ledger import wallet_ops
 from ledger.ledger import Ledger
-from node.broker import Ask, Broker, ProgressFeed
+from node.broker import Ask, Broker
+from node.progress_feed import ProgressFeed
 from node.capabilities import LocalWorker
 from node.datadir import DataDir
 from node.events import EventBus
