@@ -2,10 +2,10 @@
 
 One run, the same prompt on every path, every answer checked:
 
-  a1  ModelManager.run("reverse") directly (no progress callback)
+  a1  ModelManager.run("reverse") directly (no progress callback); a 30-character reverse is
+      trivial, so it runs on the event loop (Backend.runs_inline), with no thread hop
   a2  LocalWorker.handle(query): the worker's own entry point, what (b) and (c) end up running
   a3  a2 with a progress sink that drops everything: what per-token progress costs in-process
-      (each token hops from the model's thread to the event loop and back)
   r   a raw libp2p stream round trip host C → host B (echo of a query-sized message on an open
       stream): the floor for c0
   b   Broker.ask through a local broker, this node as the worker: quote → hold → fair queue →
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="What is the capital of France?")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--paths", type=lambda text: set(text.split(",")), default=set(),
-                        help="only these paths, comma-separated (a1,a2,a3,b,r,c0,c1,c,d,ledger:); default all")
+                        help="only these paths, comma-separated (a1,a2,a3,b,r,rx,c0,c0x,c1,c,d,c-in,d-in,ledger:); default all")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = trio.run(run, args)
