@@ -65,7 +65,11 @@ class ThreadLane:
             if job is None:
                 return
             fn, token, task = job
-            token.run_sync_soon(trio.lowlevel.reschedule, task, outcome.capture(fn))
+            result = outcome.capture(fn)
+            try:
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            except trio.RunFinishedError:  # the caller's trio run ended meanwhile (interpreter shutdown)
+                pass
 
 
 def _cannot_abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
