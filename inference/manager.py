@@ -4,9 +4,10 @@ Guarantees:
 - Lazy: a backend is loaded on the first ``run`` that needs it, never at registration.
 - One load at a time per model (a per-model lock); concurrent first calls share one load.
 - Heavy work never runs on the event loop: ``load``, ``run`` and ``unload`` execute in worker
-  threads (only a run its backend declares trivial, ``Backend.runs_inline``, runs on the loop), and ``run``/``load`` hold the :class:`trio.CapacityLimiter` of the backend's device
-  (one slot per device unless ``device_slots`` says otherwise), so a CPU node never runs two
-  models' compute at once.
+  threads (only a run its backend declares trivial, ``Backend.runs_inline``, stays on the loop),
+  and ``run``/``load`` hold the :class:`trio.CapacityLimiter` of the backend's device (one slot
+  per device unless ``device_slots`` says otherwise), so a CPU node never runs two models'
+  compute at once.
 - Memory budget: before loading, idle models (loaded, not running) are unloaded least-recently
   used first until the new one fits; if it still does not fit, ``MemoryBudgetExceeded``.
   Estimates come from ``BackendInfo.memory_mb``; a model is never unloaded while running.
