@@ -247,7 +247,9 @@ class LedgerService:
             self._announcing = False
 
     async def announce_blocks(self, raw_blocks: list[bytes]) -> None:
-        """Gossip blocks this node created (by :meth:`run_announcer` when it runs); peers that miss them catch up by sync."""
+        """Gossip blocks this node created (through :meth:`run_announcer` when it runs).
+
+        Peers that miss them catch up by sync."""
         if self.publish is None:
             return
         if self._announcing:

@@ -1,16 +1,17 @@
 """ThreadLane: one thread that runs an owner's blocking calls, one at a time, for the event loop.
 
-Why not ``trio.to_thread.run_sync``: on a small VM its round trip costs about 220 µs
-(the limiter's checkpoint, the thread cache's hand-off, the context copy); a lane that
+Why not ``trio.to_thread.run_sync``: on a small VM its round trip with a no-op costs about
+220 µs (the limiter's checkpoint, the thread cache's hand-off, the context copy); a lane that
 hands the call to a waiting thread through a queue and wakes the caller with
-``run_sync_soon`` costs about 150 µs (bench/broker.py measures the ledger's share). A
-query's durable settlement makes one such trip, so it matters on the hot path.
+``run_sync_soon`` costs about 150 µs. A query's durable settlement makes one such trip, so it
+matters on the hot path (docs/p2p-notes.md, "Measured").
 
 The thread starts on the first call and ends after ``idle_s`` without work (or at
 :meth:`close`), so an owner that is never closed (a test, a tool) leaves no thread behind
-for long; a call after that starts a new one. Calls are not abandoned on cancel, as with ``to_thread.run_sync(abandon_on_cancel=False)``:
-the caller waits until its call has run, then a pending cancel is delivered. Callers keep
-their own ordering and exclusion (the ledger holds its ``CapacityLimiter(1)`` around each call).
+for long; a call after that starts a new one. Calls are not abandoned on cancel, as with
+``to_thread.run_sync(abandon_on_cancel=False)``: the caller gets its call's answer once it has
+run, and a pending cancel at its next checkpoint. Callers keep their own ordering and
+exclusion (the ledger holds its ``CapacityLimiter(1)`` around each call).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""QuickLock/QuickSemaphore: trio's exclusion and order, without a scheduler pass when free; quicken swaps only free locks."""
+"""QuickLock/QuickSemaphore: trio's exclusion and order without a scheduler pass when free; quicken swaps free locks only."""
 
 from __future__ import annotations
 
