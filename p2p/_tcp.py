@@ -77,14 +77,22 @@ class ExclusiveTCPListener(IListener):
             logger.debug("inbound TCP connection failed: %r", exc)
 
     def get_addrs(self) -> tuple[Multiaddr, ...]:
-        return tuple(multiaddr_from_socket(s.socket) for s in self._sockets)
+        addrs = []
+        for listener in self._sockets:
+            try:
+                addrs.append(multiaddr_from_socket(listener.socket))
+            except OSError:  # closed under us (the host is stopping): it has no address any more
+                continue
+        return tuple(addrs)
 
     async def close(self) -> None:
+        # Forget the sockets before closing them: closing yields, and meanwhile an identify
+        # reply asks for our addresses (a closed socket's getsockname raises EBADF).
         self._scope.cancel()
-        for sock in self._sockets:
+        sockets, self._sockets = self._sockets, []
+        for sock in sockets:
             with trio.CancelScope(shield=True):
                 await sock.aclose()
-        self._sockets.clear()
 
 
 class ExclusiveTCP(TCP):

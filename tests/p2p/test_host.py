@@ -114,3 +114,25 @@ async def test_host_closes_within_a_second_when_its_nursery_is_cancelled():
                 await peer.connect(addrs[0])
                 nursery.cancel_scope.cancel()
         await wait_until(lambda: peer.connected_peers() == [], what="peer to notice the close")
+
+
+async def test_a_closing_listener_reports_no_address_instead_of_failing():
+    """Identify asks for our addresses while the host stops; a socket closed under it is skipped."""
+    from multiaddr import Multiaddr
+
+    from p2p._tcp import ExclusiveTCPListener
+
+    async def handler(stream) -> None:
+        await stream.close()
+
+    errors: dict[str, str] = {}
+    listener = ExclusiveTCPListener(handler, errors)
+    async with trio.open_nursery() as nursery:
+        listener.background_nursery = nursery
+        await listener.listen(Multiaddr("/ip4/127.0.0.1/tcp/0"))
+        (addr,) = listener.get_addrs()
+        assert str(addr).startswith("/ip4/127.0.0.1/tcp/")
+        listener._sockets[0].socket.close()  # as close() leaves it while it awaits the next one
+        assert listener.get_addrs() == ()
+        await listener.close()
+        assert listener.get_addrs() == () and errors == {}
