@@ -23,6 +23,16 @@ from tests.p2p.waiting import wait_until
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 REALM = bytes.fromhex("ab" * 32)
+ECHO_PROTOCOL = "/mtor-test/echo/1"
+
+
+async def echo(stream) -> None:
+    """A stream handler that writes back whatever comes, until the stream ends (raw round trips)."""
+    try:
+        while data := await stream.read(65536):
+            await stream.write(data)
+    except Exception:  # the test closing the stream
+        return
 
 
 @dataclass

@@ -24,6 +24,7 @@ from p2p.topics import query_protocol
 from tests.p2p.test_query_stream import (
     LIMITS, LOCAL, REALM, Probe, Worker, failure, open_broker, open_worker, reverse_handler,
 )
+from tests.p2p.harness import ECHO_PROTOCOL, echo
 from tests.p2p.waiting import wait_until
 
 
@@ -236,16 +237,9 @@ async def test_window_credit_comes_back_for_bulk_data_in_both_directions():
     """The hosts return yamux window credit only per half window (p2p/host.py): bulk data must still flow."""
     with trio.fail_after(30):
         async with open_mesh_host(Identity.generate(), LOCAL) as a, open_mesh_host(Identity.generate(), LOCAL) as b:
-            async def echo(stream) -> None:
-                try:
-                    while data := await stream.read(65536):
-                        await stream.write(data)
-                except Exception:  # the test closing the stream
-                    return
-
-            b.host.set_stream_handler("/mtor-test/echo/1", echo)
+            b.host.set_stream_handler(ECHO_PROTOCOL, echo)
             await a.connect(b.listen_addrs[0])
-            stream = await a.host.new_stream(b.host.get_id(), ["/mtor-test/echo/1"])
+            stream = await a.host.new_stream(b.host.get_id(), [ECHO_PROTOCOL])
             payload = bytes(range(256)) * (8 * 1024)  # 2 MiB: eight times the 256 KiB window
             received = bytearray()
 

@@ -6,7 +6,10 @@ import pytest
 import trio
 import trio.testing
 
+from node.identity import Identity
+from p2p.host import open_mesh_host
 from p2p.quick_lock import QuickLock, QuickSemaphore, quicken
+from tests.p2p.harness import ECHO_PROTOCOL, LOCAL, echo
 
 
 class _Steps(trio.abc.Instrument):
@@ -83,25 +86,17 @@ async def test_quicken_swaps_only_locks_nobody_holds_or_waits_for():
 
 async def test_a_real_connections_locks_are_quick_on_both_sides_and_a_round_trip_takes_few_steps():
     """Catches a py-libp2p upgrade that renames what quicken looks for (it skips what it cannot find)."""
-    from node.identity import Identity
-    from p2p.host import open_mesh_host
-
-    local = ["/ip4/127.0.0.1/tcp/0"]
     with trio.fail_after(30):
-        async with open_mesh_host(Identity.generate(), local) as a, open_mesh_host(Identity.generate(), local) as b:
+        async with open_mesh_host(Identity.generate(), LOCAL) as a, open_mesh_host(Identity.generate(), LOCAL) as b:
             served: list = []
 
-            async def echo(stream) -> None:
+            async def echo_and_keep(stream) -> None:
                 served.append(stream)
-                try:
-                    while data := await stream.read(65536):
-                        await stream.write(data)
-                except Exception:  # the test closing the stream
-                    return
+                await echo(stream)
 
-            b.host.set_stream_handler("/mtor-test/echo/1", echo)
+            b.host.set_stream_handler(ECHO_PROTOCOL, echo_and_keep)
             await a.connect(b.listen_addrs[0])
-            stream = await a.host.new_stream(b.host.get_id(), ["/mtor-test/echo/1"])
+            stream = await a.host.new_stream(b.host.get_id(), [ECHO_PROTOCOL])
             await stream.write(b"warm")
             assert await stream.read(65536) == b"warm"
             for net_stream in (stream, served[0]):
