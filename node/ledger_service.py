@@ -1,9 +1,10 @@
 """The node's one owner of the LevelDB ledger.
 
 The ledger library is synchronous (plyvel); every call runs on the ledger's
-own thread (a :class:`node.thread_lane.ThreadLane`) under a
-``CapacityLimiter(1)``, so the event loop never blocks on disk and exactly
-one thread writes batches at a time.
+own thread (a :class:`node.thread_lane.ThreadLane`) holding the ledger's
+slot (one lock, taken without a scheduler pass when free:
+:class:`p2p.quick_lock.QuickLock`), so the event loop never blocks on disk
+and exactly one thread writes batches at a time.
 
 Group commit (:meth:`LedgerService.write_grouped`): writes that must be
 durable before their caller hears "done" (a query's payment, hold removal
@@ -18,8 +19,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from collections import Counter
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import trio
 
@@ -36,6 +36,7 @@ from node.genesis import Genesis
 from node.identity import Identity
 from node.thread_lane import ThreadLane
 from p2p.errors import P2PError
+from p2p.quick_lock import QuickLock
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class LedgerService:
         self.ledger = ledger
         self.data = data
         self.identity = identity
-        self.limiter = trio.CapacityLimiter(1)
+        self.limiter = QuickLock()  #: the ledger's slot: whoever holds it may use the ledger
         self.lane = ThreadLane("ledger")
         self._summary: dict = {}
         #: Set by the mesh once gossip runs: ``await publish("ledger", raw_block)``.
@@ -119,7 +120,7 @@ class LedgerService:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(ledger, *args)`` on the ledger's own thread, holding its slot."""
-        async with _held(self.limiter):
+        async with self.limiter:
             return await self.lane.run(partial(fn, self.ledger, *args))
 
     async def call_quick(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -173,7 +174,7 @@ class LedgerService:
         self._group_committing = True
         taken: list[_Part] = []
         try:
-            async with _held(self.limiter):  # the ledger thread is ours: everyone who queued meanwhile comes along
+            async with self.limiter:  # the ledger thread is ours: everyone who queued meanwhile comes along
                 taken, self._group_line = self._group_line[:MAX_GROUP_PARTS], self._group_line[MAX_GROUP_PARTS:]
                 results = await self.lane.run(partial(self.ledger.write_group, [p.work for p in taken]))
             for part, result in zip(taken, results):
@@ -316,20 +317,8 @@ class LedgerService:
 
     async def close(self) -> None:
         """Flush and close; callers shield this so shutdown cannot interrupt it."""
-        async with _held(self.limiter):
+        async with self.limiter:
             await self.lane.run(self.ledger.close)
         self.lane.close()
         log.info("ledger closed")
 
-
-@asynccontextmanager
-async def _held(limiter: trio.CapacityLimiter) -> AsyncIterator[None]:
-    """``async with limiter`` without its checkpoint when the slot is free (one scheduler pass less per call)."""
-    try:
-        limiter.acquire_nowait()
-    except trio.WouldBlock:
-        await limiter.acquire()
-    try:
-        yield
-    finally:
-        limiter.release()

@@ -11,7 +11,7 @@ The thread starts on the first call and ends after ``idle_s`` without work (or a
 for long; a call after that starts a new one. Calls are not abandoned on cancel, as with
 ``to_thread.run_sync(abandon_on_cancel=False)``: the caller gets its call's answer once it has
 run, and a pending cancel at its next checkpoint. Callers keep their own ordering and
-exclusion (the ledger holds its ``CapacityLimiter(1)`` around each call).
+exclusion (the ledger holds its slot, a lock, around each call).
 """
 
 from __future__ import annotations

@@ -23,31 +23,28 @@ from typing import Any
 import trio
 
 
-class QuickLock:
-    """The interface py-libp2p uses of ``trio.Lock``, over one (trio.Lock is final: no subclass)."""
+class _Quick:
+    """A trio primitive's acquire/release, over one (trio's are final: no subclass), with the quick path."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_inner",)
 
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
 
     async def acquire(self) -> None:
         try:
-            self._lock.acquire_nowait()
+            self._inner.acquire_nowait()
         except trio.WouldBlock:
-            await self._lock.acquire()
+            await self._inner.acquire()
 
     def acquire_nowait(self) -> None:
-        self._lock.acquire_nowait()
+        self._inner.acquire_nowait()
 
     def release(self) -> None:
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
+        self._inner.release()
 
     def statistics(self) -> Any:
-        return self._lock.statistics()
+        return self._inner.statistics()
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -56,38 +53,29 @@ class QuickLock:
         self.release()
 
 
-class QuickSemaphore:
-    """``trio.Semaphore``'s acquire/release, over one, with the same quick path."""
+class QuickLock(_Quick):
+    """The interface py-libp2p uses of ``trio.Lock``."""
 
-    __slots__ = ("_semaphore",)
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(trio.Lock())
+
+    def locked(self) -> bool:
+        return self._inner.locked()
+
+
+class QuickSemaphore(_Quick):
+    """The interface py-libp2p uses of ``trio.Semaphore``."""
+
+    __slots__ = ()
 
     def __init__(self, value: int) -> None:
-        self._semaphore = trio.Semaphore(value)
-
-    async def acquire(self) -> None:
-        try:
-            self._semaphore.acquire_nowait()
-        except trio.WouldBlock:
-            await self._semaphore.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._semaphore.acquire_nowait()
-
-    def release(self) -> None:
-        self._semaphore.release()
+        super().__init__(trio.Semaphore(value))
 
     @property
     def value(self) -> int:
-        return self._semaphore.value
-
-    def statistics(self) -> Any:
-        return self._semaphore.statistics()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.release()
+        return self._inner.value
 
 
 def _free(lock: Any) -> bool:
