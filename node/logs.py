@@ -8,6 +8,19 @@ from pathlib import Path
 
 LEVELS = ("debug", "info", "warning", "error")
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_ADDCONN_FAIL = "[ADDCONN_FAIL] add_conn failed for peer %s: %r"
+
+
+class OneLineUpgradeFailures(logging.Filter):
+    """py-libp2p's swarm logs every connection upgrade that did not finish (a peer cut off
+    mid-handshake, the upgrade's deadline) as a WARNING carrying a formatted traceback. It is
+    routine under churn and partitions and handled (the dial fails, the peer is tried again),
+    so outside debug it stays one line, without the traceback that reads like a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(_ADDCONN_FAIL) and len(record.args or ()) == 3:
+            record.msg, record.args = _ADDCONN_FAIL, record.args[:2]
+        return True
 
 
 def setup_logging(level: str, log_dir: Path | None, *, max_bytes: int, backups: int) -> None:
@@ -35,5 +48,9 @@ def setup_logging(level: str, log_dir: Path | None, *, max_bytes: int, backups: 
         logging.getLogger(name).setLevel(quiet)
     # py-libp2p's DHT logs peers' ordinary stream closes and our realm-scoped
     # provider keys as errors (see docs/p2p-notes.md); keep them for debugging only.
+    swarm = logging.getLogger("libp2p.network.swarm")
+    for old in [f for f in swarm.filters if isinstance(f, OneLineUpgradeFailures)]:
+        swarm.removeFilter(old)
     if level.lower() != "debug":
         logging.getLogger("libp2p.kad_dht").setLevel(logging.CRITICAL)
+        swarm.addFilter(OneLineUpgradeFailures())
