@@ -255,6 +255,13 @@ class Gossip:
             return []
         return [p.to_base58() for p in pubsub.peer_topics.get(self.topics.topic(name), ())]
 
+    def mesh_peers(self, name: str) -> list[str]:
+        """Peers in our GossipSub mesh for topic ``name``: those we forward its messages to at once."""
+        router = self._router
+        if router is None:
+            return []
+        return [p.to_base58() for p in router.mesh.get(self.topics.topic(name), ())]
+
     def _require_running(self) -> Pubsub:
         if self._pubsub is None:
             raise GossipError("gossip service is not running")

@@ -60,7 +60,8 @@ async def open_gossip_mesh(
 ) -> AsyncIterator[list[Node]]:
     """``n`` nodes, each a host plus gossip, connected along ``edges`` (default: a line).
 
-    Yields once every edge's two ends see each other subscribed to every topic.
+    Yields once every edge's two ends have each other in their mesh for every topic: a
+    message then travels every edge at once, not at a later heartbeat's gossip.
     """
     edges = [(i, i + 1) for i in range(n - 1)] if edges is None else edges
     async with AsyncExitStack() as stack:
@@ -72,10 +73,10 @@ async def open_gossip_mesh(
             for x, y in ((a, b), (b, a)):
                 await wait_until(
                     lambda x=x, y=y: all(
-                        nodes[y].mesh.peer_id in nodes[x].gossip.topic_peers(t) for t in TOPIC_NAMES
+                        nodes[y].mesh.peer_id in nodes[x].gossip.mesh_peers(t) for t in TOPIC_NAMES
                     ),
                     timeout_s=10,
-                    what=f"node {x} to see node {y} subscribed",
+                    what=f"node {x} to have node {y} in its mesh",
                 )
         yield nodes
 
@@ -100,6 +101,20 @@ async def collect(channel: trio.MemoryReceiveChannel, count: int, *, timeout_s: 
         while len(items) < count:
             items.append(await channel.receive())
     return items
+
+
+async def collect_each(channels: list[trio.MemoryReceiveChannel], *, timeout_s: float) -> list:
+    """The first item from each channel, or None where none came before the deadline (to say who missed)."""
+    got: list = [None] * len(channels)
+
+    async def first(i: int) -> None:
+        got[i] = await channels[i].receive()
+
+    with trio.move_on_after(timeout_s):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(channels)):
+                nursery.start_soon(first, i)
+    return got
 
 
 def assert_empty(channel: trio.MemoryReceiveChannel) -> None:

@@ -8,7 +8,7 @@ from node.identity import Identity
 from p2p.ads import AdContent, Announcer, AdVerdict, Capability, build_ad_body, parse_ad, sign_ad
 from p2p.envelope import Verdict
 from p2p.host import peer_id_for
-from tests.p2p.harness import REALM, open_gossip_mesh
+from tests.p2p.harness import REALM, collect_each, open_gossip_mesh
 from tests.p2p.waiting import wait_until
 
 CONTENT = AdContent(
@@ -131,11 +131,13 @@ async def test_ten_node_chain_propagates_an_ad_to_every_node():
         channels = [n.gossip.subscribe("announce") for n in nodes[1:]]
         ann = Announcer(nodes[0].gossip, nodes[0].identity, lambda: CONTENT)
         await ann.announce_once()
-        with trio.fail_after(5):
-            for ch in channels:
-                got = await ch.receive()
-                assert got.origin_peer == nodes[0].mesh.peer_id
-                assert parse_ad(got.data, realm_id=REALM).ad.content == CONTENT
+        got = await collect_each(channels, timeout_s=5)
+        missing = [i + 1 for i, d in enumerate(got) if d is None]
+        meshes = [n.gossip.mesh_peers("announce") for n in nodes]
+        assert not missing, f"nodes {missing} got no ad in 5 s; meshes: {meshes}"
+        for delivery in got:
+            assert delivery.origin_peer == nodes[0].mesh.peer_id
+            assert parse_ad(delivery.data, realm_id=REALM).ad.content == CONTENT
         assert all(n.gossip.verdicts[("announce", Verdict.ACCEPT)] == 1 for n in nodes)
 
 
