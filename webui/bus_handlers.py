@@ -49,7 +49,7 @@ def welcome_text(nickname: str, recent: list[dict], balance_tokens: float, onlin
     if done:
         avg = sum(q.get("processing_time", 0.0) for q in done) / len(done)
         parts.append(f"Your last {len(done)} quer{'y' if len(done) == 1 else 'ies'} ran at {avg:.2f}s average.")
-    parts.append(f"You have {balance_tokens:g} tokens remaining.")
+    parts.append(f"You have {balance_tokens:g} token{'' if balance_tokens == 1 else 's'} remaining.")
     if online == 0:
         parts.append("No workers are online right now.")
     else:

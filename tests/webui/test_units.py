@@ -104,6 +104,7 @@ def test_welcome_text_matches_the_spec_example():
                     "You have 32 tokens remaining. Worker health optimal: 4 nodes online.")
     assert welcome_text("n", [], 100, 0, False, True) == \
         "Welcome, n. You have 100 tokens remaining. No workers are online right now."
+    assert "You have 1 token remaining." in welcome_text("n", [], 1, 0, False, True)
 
 
 def test_histogram_and_metrics_text():

@@ -76,9 +76,12 @@
 
   // -- rendering -----------------------------------------------------------------------
   function tokens(x) { return (Math.round(Number(x) * 1000) / 1000).toString(); }
+  function amount(x) { const n = tokens(x); return n + (n === "1" ? " token" : " tokens"); }
 
   function showBalance(balance, available, address) {
-    $("balance").textContent = tokens(available !== undefined ? available : balance);
+    const shown = tokens(available !== undefined ? available : balance);
+    $("balance").textContent = shown;
+    $("balance-unit").textContent = shown === "1" ? "token" : "tokens";
     if (address) $("wallet-address").textContent = address;
   }
 
@@ -86,8 +89,7 @@
     const list = $("history"); list.replaceChildren();
     (queries || []).slice().reverse().forEach((q) => {
       const when = new Date(q.time * 1000).toLocaleString();
-      list.appendChild(el("li", "", q.type + " · " + q.prompt + " · " + when + " · " + tokens((q.cost_units || 0) / 1e6) +
-        " tokens" + (q.status !== "done" ? " · " + q.status : "")));
+      list.appendChild(el("li", "", q.type + " · " + q.prompt + " · " + when + " · " + amount((q.cost_units || 0) / 1e6) + (q.status !== "done" ? " · " + q.status : "")));
     });
   }
 
@@ -173,7 +175,7 @@
     li.replaceChild(body, li.lastChild);
     li.classList.add("done");
     const meta = li.firstChild;
-    if (msg.cost !== undefined) meta.textContent += " · cost " + tokens(msg.cost) + " tokens";
+    if (msg.cost !== undefined) meta.textContent += " · cost " + amount(msg.cost);
     if (msg.processing_time !== undefined) meta.textContent += " · " + msg.processing_time + " s";
   }
 
@@ -193,8 +195,8 @@
       $("realm-name").textContent = m.realm || "";
       if (document.activeElement !== $("nickname")) $("nickname").value = m.nickname;
       showBalance(m.balance, m.available, m.address);
-      $("lifetime").textContent = "You have spent " + tokens(m.lifetime_cost) + " tokens; the realm " +
-        tokens(m.system_lifetime_cost) + ". " + m.users_now + " online now, most ever " + m.max_users + ".";
+      $("lifetime").textContent = "You have spent " + amount(m.lifetime_cost) + "; the realm " +
+        amount(m.system_lifetime_cost) + ". " + m.users_now + " online now, most ever " + m.max_users + ".";
       renderHistory(m.recent_queries);
       $("sysop").classList.toggle("hidden", !m.is_sysop);
       if (m.is_sysop) send({ type: "get_stats" });
@@ -206,7 +208,7 @@
     },
     worker_health() { /* the worker_update that follows redraws the table */ },
     queue_update(m) { renderQueue(m); },
-    quote(m) { S.quote = m; $("price").textContent = tokens(m.price) + " tokens"; renderQueue(m); },
+    quote(m) { S.quote = m; $("price").textContent = amount(m.price); renderQueue(m); },
     balance_update(m) { showBalance(m.balance, m.available, m.address); requestQuote(); },
     query_result(m) {
       fillResult(cardFor(m, m.query_type), m);
@@ -262,7 +264,7 @@
     const dl = $("sysop-stats"); dl.replaceChildren();
     const avg = Object.entries(m.average_times || {}).map(([k, v]) => k + " " + (v ?? "–")).join(", ");
     [["Queue", m.queue.depth + " / " + m.queue.max_size], ["Workers", m.workers.length],
-     ["Users now", m.users_now + " (most " + m.max_concurrent_users + ")"], ["Lifetime", tokens(m.lifetime_cost) + " tokens, " + m.lifetime_queries + " queries"],
+     ["Users now", m.users_now + " (most " + m.max_concurrent_users + ")"], ["Lifetime", amount(m.lifetime_cost) + ", " + m.lifetime_queries + " queries"],
      ["Averages (s)", avg], ["Electricity", m.electricity.watts_now + " W now, ≈" + m.electricity.estimated_cost + " so far"],
      ["Dropped slow consoles", m.dropped_slow], ["Errors", JSON.stringify(m.errors)], ["Banned", (m.bans || []).join(", ") || "none"]]
       .forEach(([k, v]) => { dl.appendChild(el("dt", "", k)); dl.appendChild(el("dd", "", String(v))); });
