@@ -47,10 +47,19 @@ def cross_site_refusal(method: str, path: str, origin: str | None, host: str | N
     if fetch_site in ("cross-site", "same-site") and not (
             path in OPEN_TO_OTHER_SITES or path.startswith(OPEN_PREFIXES_TO_OTHER_SITES)):
         return f"{path} cannot be used from another site ({fetch_site} request)"
-    if method.upper() not in SAFE_METHODS and origin is not None:
-        if origin == "null" or not host or urlsplit(origin).netloc.lower() != host.lower():
-            return f"a {method.upper()} from {origin} is refused: it is not this console's origin"
+    if method.upper() not in SAFE_METHODS and origin is not None and not origin_names_host(origin, host):
+        return f"a {method.upper()} from {origin} is refused: it is not this console's origin"
     return None
+
+
+def origin_names_host(origin: str, host: str | None) -> bool:
+    """A browser's ``Origin`` names the host:port this request was sent to.
+
+    The scheme is not compared: behind a TLS-terminating proxy the page is
+    https while the console itself is spoken to in plain http, and no page of
+    another scheme can be served from the console's own host:port.
+    """
+    return origin != "null" and bool(host) and urlsplit(origin).netloc.lower() == host.lower()
 
 
 def host_refusal(host: str | None, allowed_names: frozenset[str]) -> str | None:

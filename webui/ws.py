@@ -41,12 +41,11 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import trio
 
 from webui import protocol
-from webui.auth import host_refusal
+from webui.auth import host_refusal, origin_names_host
 from webui.bridge import tokens
 from webui.wire import Message, SocketWriter, attach
 
@@ -383,11 +382,7 @@ def worker_update(state: "ConsoleState") -> str:
 
 def same_origin(origin: str | None, host: str | None) -> bool:
     """A browser's ``Origin`` must name this host (tools without an Origin are let in)."""
-    if not origin:
-        return True
-    if origin == "null" or not host:
-        return False
-    return urlsplit(origin).netloc.lower() == host.lower()
+    return not origin or origin_names_host(origin, host)
 
 
 def guid_from_cookie(value: str | None) -> str | None:
