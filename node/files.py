@@ -12,6 +12,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
     Each write has its own temporary file, so two writers racing on one path (a background
     flush and a request handler) cannot rename each other's file away; the last rename wins.
+    The file is 0600 from its first byte (``mkstemp``'s mode), and keeps it after the rename.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import trio
 
+from node.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 FILE_VERSION = 1
@@ -214,16 +216,9 @@ class UserStore:
 
 
 def write_private_atomic(path: Path, text: str) -> None:
-    """``node.files.write_text_atomic``, but the file is 0600 from its first byte (see the module doc)."""
+    """``node.files.write_text_atomic`` (0600 from its first byte) in a directory only we can open."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a temp file left by an older version keeps its mode otherwise
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _make_private(path: Path) -> None:
