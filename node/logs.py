@@ -9,17 +9,29 @@ from pathlib import Path
 LEVELS = ("debug", "info", "warning", "error")
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _ADDCONN_FAIL = "[ADDCONN_FAIL] add_conn failed for peer %s: %r"
+_STREAM_FAIL = "Failed to open stream to peer "
+#: The py-libp2p loggers whose routine failures :class:`OneLineRoutineFailures` shortens.
+ROUTINE_FAILURE_LOGGERS = ("libp2p.network.swarm", "libp2p.host.basic_host")
 
 
-class OneLineUpgradeFailures(logging.Filter):
-    """py-libp2p's swarm logs every connection upgrade that did not finish (a peer cut off
-    mid-handshake, the upgrade's deadline) as a WARNING carrying a formatted traceback. It is
-    routine under churn and partitions and handled (the dial fails, the peer is tried again),
-    so outside debug it stays one line, without the traceback that reads like a crash."""
+class OneLineRoutineFailures(logging.Filter):
+    """py-libp2p logs two routine, handled failures at length:
+
+    * every connection upgrade that did not finish (a peer cut off mid-handshake, the
+      upgrade's deadline): a WARNING carrying a formatted traceback, which reads like a crash;
+    * every stream it could not open (a peer of another realm does not serve our protocols):
+      an ERROR of seven lines (timeouts, lock statistics) before our own line says the same.
+
+    Outside debug each stays one line: who, and why."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith(_ADDCONN_FAIL) and len(record.args or ()) == 3:
+        if not isinstance(record.msg, str):
+            return True
+        if record.msg.startswith(_ADDCONN_FAIL) and len(record.args or ()) == 3:
             record.msg, record.args = _ADDCONN_FAIL, record.args[:2]
+        elif record.msg.startswith(_STREAM_FAIL) and "\n" in record.msg and not record.args:
+            who, why = record.msg.split("\n", 2)[:2]
+            record.msg = f"{who} {why.strip().removeprefix('Error: ')}"
         return True
 
 
@@ -42,15 +54,24 @@ def setup_logging(level: str, log_dir: Path | None, *, max_bytes: int, backups: 
         )
         file_handler.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(file_handler)
-    # py-libp2p and hypercorn are chatty at info; keep them to warnings unless debugging.
+    # py-libp2p cuts its loggers off at import (no handler, no propagation) unless LIBP2P_DEBUG
+    # is set, so its warnings reached stderr bare through logging's last resort and never the
+    # log file, and its debug lines nowhere: ours carry them like every other line.
+    libp2p = logging.getLogger("libp2p")
+    libp2p.handlers.clear()
+    libp2p.propagate = True
+    # py-libp2p and hypercorn are chatty at info; keep them to warnings unless debugging
+    # (py-libp2p's auto-connector sets itself to info, a line every 10 s on a small realm).
     quiet = logging.WARNING if level.lower() != "debug" else logging.DEBUG
-    for name in ("libp2p", "hypercorn.access", "multiaddr", "async_service"):
+    for name in ("libp2p", "libp2p.network.auto_connector", "hypercorn.access", "multiaddr", "async_service"):
         logging.getLogger(name).setLevel(quiet)
+    routine = [logging.getLogger(name) for name in ROUTINE_FAILURE_LOGGERS]
+    for logger in routine:
+        for old in [f for f in logger.filters if isinstance(f, OneLineRoutineFailures)]:
+            logger.removeFilter(old)
     # py-libp2p's DHT logs peers' ordinary stream closes and our realm-scoped
     # provider keys as errors (see docs/p2p-notes.md); keep them for debugging only.
-    swarm = logging.getLogger("libp2p.network.swarm")
-    for old in [f for f in swarm.filters if isinstance(f, OneLineUpgradeFailures)]:
-        swarm.removeFilter(old)
+    logging.getLogger("libp2p.kad_dht").setLevel(logging.CRITICAL if level.lower() != "debug" else logging.NOTSET)
     if level.lower() != "debug":
-        logging.getLogger("libp2p.kad_dht").setLevel(logging.CRITICAL)
-        swarm.addFilter(OneLineUpgradeFailures())
+        for logger in routine:
+            logger.addFilter(OneLineRoutineFailures())

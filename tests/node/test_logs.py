@@ -1,43 +1,66 @@
-"""Logging set-up: py-libp2p's routine connection-upgrade failures stay one line outside debug."""
+"""Logging set-up: py-libp2p's lines go through ours, and its routine failures stay one line outside debug."""
 
 from __future__ import annotations
 
 import logging
 
-from node.logs import OneLineUpgradeFailures, setup_logging
+from node.logs import ROUTINE_FAILURE_LOGGERS, OneLineRoutineFailures, setup_logging
 
 
-def _record(msg: str, args: tuple) -> logging.LogRecord:
-    return logging.LogRecord("libp2p.network.swarm", logging.WARNING, __file__, 1, msg, args, None)
+def _record(msg: str, args: tuple, name: str = "libp2p.network.swarm") -> logging.LogRecord:
+    return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, None)
 
 
 def test_an_upgrade_failure_loses_its_traceback_and_other_records_are_untouched():
     failed = _record("[ADDCONN_FAIL] add_conn failed for peer %s: %r\n%s", ("12D3Koo", TimeoutError(), "Traceback ..."))
-    assert OneLineUpgradeFailures().filter(failed)
+    assert OneLineRoutineFailures().filter(failed)
     assert failed.getMessage() == "[ADDCONN_FAIL] add_conn failed for peer 12D3Koo: TimeoutError()"
     other = _record("something else %s", ("x",))
-    assert OneLineUpgradeFailures().filter(other) and other.getMessage() == "something else x"
+    assert OneLineRoutineFailures().filter(other) and other.getMessage() == "something else x"
 
 
-def test_setup_logging_installs_the_filter_once_and_not_for_debug(tmp_path):
-    swarm = logging.getLogger("libp2p.network.swarm")
+def test_a_stream_that_could_not_open_is_one_line_saying_who_and_why():
+    # py-libp2p 0.8.1's text (host/basic_host.py), e.g. a peer of another realm
+    failed = _record(
+        "Failed to open stream to peer 12D3Koo:\n"
+        "  Error: protocols not supported: tried ['/mtor/ab/sync/1'], timeout=10s\n"
+        "  Protocols: ['/mtor/ab/sync/1']\n  Timeout: 30s\n  Connection: Yamux\n"
+        "  Connection State: established=True, handshake=False\n  Registry Stats: None",
+        (), "libp2p.host.basic_host")
+    assert OneLineRoutineFailures().filter(failed)
+    assert failed.getMessage() == (
+        "Failed to open stream to peer 12D3Koo: protocols not supported: tried ['/mtor/ab/sync/1'], timeout=10s")
+
+
+def test_setup_logging_routes_libp2p_through_our_handlers_and_filters_once_not_for_debug(tmp_path):
+    routine = [logging.getLogger(name) for name in ROUTINE_FAILURE_LOGGERS]
+    libp2p = logging.getLogger("libp2p")
     root = logging.getLogger()
-    touched = [root] + [logging.getLogger(n) for n in ("libp2p", "hypercorn.access", "multiaddr", "async_service",
-                                                        "libp2p.kad_dht")]
-    levels, handlers = [t.level for t in touched], list(root.handlers)
+    touched = [root] + [logging.getLogger(n) for n in ("libp2p", "libp2p.network.auto_connector", "hypercorn.access",
+                                                        "multiaddr", "async_service", "libp2p.kad_dht")]
+    levels, handlers, propagate = [t.level for t in touched], list(root.handlers), libp2p.propagate
 
-    def installed() -> int:
-        return sum(isinstance(f, OneLineUpgradeFailures) for f in swarm.filters)
+    def installed() -> list[int]:
+        return [sum(isinstance(f, OneLineRoutineFailures) for f in logger.filters) for logger in routine]
 
     try:
         setup_logging("info", tmp_path, max_bytes=1 << 20, backups=1)
         setup_logging("warning", tmp_path, max_bytes=1 << 20, backups=1)
-        assert installed() == 1
+        assert installed() == [1, 1]
+        assert libp2p.propagate and not libp2p.handlers
+        logging.getLogger("libp2p.host.basic_host").warning("a libp2p line")
+        logging.getLogger("libp2p.network.auto_connector").info("initiating 199 new dials")
+        for handler in root.handlers:
+            handler.flush()
+        logged = (tmp_path / "node.log").read_text()
+        assert "WARNING libp2p.host.basic_host: a libp2p line" in logged and "new dials" not in logged
         setup_logging("debug", tmp_path, max_bytes=1 << 20, backups=1)
-        assert installed() == 0
+        assert installed() == [0, 0]
+        assert logging.getLogger("libp2p.kad_dht").getEffectiveLevel() == logging.DEBUG
     finally:  # leave logging as pytest set it up
-        for f in [f for f in swarm.filters if isinstance(f, OneLineUpgradeFailures)]:
-            swarm.removeFilter(f)
+        for logger in routine:
+            for f in [f for f in logger.filters if isinstance(f, OneLineRoutineFailures)]:
+                logger.removeFilter(f)
         for handler in list(root.handlers):
             root.removeHandler(handler)
             if handler not in handlers:
@@ -46,3 +69,4 @@ def test_setup_logging_installs_the_filter_once_and_not_for_debug(tmp_path):
             root.addHandler(handler)
         for logger, level in zip(touched, levels):
             logger.setLevel(level)
+        libp2p.propagate = propagate
