@@ -380,8 +380,8 @@ class SyncClient:
                         peer=peer_id) from None
         except StreamFailure as exc:
             if isinstance(exc.__cause__, MultiselectClientError):
-                raise _fail("protocol_refused", f"peer does not serve {self.protocol}", Blame.WORKER,
-                            peer=peer_id) from None
+                raise _fail("protocol_refused", f"peer does not serve {self.protocol}: another realm's node "
+                            "(another genesis) or an incompatible version", Blame.WORKER, peer=peer_id) from None
             raise _fail("dial_failed", str(exc), Blame.NETWORK, peer=peer_id) from None
         except Exception as exc:  # noqa: BLE001 - dial errors come in many types
             raise _fail("dial_failed", f"{type(exc).__name__}: {exc}", Blame.NETWORK, peer=peer_id) from None
