@@ -82,7 +82,9 @@ def test_chat_nickname_and_the_quoted_price(page, shots):
     assert "Dave" in page.text_content("#toast")
 
     before = balance(page)
-    price = float(page.text_content("#price").split()[0])
+    price_text, unit = page.text_content("#price").split()
+    price = float(price_text)
+    assert unit == ("token" if price == 1 else "tokens"), page.text_content("#price")
     page.fill("#prompt", "stressed")
     page.keyboard.press("Control+Enter")
     page.wait_for_selector("#result-list li.done")

@@ -76,12 +76,13 @@
 
   // -- rendering -----------------------------------------------------------------------
   function tokens(x) { return (Math.round(Number(x) * 1000) / 1000).toString(); }
-  function amount(x) { const n = tokens(x); return n + (n === "1" ? " token" : " tokens"); }
+  function unit(shown) { return shown === "1" ? "token" : "tokens"; }
+  function amount(x) { const shown = tokens(x); return shown + " " + unit(shown); }
 
   function showBalance(balance, available, address) {
     const shown = tokens(available !== undefined ? available : balance);
     $("balance").textContent = shown;
-    $("balance-unit").textContent = shown === "1" ? "token" : "tokens";
+    $("balance-unit").textContent = unit(shown);
     if (address) $("wallet-address").textContent = address;
   }
 
@@ -89,7 +90,8 @@
     const list = $("history"); list.replaceChildren();
     (queries || []).slice().reverse().forEach((q) => {
       const when = new Date(q.time * 1000).toLocaleString();
-      list.appendChild(el("li", "", q.type + " · " + q.prompt + " · " + when + " · " + amount((q.cost_units || 0) / 1e6) + (q.status !== "done" ? " · " + q.status : "")));
+      list.appendChild(el("li", "", q.type + " · " + q.prompt + " · " + when + " · " + amount((q.cost_units || 0) / 1e6) +
+        (q.status !== "done" ? " · " + q.status : "")));
     });
   }
 
