@@ -246,7 +246,14 @@ def build_backends(spec: str, device: Device, models_dir: Path, inference: Infer
         if query_type == "chat" and model in (REVERSE_MODEL, SLOW_REVERSE_MODEL):
             backends.append(ReverseBackend(device=device.kind, slow=model == SLOW_REVERSE_MODEL))
             continue
-        backend = _default_backend(query_type, device, models_dir, inference)
+        try:
+            backend = _default_backend(query_type, device, models_dir, inference)
+        except ImportError as exc:  # installed without the inference extra
+            if auto:
+                log.warning("not serving %s: %s (install mtor-node[inference] for it)", query_type, exc)
+                continue
+            raise CapabilityError(f"capability {query_type} needs the inference extra, pip install "
+                                  f"'mtor-node[inference]' ({exc})") from exc
         if backend is None or (model is not None and model not in backend.describe().models):
             if auto:
                 continue

@@ -28,14 +28,16 @@ CONFIG_VERSION = 1
 CONFIG_FILE = "config.ini"
 
 
-def _key(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _key(default: Any, help: str, *, choices: tuple[str, ...] = ()) -> Any:
+    """A config key; a ``choices`` key refuses any other value (it would otherwise pass as a string)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class NodeSection:
     config_version: int = _key(CONFIG_VERSION, "Schema version of this file; written by mtor-node.")
-    log_level: str = _key("info", "Terminal and file log level: debug, info, warning, error.")
+    log_level: str = _key("info", "Terminal and file log level: debug, info, warning, error.",
+                          choices=("debug", "info", "warning", "error"))
     log_max_bytes: int = _key(10 * 1024 * 1024, "Rotate logs/node.log when it reaches this size.")
     log_backups: int = _key(5, "Rotated log files to keep.")
     shutdown_grace_s: float = _key(4.0, "Seconds allowed for a clean shutdown before tasks are cancelled.")
@@ -102,7 +104,8 @@ class PowerSection:
 
 @dataclass(frozen=True)
 class OperatorSection:
-    mode: str = _key("base", "How this node takes part (SPEC §7): base = always on; peaking = serves a type only when its price reaches the threshold below.")
+    mode: str = _key("base", "How this node takes part (SPEC §7): base = always on; peaking = serves a type only when its price reaches the threshold below.",
+                     choices=("base", "peaking"))
     peak_threshold_chat: float = _key(1.5, "Peaking mode: the chat price (tokens) at which this node joins.")
     peak_threshold_imagine: float = _key(2.0, "Peaking mode: the imagine price (tokens) at which this node joins.")
     peak_threshold_vision: float = _key(2.5, "Peaking mode: the vision price (tokens) at which this node joins.")
@@ -157,8 +160,12 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def parse_value(kind: type, text: str, where: str) -> Any:
+def parse_value(kind: type, text: str, where: str, choices: tuple[str, ...] = ()) -> Any:
     text = text.strip()
+    if choices and text.lower() not in choices:
+        raise ConfigError(f"{where}: {text!r} is not one of {', '.join(choices)}")
+    if choices:
+        return text.lower()
     try:
         if kind is bool:
             low = text.lower()
@@ -224,7 +231,7 @@ def _from_parser(parser: configparser.ConfigParser) -> tuple[Settings, list[str]
         for f in fields(section_cls):
             where = f"[{section_name}] {f.name}"
             if parser.has_option(section_name, f.name):
-                values[f.name] = parse_value(_kind(f), parser.get(section_name, f.name), where)
+                values[f.name] = parse_value(_kind(f), parser.get(section_name, f.name), where, f.metadata["choices"])
             else:
                 filled.append(f"{section_name}.{f.name}")
         if parser.has_section(section_name):
@@ -318,7 +325,8 @@ def env_overrides(settings: Settings, environ: dict[str, str] | None = None) -> 
         for f in fields(section_cls):
             name = f"MTOR_{section_name.upper()}_{f.name.upper()}"
             if name in environ:
-                changes.setdefault(section_name, {})[f.name] = parse_value(_kind(f), environ[name], name)
+                changes.setdefault(section_name, {})[f.name] = parse_value(_kind(f), environ[name], name,
+                                                                           f.metadata["choices"])
     return override(settings, changes)
 
 

@@ -54,6 +54,18 @@ def test_bad_value_is_kept_aside(tmp_path):
     assert first.quarantined.exists() and second.quarantined.exists()
 
 
+def test_a_key_with_choices_refuses_any_other_value(tmp_path):
+    (tmp_path / "config.ini").write_text("[node]\nlog_level = verbose\n")
+    settings, report = config.load(tmp_path)
+    assert "log_level" in report.reason and "debug, info, warning, error" in report.reason
+    assert settings.node.log_level == "info" and report.quarantined.exists()
+    (tmp_path / "config.ini").write_text("[node]\nlog_level = DEBUG\n[operator]\nmode = Peaking\n")
+    settings, report = config.load(tmp_path)
+    assert report.quarantined is None and (settings.node.log_level, settings.operator.mode) == ("debug", "peaking")
+    with pytest.raises(config.ConfigError, match="MTOR_OPERATOR_MODE: 'sometimes' is not one of base, peaking"):
+        config.env_overrides(settings, {"MTOR_OPERATOR_MODE": "sometimes"})
+
+
 def test_unknown_keys_reported_not_dropped(tmp_path):
     (tmp_path / "config.ini").write_text("[console]\nprot = 1\n")
     _, report = config.load(tmp_path)
