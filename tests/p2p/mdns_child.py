@@ -22,6 +22,7 @@ import trio
 from libp2p.abc import INotifee
 
 from node.identity import Identity
+from node.logs import setup_logging
 from p2p.host import open_mesh_host
 from p2p.mdns import MdnsDiscovery
 
@@ -75,6 +76,7 @@ if __name__ == "__main__":
     parser.add_argument("--listen", required=True)
     parser.add_argument("--tag", required=True)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    # A node's logging (node.logs): py-libp2p's routine failures stay one line, as in a node's output.
+    setup_logging("warning", None, max_bytes=0, backups=0)
     logging.getLogger("p2p.mdns").setLevel(logging.INFO)
     trio.run(main, args.listen, args.tag)
