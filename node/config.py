@@ -162,9 +162,9 @@ _FALSE = {"0", "false", "no", "off"}
 
 def parse_value(kind: type, text: str, where: str, choices: tuple[str, ...] = ()) -> Any:
     text = text.strip()
-    if choices and text.lower() not in choices:
-        raise ConfigError(f"{where}: {text!r} is not one of {', '.join(choices)}")
     if choices:
+        if text.lower() not in choices:
+            raise ConfigError(f"{where}: {text!r} is not one of {', '.join(choices)}")
         return text.lower()
     try:
         if kind is bool:
@@ -231,7 +231,8 @@ def _from_parser(parser: configparser.ConfigParser) -> tuple[Settings, list[str]
         for f in fields(section_cls):
             where = f"[{section_name}] {f.name}"
             if parser.has_option(section_name, f.name):
-                values[f.name] = parse_value(_kind(f), parser.get(section_name, f.name), where, f.metadata["choices"])
+                text = parser.get(section_name, f.name)
+                values[f.name] = parse_value(_kind(f), text, where, f.metadata["choices"])
             else:
                 filled.append(f"{section_name}.{f.name}")
         if parser.has_section(section_name):
