@@ -109,6 +109,7 @@ class Ticket:
     outcome: dict | None = None
     attempts: list[dict] = field(default_factory=list)
     cancel_scope: trio.CancelScope | None = None
+    cancel_message: str = "cancelled"  # what a caller hears when the running query is cancelled
     load: int = 0  # queue depth when it was submitted, for its record
     signed: dict | None = None  # the signed query of the latest attempt
 
@@ -206,13 +207,15 @@ class Broker:
         ticket = self._tickets.get(query_id)
         if ticket is None:
             return False
-        if ticket.cancel_scope is not None:
-            ticket.cancel_scope.cancel()
-            return True
-        entry = self.queue.cancel(query_id)
-        if entry is not None:
-            self._finish_later(ticket, "cancelled", "cancelled by the user")
+        self._cancel(ticket, "cancelled by the user")
         return True
+
+    def cancel_all(self, message: str) -> list[Ticket]:
+        """Cancel every queued and running query, each caller hearing ``message`` (a stopping node)."""
+        tickets = list(self._tickets.values())
+        for ticket in tickets:
+            self._cancel(ticket, message)
+        return tickets
 
     def terminate_user(self, payer_address: str) -> int:
         """The sysop's terminate: every queued and running query of one payer."""
@@ -222,9 +225,16 @@ class Broker:
             count += 1
         for ticket in list(self._tickets.values()):
             if ticket.ask.payer.address == payer_address and ticket.cancel_scope is not None:
-                ticket.cancel_scope.cancel()
+                self._cancel(ticket, "terminated by the sysop")
                 count += 1
         return count
+
+    def _cancel(self, ticket: Ticket, message: str) -> None:
+        if ticket.cancel_scope is not None:
+            ticket.cancel_message = message
+            ticket.cancel_scope.cancel()
+        elif self.queue.cancel(ticket.query_id) is not None:
+            self._finish_later(ticket, "cancelled", message)
 
     def on_expired(self, entries: list[QueueEntry]) -> None:
         for entry in entries:
@@ -332,7 +342,7 @@ class Broker:
                     log.error("query %s: payment failed: %s", ticket.query_id.hex()[:8], exc)
                     await self._finish(ticket, "failed", f"payment could not be made: {exc}", wait_s=wait_s)
                 return
-        await self._finish(ticket, "cancelled", "cancelled", wait_s=wait_s)
+        await self._finish(ticket, "cancelled", ticket.cancel_message, wait_s=wait_s)
 
     def _second_opinion(self, ticket: Ticket, worker: str, exc: QueryFailed) -> QueryFailed:
         """A worker that refuses our query as the broker's fault, for good, is checked: if our own

@@ -4,9 +4,10 @@
 ``__init__``) and served by :meth:`Node.run`, which calls
 ``task_status.started(node)`` only once the host listens, the ledger is open
 and the console accepts connections. :meth:`Node.request_shutdown` starts a
-graceful stop: the console drains, the mesh host closes, and the ledger is
-flushed and closed under a shielded scope so a second signal cannot cut the
-final write short.
+graceful stop: queries in flight end with a clear "the node is shutting down"
+(holds released), then every task is cancelled, the mesh host closes, and the
+ledger is flushed and closed under a shielded scope so a second signal cannot
+cut the final write short.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import hypercorn.config
 import hypercorn.trio
 import trio
+import trio.testing  # wait_all_tasks_blocked: the shutdown's last answers go out before the cancel
 
 from inference.device import Device, select_device
 from inference.manager import ModelManager, UnknownBackend
@@ -59,6 +61,9 @@ from webui.app import create_app
 from webui.auth import SysopAuth
 
 log = logging.getLogger(__name__)
+
+#: At most this long (and never past ``[node] shutdown_grace_s``) for queries in flight to end at a stop.
+WIND_DOWN_S = 2.0
 
 
 class ConsoleBindError(Exception):
@@ -364,7 +369,7 @@ class Node:
                         self.data.write_runtime(self._runtime_info())
                         task_status.started(self)
                         await self._shutdown.wait()
-                        nursery.cancel_scope.deadline = trio.current_time() + self.settings.node.shutdown_grace_s
+                        await self._end_queries_in_flight()
                         nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
@@ -373,6 +378,22 @@ class Node:
                         await self.ledger.close()
         finally:
             sock.close()
+
+    async def _end_queries_in_flight(self) -> None:
+        """Queries still queued or running end as "cancelled: the node is shutting down", holds released,
+        so whoever waits on one (REST, ``mtor-node ask``, the OpenAI API, a console) hears why rather
+        than losing the connection when everything is cancelled. Bounded by :data:`WIND_DOWN_S`."""
+        if self.broker is None:
+            return
+        tickets = self.broker.cancel_all("the node is shutting down")
+        if not tickets:
+            return
+        with trio.move_on_after(min(WIND_DOWN_S, self.settings.node.shutdown_grace_s)):
+            for ticket in tickets:
+                await ticket.done.wait()
+            # The callers' handlers answer on their next turn; let them write before the cancel.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.02)
+        log.info("ended %d query(ies) in flight", len(tickets))
 
     async def _start_mdns(self, nursery: trio.Nursery, mesh: MeshHost) -> None:
         """mDNS finds realm peers on the LAN; a host without multicast just goes without it."""

@@ -170,3 +170,24 @@ async def test_concurrent_settlements_share_commits_and_move_exactly_the_prices(
     assert led.payer_totals(payer.public_key)["lifetime_units"] == paid
     assert ledger.group_parts == 25  # every outcome, done or failed, went through group commit
     assert led.verify().ok and led.check_bank()[0]
+
+
+async def test_cancel_all_ends_running_and_queued_queries_with_its_message_and_releases_holds(tmp_path):
+    """What a stopping node does before it cancels everything: each caller hears why; nothing is charged."""
+    async with trio.open_nursery() as nursery:
+        broker, alice, ledger = await _broker(tmp_path, nursery, max_dispatch=1)
+        before = await ledger.call(lambda led: led.balance(alice.public_key))
+        running = await broker.submit(Ask(payer=alice, type="chat", prompt="a long one", model="reverse-slow"))
+        queued = await broker.submit(Ask(payer=alice, type="chat", prompt="waits", model="reverse"))
+        with trio.fail_after(5):
+            while running.cancel_scope is None:  # the slow query is running, the other waits its turn
+                await trio.sleep(0.01)
+        assert broker.cancel_all("the node is shutting down") == [running, queued]
+        with trio.fail_after(5):
+            for ticket in (running, queued):
+                await ticket.done.wait()
+                assert ticket.outcome["status"] == "cancelled" and ticket.outcome["cost_units"] == 0
+                assert ticket.outcome["message"] == "the node is shutting down", ticket.outcome
+        assert await ledger.call(lambda led: (led.balance(alice.public_key), led.holds())) == (before, [])
+        assert broker.cancel_all("again") == []
+        nursery.cancel_scope.cancel()

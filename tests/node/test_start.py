@@ -5,13 +5,14 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import signal
+import subprocess
 import time
 import urllib.request
 
 import pytest
 import trio
 
-from tests.harness import NodeProcess, run_cli
+from tests.harness import REPO_ROOT, NodeProcess, cli_json, node_command, run_cli
 from tests.webui.client import bus
 
 
@@ -98,3 +99,30 @@ def test_status_without_running_node(tmp_path):
     assert result.returncode == 1
     assert "no node is running" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_query_in_flight_at_stop_hears_why_and_costs_nothing(tmp_path):
+    """SIGTERM while `mtor-node ask` waits: the asker is told the node is stopping, not a dropped connection."""
+    data = tmp_path / "node"
+    node = NodeProcess(data, extra_args=("--capabilities", "chat:reverse-slow")).start()
+    try:
+        before = cli_json(node, "wallet", "balance")["balance_units"]
+        asker = subprocess.Popen(node_command("ask", "chat", "a prompt slow to reverse", "--data-dir", str(data)),
+                                 cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert node.wait_for_line("model reverse-slow loaded", 30), node.output  # the query is running
+            assert node.stop(signal.SIGTERM, timeout_s=10) == 0
+            _, err = asker.communicate(timeout=30)
+        finally:
+            asker.kill()
+        assert asker.returncode == 1 and "the node is shutting down" in err, err
+        assert "ended 1 query(ies) in flight" in node.output, node.output
+    finally:
+        node.kill()
+    assert "Traceback" not in node.output, node.output
+    again = NodeProcess(data).start()
+    try:
+        assert cli_json(again, "wallet", "balance")["balance_units"] == before  # the hold went, nothing was paid
+    finally:
+        again.stop()
+        again.kill()
