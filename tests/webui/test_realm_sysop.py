@@ -60,6 +60,13 @@ async def test_sysop_adds_and_removes_a_remote_worker(node):
         assert name.startswith("openai:tiny@127.0.0.1:9")
         status = await trio.to_thread.run_sync(cli_json, node, "status")
         assert "tiny" in status["serves"]["chat"]
+        # All or none: a spec whose second entry is already fronted adds neither.
+        await sysop.send(type="add_worker",
+                         worker="chat=openai:http://127.0.0.1:8/v1#other,chat=openai:http://127.0.0.1:9/v1#tiny")
+        refused = await sysop.expect("error")
+        assert refused["code"] == "bad_worker" and "already fronted" in refused["message"], refused
+        status = await trio.to_thread.run_sync(cli_json, node, "status")
+        assert "other" not in status["serves"]["chat"] and "tiny" in status["serves"]["chat"]
         await sysop.send(type="remove_worker", worker=name)
         await sysop.expect("worker_update", where=lambda m: m.get("action") == "removed")
         await sysop.send(type="add_worker", worker="chat=nonsense")
