@@ -152,8 +152,9 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
     @app.get("/api/quote")
     async def api_quote():
         try:
-            return jsonify({**state.bridge.quote(request.args.get("type", "chat"), request.args.get("model_type")),
-                            **state.bridge.queue_state()})
+            query_type = request.args.get("type", "chat")
+            return jsonify({**state.bridge.quote(query_type, request.args.get("model_type")),
+                            **state.bridge.queue_state(query_type=query_type)})
         except Exception as exc:  # noqa: BLE001 - the broker's pricing refusal, reported to the caller
             return _error(str(exc), "no_quote", 400)
 

@@ -54,9 +54,12 @@ async def test_chat_is_answered_paid_and_remembered(node):
     me = guid()
     async with bus(node.console_url, guid=me) as c:
         await c.expect("user_info")
+        await c.send(type="get_quote", query_type="imagine")
+        nobody = await c.expect("quote")
+        assert nobody["query_type"] == "imagine" and nobody["estimated_wait_s"] is None  # no worker serves it here
         await c.send(type="get_quote", query_type="chat")
         quote = await c.expect("quote")
-        assert quote["price_units"] >= TOKEN
+        assert quote["price_units"] >= TOKEN and quote["estimated_wait_s"] is not None
         await c.send(type="submit_query", request_id="r1",
                      query={"prompt": "stressed", "query_type": "chat", "model_type": "mesh", "model_name": ""})
         result = await c.expect("query_result")
