@@ -136,7 +136,7 @@ async def handle(state: "ConsoleState", conn: "Connection", raw: Any) -> None:
     if msg.type in WORK_MESSAGES and not state.work_limiter.allow(conn.guid, now):
         state.metrics.rate_limited += 1
         conn.send("error", message="too many queries; wait a moment", code="rate_limited", in_reply_to=msg.type,
-                  retry_after_s=round(state.work_limiter.retry_after_s(conn.guid), 2))
+                  retry_after_s=round(state.work_limiter.retry_after_s(conn.guid), 2), **_request_id(msg.data))
         return
     handler = HANDLERS[msg.type]
     await handler(state, conn, msg.data)
@@ -188,7 +188,7 @@ async def on_speech_to_text(state: "ConsoleState", conn: "Connection", data: dic
     try:
         audio, audio_type = decode(data["audio"], "audio", _media_limit(state))
     except MediaError as exc:
-        conn.send("error", message=str(exc), code="bad_media", in_reply_to="speech_to_text")
+        conn.send("error", message=str(exc), code="bad_media", in_reply_to="speech_to_text", **_request_id(data))
         return
     _start(state, conn, "transcription_result", "whisper", "", {}, audio, audio_type or "audio/wav",
            _request_id(data))
@@ -196,7 +196,8 @@ async def on_speech_to_text(state: "ConsoleState", conn: "Connection", data: dic
 
 async def on_text_to_speech(state: "ConsoleState", conn: "Connection", data: dict) -> None:
     if not data["text"].strip():
-        conn.send("error", message="text_to_speech: 'text' is empty", code="bad_field", in_reply_to="text_to_speech")
+        conn.send("error", message="text_to_speech: 'text' is empty", code="bad_field", in_reply_to="text_to_speech",
+                  **_request_id(data))
         return
     _start(state, conn, "speech_result", "bark", data["text"], {}, None, None, _request_id(data))
 

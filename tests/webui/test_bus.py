@@ -173,8 +173,10 @@ async def test_speech_messages_route_to_whisper_and_bark(node):
         await c.send(type="text_to_speech", text="hello", request_id="s2")
         tts = await c.expect("error", where=lambda m: m.get("request_id") == "s2")
         assert tts["in_reply_to"] == "speech_result" and tts["query_type"] == "bark"
-        await c.send(type="speech_to_text", audio="not base64!!")
-        assert (await c.expect("error"))["code"] == "bad_media"
+        await c.send(type="speech_to_text", audio="not base64!!", request_id="s3")
+        assert (await c.expect("error", where=lambda m: m.get("request_id") == "s3"))["code"] == "bad_media"
+        await c.send(type="text_to_speech", text="  ", request_id="s4")
+        assert (await c.expect("error", where=lambda m: m.get("request_id") == "s4"))["code"] == "bad_field"
 
 
 async def test_heartbeat_pings_and_silence_closes(node):
@@ -211,10 +213,10 @@ async def test_queue_updates_reach_every_console(node):
 async def test_work_is_rate_limited_per_user(node):
     async with bus(node.console_url) as c:
         await c.expect("user_info")
-        for _ in range(WORK_BURST + 5):
-            await c.send(type="text_to_speech", text="hi")
+        for i in range(WORK_BURST + 5):
+            await c.send(type="text_to_speech", text="hi", request_id=f"t{i}")
         limited = await c.expect("error", where=lambda m: m["code"] == "rate_limited")
-        assert limited["retry_after_s"] > 0
+        assert limited["retry_after_s"] > 0 and limited["request_id"].startswith("t")  # says which one
 
 
 async def test_api_key_from_the_console(node):
