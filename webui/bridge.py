@@ -133,21 +133,26 @@ class Bridge:
     def online_workers(self) -> list[dict]:
         return [w for w in self.workers() if w["availability"] not in ("stale", "gone") and not w["blacklisted"]]
 
-    def queue_state(self, payer: str | None = None, event: dict | None = None, query_type: str = "chat") -> dict:
+    def queue_state(self, payer: str | None = None, event: dict | None = None, query_type: str | None = None) -> dict:
         """Depth, total, wait estimate; from a ``queue_depth`` event's data when given (not re-read).
 
-        The wait is estimated for a ``query_type`` query (a quote's; else chat, the common one): the
-        workers that serve it, and its recent average time (its baseline before any was measured).
+        With a ``query_type`` (a quote's) the wait is that type's: the workers that serve it and its
+        recent average time (its baseline before any was measured); without, the queue's as a whole
+        (every online worker, chat's average).
         """
         queue = self.node.queue
         event = event or {}
         depth = event.get("depth", queue.depth)
         max_size = event.get("max_size", self.node.settings.queue.max_queue_size)
-        kind = "chat" if query_type == "speech" else query_type  # a spoken question waits as its chat leg
-        serving = [w for w in self.online_workers() if kind in w["types"]]
+        online = self.online_workers()
         prices = self.node.prices
-        avg = prices.tracker.average(kind, trio.current_time()) or prices.baselines_s.get(kind, 1.0)
-        wait = queue.estimated_wait_s(payer or "", len(serving), avg) if serving else None
+        if query_type is None:
+            avg = prices.tracker.average("chat", trio.current_time()) or 1.0
+        else:
+            kind = "chat" if query_type == "speech" else query_type  # a spoken question waits as its chat leg
+            online = [w for w in online if kind in w["types"]]
+            avg = prices.tracker.average(kind, trio.current_time()) or prices.baselines_s.get(kind, 1.0)
+        wait = queue.estimated_wait_s(payer or "", len(online), avg) if online else None
         return {"depth": depth, "total": event.get("total", getattr(queue, "enqueued_total", 0)), "max_size": max_size,
                 "estimated_wait_s": round(wait, 2) if wait is not None else None,
                 "high_load": depth >= max(1, int(max_size * HIGH_LOAD_FRACTION))}
