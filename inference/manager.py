@@ -84,11 +84,18 @@ class ModelManager:
     # -- registry ---------------------------------------------------------------------------
     def register(self, backend: Backend) -> str:
         """Add a backend (not loaded); returns its name. Names must be unique."""
-        info = backend.describe()
-        if info.name in self._slots:
-            raise ValueError(f"a backend named {info.name!r} is already registered")
-        self._slots[info.name] = _Slot(backend, info)
-        return info.name
+        return self.register_all([backend])[0]
+
+    def register_all(self, backends: list[Backend]) -> list[str]:
+        """Add every backend or none: a name already registered, or given twice, adds nothing."""
+        infos = [backend.describe() for backend in backends]
+        names = [info.name for info in infos]
+        clash = sorted({name for name in names if name in self._slots or names.count(name) > 1})
+        if clash:
+            raise ValueError(f"already registered: {', '.join(clash)}")
+        for backend, info in zip(backends, infos):
+            self._slots[info.name] = _Slot(backend, info)
+        return names
 
     async def unregister(self, name: str) -> None:
         """Remove ``name`` (e.g. a remote worker the sysop dropped); raises ``UnknownBackend``.

@@ -233,14 +233,7 @@ class Node:
 
         All or none: a spec naming a worker already fronted (or one twice) registers nothing.
         """
-        backends = build_remote_backends(parse_remote_spec(spec))
-        names = [backend.describe().name for backend in backends]
-        known = {info.name for info in self.models.describe()}
-        clash = sorted({name for name in names if name in known or names.count(name) > 1})
-        if clash:
-            raise ValueError(f"already fronted: {', '.join(clash)}")
-        for backend in backends:
-            self.models.register(backend)
+        names = self.models.register_all(build_remote_backends(parse_remote_spec(spec)))
         log.info("now fronting remote worker(s): %s", ", ".join(names))
         if self.mesh_service is not None:
             self.mesh_service.capabilities_changed()

@@ -64,7 +64,7 @@ async def test_sysop_adds_and_removes_a_remote_worker(node):
         await sysop.send(type="add_worker",
                          worker="chat=openai:http://127.0.0.1:8/v1#other,chat=openai:http://127.0.0.1:9/v1#tiny")
         refused = await sysop.expect("error")
-        assert refused["code"] == "bad_worker" and "already fronted" in refused["message"], refused
+        assert refused["code"] == "bad_worker" and "already registered: openai:tiny@127.0.0.1:9" in refused["message"], refused
         status = await trio.to_thread.run_sync(cli_json, node, "status")
         assert "other" not in status["serves"]["chat"] and "tiny" in status["serves"]["chat"]
         await sysop.send(type="remove_worker", worker=name)
