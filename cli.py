@@ -21,6 +21,9 @@ from pathlib import Path
 from node import __version__
 from node import config as config_mod
 
+#: node.pricing.MODEL_TYPES, written out so that the CLI starts without the signing stack.
+ASK_MODEL_TYPES = ("mesh", "claude")
+
 log = logging.getLogger("mtor-node")
 
 
@@ -279,7 +282,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     import base64
     import mimetypes
 
-    payload = {"type": args.type, "prompt": args.prompt, "model": args.model or ""}
+    payload = {"type": args.type, "prompt": args.prompt, "model": args.model or "", "model_type": args.model_type}
     if args.media:
         try:
             payload["media_b64"] = base64.b64encode(Path(args.media).read_bytes()).decode("ascii")
@@ -361,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("type", help="query type: chat, vision, imagine, whisper, bark, speech")
     ask.add_argument("prompt")
     ask.add_argument("--model", help="model name (default: any)")
+    ask.add_argument("--model-type", choices=ASK_MODEL_TYPES, default=ASK_MODEL_TYPES[0],
+                     help="where it runs: mesh (default) or claude, a node's Claude API adapter (× 1.3 the price)")
     ask.add_argument("--media", metavar="FILE", help="audio or image to send (whisper, vision)")
     ask.add_argument("--out", metavar="FILE", help="write an image or audio result here")
     ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")

@@ -105,13 +105,16 @@ class BackendInfo:
     """What a backend offers: its capability, the model names it answers to, where it runs.
 
     ``memory_mb`` is an estimate of resident memory once loaded (weights on disk, roughly),
-    used by the manager's budget; it is not a measurement."""
+    used by the manager's budget; it is not a measurement. ``model_type`` is what a query names
+    to be run here and what prices it (SPEC §1, §7): ``"mesh"`` for everything a node runs or
+    fronts at the mesh's price, ``"claude"`` for the Claude API (× 1.3, node/pricing.py)."""
 
     capability: str
     name: str
     models: tuple[str, ...]
     device: str
     memory_mb: int
+    model_type: str = "mesh"
 
 
 def dir_size_mb(path: Path) -> int:

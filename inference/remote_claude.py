@@ -33,6 +33,7 @@ class ClaudeBackend(RemoteBackend):
 
     adapter = "claude"
     capabilities = ("chat", "vision")
+    model_type = "claude"  # priced × 1.3 and reached only by queries that ask for it (node/pricing.py)
 
     def __init__(self, api_key: str, model: str, *, base_url: str = CLAUDE_API, capability: str = "chat",
                  name: str | None = None, timeout_s: float = 120.0, connect_timeout_s: float = 5.0) -> None:

@@ -155,6 +155,8 @@ class RemoteBackend(Backend[Any, Any]):
 
     adapter: ClassVar[str]
     capabilities: ClassVar[tuple[str, ...]]
+    #: See :class:`inference.base.BackendInfo`: only the Claude API is not "mesh".
+    model_type: ClassVar[str] = "mesh"
 
     def __init__(self, base_url: str, *, capability: str, model: str, name: str | None = None,
                  timeout_s: float = 120.0, connect_timeout_s: float = 5.0) -> None:
@@ -175,7 +177,8 @@ class RemoteBackend(Backend[Any, Any]):
 
     # -- Backend ----------------------------------------------------------------------------
     def describe(self) -> BackendInfo:
-        return BackendInfo(self.capability, self.name, (self.model,), f"remote:{endpoint(self.base_url)}", 0)
+        return BackendInfo(self.capability, self.name, (self.model,), f"remote:{endpoint(self.base_url)}", 0,
+                           self.model_type)
 
     @property
     def loaded(self) -> bool:

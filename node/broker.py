@@ -48,11 +48,11 @@ from node.fairqueue import QueueEntry, QueueRefused
 from node.health import Blame, Fault
 from node.identity import Identity
 from node.ledger_service import LedgerService
-from node.pricing import PriceBook, Quote, UnknownQueryType
+from node.pricing import MESH_MODEL_TYPE, MODEL_TYPES, PriceBook, Quote, UnknownQueryType
 from node.progress_feed import ProgressFeed
 from node.queue_service import QueueService
 from node.registry import PeerRegistry
-from node.selection import Exhausted, Request, next_attempt, select
+from node.selection import Exhausted, Request, model_to_name, next_attempt, select
 from p2p.query_client import QueryClient, QueryFailed
 from p2p.query_stream import WorkerFault
 from p2p.query_stream import wall_ms
@@ -90,6 +90,8 @@ class Ask:
     type: str
     prompt: str
     model: str = ""
+    #: Where it may run and how it is priced (SPEC §1, §7): "mesh", or "claude" (× 1.3).
+    model_type: str = MESH_MODEL_TYPE
     media: bytes | None = None
     media_type: str | None = None
     max_price_units: int | None = None
@@ -163,7 +165,10 @@ class Broker:
 
     # -- entering -------------------------------------------------------------------------
 
-    def quote(self, query_type: str, model_type: str = "mesh") -> Quote:
+    def quote(self, query_type: str, model_type: str = MESH_MODEL_TYPE) -> Quote:
+        if model_type not in MODEL_TYPES:
+            raise BrokerRefused("unknown_model_type", f"unknown model type {model_type!r}; choose from "
+                                                      f"{', '.join(MODEL_TYPES)}")
         try:
             return self.prices.quote(query_type, model_type, trio.current_time())
         except UnknownQueryType as exc:
@@ -177,7 +182,7 @@ class Broker:
             raise BrokerRefused("prompt_too_long", f"the prompt is over {self.limits.max_prompt_chars} characters")
         if ask.media is not None and len(ask.media) > self.limits.max_media_bytes:
             raise BrokerRefused("media_too_large", f"the attachment is over {self.limits.max_media_bytes} bytes")
-        quote = self.quote(ask.type)
+        quote = self.quote(ask.type, ask.model_type)
         if ask.max_price_units is not None and quote.units > ask.max_price_units:
             raise BrokerRefused("price_over_max", f"the price is {quote.tokens} tokens, over your maximum", 402)
         query_id = secrets.token_bytes(16)
@@ -301,11 +306,9 @@ class Broker:
         with trio.CancelScope() as scope:
             ticket.cancel_scope = scope
             while True:
-                selection = select(
-                    self.registry.candidates(trio.current_time()),
-                    Request(ticket.ask.type, ticket.quote.units, model_name=ticket.ask.model,
-                            tried=frozenset(failed_workers)),
-                )
+                request = Request(ticket.ask.type, ticket.quote.units, model_name=ticket.ask.model,
+                                  model_type=ticket.ask.model_type, tried=frozenset(failed_workers))
+                selection = select(self.registry.candidates(trio.current_time()), request)
                 attempt = next_attempt(selection, failed_workers, MAX_ATTEMPTS, unblamed=unblamed, avoid=busy)
                 if isinstance(attempt, Exhausted):
                     reasons = "; ".join(a["message"] for a in ticket.attempts) or "no worker serves this query"
@@ -315,7 +318,7 @@ class Broker:
                 if worker in busy:  # everyone else failed or is busy too: wait a little before asking again
                     await trio.sleep(min(1.0, 0.02 * busy_waits))
                 try:
-                    answer = await self._dispatch(ticket, worker)
+                    answer = await self._dispatch(ticket, worker, model_to_name(attempt.candidate, request))
                 except QueryFailed as exc:
                     if exc.code == "busy" and busy_waits < MAX_BUSY_WAITS:
                         busy_waits += 1  # at capacity, not failing: try another worker, or this one later
@@ -365,20 +368,20 @@ class Broker:
         self.registry.record_fault(worker, fault, trio.current_time())
         log.info("query %s: worker %s failed (%s, blamed on %s)", ticket.query_id.hex()[:8], worker[-8:], code, blame.value)
 
-    def _signed_query(self, ticket: Ticket) -> dict:
+    def _signed_query(self, ticket: Ticket, model: str) -> dict:
         self._nonce += 1
         now = wall_ms()
         ask = ticket.ask
         return make_query(
             self.identity, realm_id=self.realm_id, query_id=ticket.query_id, payer=ask.payer.address,
-            type=wire_type(ask.type), model=ask.model, prompt=ask.prompt, media=ask.media,
+            type=wire_type(ask.type), model=model, prompt=ask.prompt, media=ask.media,
             media_type=(ask.media_type or "application/octet-stream") if ask.media is not None else None,
             max_price_units=ask.max_price_units or ticket.quote.units, price_units=ticket.quote.units,
             nonce=self._nonce, ts_ms=now, expiry_ms=now + int(self.query_timeout_s * 1000) + 5000,
         )
 
-    async def _dispatch(self, ticket: Ticket, worker: str) -> dict:
-        signed = ticket.signed = self._signed_query(ticket)
+    async def _dispatch(self, ticket: Ticket, worker: str, model: str) -> dict:
+        signed = ticket.signed = self._signed_query(ticket, model)
         started = trio.current_time()
         progress = ticket.ask.progress
         if progress is not None:

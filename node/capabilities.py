@@ -67,6 +67,18 @@ class LocalWorker:
                     offered.setdefault(query_type, []).extend(info.models)
         return offered
 
+    def remote_models(self) -> dict[str, dict[str, str]]:
+        """``{query type: {model: model type}}`` for the models that are not run at the mesh's price
+        (the Claude adapter's), for ads: brokers send those only the queries that ask for them."""
+        typed: dict[str, dict[str, str]] = {}
+        for info in self.manager.describe():
+            if info.model_type == "mesh":
+                continue
+            for query_type, capability in BACKEND_OF.items():
+                if capability == info.capability and (self.enabled is None or query_type in self.enabled):
+                    typed.setdefault(query_type, {}).update(dict.fromkeys(info.models, info.model_type))
+        return typed
+
     async def handle(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
         """Answer ``query``; backend problems become :class:`WorkerFault` (blamed on us, the worker)."""
         self.running += 1

@@ -49,8 +49,13 @@ class QueryType(enum.StrEnum):
 
 
 QUERY_TYPES: tuple[str, ...] = tuple(t.value for t in QueryType)
+#: model_type of a query run anywhere in the mesh at the mesh's price (a node's own models and the
+#: workers it fronts: legacy, AUTOMATIC1111, OpenAI-compatible servers).
+MESH_MODEL_TYPE = "mesh"
 #: model_type of a query answered by the remote Claude adapter.
 CLAUDE_MODEL_TYPE = "claude"
+#: What a query may name as its model_type (SPEC §1: "where it runs").
+MODEL_TYPES: tuple[str, ...] = (MESH_MODEL_TYPE, CLAUDE_MODEL_TYPE)
 
 
 class UnknownQueryType(ValueError):

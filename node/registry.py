@@ -25,7 +25,7 @@ from node import health as health_rules
 from node.events import EventBus
 from node.health import Availability, Change, Fault, HealthPolicy, WorkerHealth
 from node.operator import candidate_terms
-from node.selection import Candidate
+from node.selection import MESH_MODEL_TYPE, Candidate
 from p2p.ads import Ad, content_fields
 
 MAX_WORKERS = 1024
@@ -45,6 +45,11 @@ class WorkerEntry:
 
     def models(self) -> frozenset[str]:
         return frozenset(m for cap in self.ad.content.capabilities.values() for m in cap.models)
+
+    def offers(self) -> dict[str, dict[str, str]]:
+        """``{query type: {model: model type}}`` (see :attr:`node.selection.Candidate.offers`)."""
+        return {name: {m: cap.model_types.get(m, MESH_MODEL_TYPE) for m in cap.models}
+                for name, cap in self.ad.content.capabilities.items()}
 
 
 class RegistryFull(Exception):
@@ -152,6 +157,7 @@ class PeerRegistry:
                     worker_id=entry.peer_id,
                     capabilities=entry.capabilities(),
                     models=entry.models(),
+                    offers=entry.offers(),
                     health=entry.health.score,
                     blacklisted=entry.health.blacklisted,
                     # Our own ad can lag behind a busy event loop; whether we can serve does not.

@@ -46,7 +46,7 @@ from node.mesh_service import MeshService
 from node.netaddrs import dialable
 from node.operator import operator_ad
 from node.price_history import PriceHistory
-from node.pricing import QUERY_TYPES, PriceBook
+from node.pricing import MESH_MODEL_TYPE, QUERY_TYPES, PriceBook
 from node.queue_service import QueueService
 from node.registry import PeerRegistry
 from node.sync_service import SyncService
@@ -205,11 +205,12 @@ class Node:
         """This node's ad: what it serves, on what, how busy (see p2p/ads.py)."""
         now = trio.current_time()
         capabilities = {}
+        remote = self.local.remote_models()
         for query_type, models in self.local.serves().items():
             quote = self.prices.quote(query_type, "mesh", now)
             latency = self.prices.tracker.average(query_type, now) if hasattr(self.prices, "tracker") else None
             capabilities[query_type] = Capability(
-                tuple(models), quote.units // 1000, int((latency or 0) * 1000)
+                tuple(models), quote.units // 1000, int((latency or 0) * 1000), remote.get(query_type, {})
             )
         return AdContent(
             capabilities=capabilities,
@@ -293,8 +294,9 @@ class Node:
             return 503, {"error": "the broker is not running yet"}
         query_type = str(payload.get("type", ""))
         try:
+            model_type = str(payload.get("model_type") or MESH_MODEL_TYPE)
             if op == "quote":
-                quote = self.broker.quote(query_type)
+                quote = self.broker.quote(query_type, model_type)
                 return 200, {"type": query_type, "price_units": quote.units, "price": quote.units / 1_000_000}
             if op == "ask":
                 try:
@@ -306,6 +308,7 @@ class Node:
                     type=query_type,
                     prompt=str(payload.get("prompt", "")),
                     model=str(payload.get("model") or ""),
+                    model_type=model_type,
                     media=media,
                     media_type=str(payload["media_type"]) if payload.get("media_type") else None,
                 )

@@ -3,10 +3,11 @@
 Rules, exactly as implemented:
 
 1. A candidate is **excluded** (with a typed :class:`Reason`, checked in this
-   order) when it: lacks the query type (``NO_CAPABILITY``); is a remote
-   adapter for a mesh query or a mesh worker for a remote query
-   (``WRONG_BACKEND``); does not offer the requested model (``NO_MODEL``;
-   an empty request model matches any); is blacklisted (``BLACKLISTED``);
+   order) when it: lacks the query type (``NO_CAPABILITY``); has no model of
+   the query's model type for it, e.g. only a Claude adapter for a mesh query
+   or only mesh models for a Claude query (``WRONG_BACKEND``); does not offer
+   the requested model in that type (``NO_MODEL``; an empty request model
+   matches any); is blacklisted (``BLACKLISTED``);
    missed its ads (``STALE``); has used its daily hours (``DAILY_HOURS_USED``,
    any worker with a limit); is peaking for this type and the price is below
    its threshold (``BELOW_PEAK_THRESHOLD``); already failed this query
@@ -26,6 +27,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from node.pricing import MESH_MODEL_TYPE
 
 
 class Tier(enum.IntEnum):
@@ -51,7 +54,10 @@ class Candidate:
 
     ``peak_threshold_units``: for each type it serves only at peak, the least
     price (units) at which it joins; types absent are base-contributor types.
-    ``daily_limit_s`` None means no daily limit.
+    ``daily_limit_s`` None means no daily limit. ``offers``: per query type, each model it
+    serves and that model's type (``{"chat": {"smollm2": "mesh", "claude-3-5-haiku": "claude"}}``),
+    as its ad says; empty (a simulated worker) means every model in ``models`` for every
+    capability, all of type "mesh".
     """
 
     worker_id: str
@@ -65,17 +71,17 @@ class Candidate:
     daily_used_s: float = 0.0
     daily_limit_s: float | None = None
     is_self: bool = False
-    is_remote_adapter: bool = False
+    offers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Request:
-    """The query being placed. ``remote``: its model_type names a remote API."""
+    """The query being placed. ``model_type``: where it may run (SPEC §1), "mesh" or a remote API's."""
 
     query_type: str
     price_units: int
     model_name: str = ""
-    remote: bool = False
+    model_type: str = MESH_MODEL_TYPE
     tried: frozenset[str] = frozenset()
 
 
@@ -105,9 +111,10 @@ def exclusion_reason(c: Candidate, req: Request) -> Reason | None:
     """Why ``c`` may not take ``req`` (first rule that applies), or None."""
     if req.query_type not in c.capabilities:
         return Reason.NO_CAPABILITY
-    if c.is_remote_adapter != req.remote:
+    models = models_of_type(c, req.query_type, req.model_type)
+    if models is not None and not models:
         return Reason.WRONG_BACKEND
-    if req.model_name and req.model_name not in c.models:
+    if req.model_name and req.model_name not in (c.models if models is None else models):
         return Reason.NO_MODEL
     if c.blacklisted:
         return Reason.BLACKLISTED
@@ -121,6 +128,26 @@ def exclusion_reason(c: Candidate, req: Request) -> Reason | None:
     if c.worker_id in req.tried:
         return Reason.ALREADY_TRIED
     return None
+
+
+def models_of_type(c: Candidate, query_type: str, model_type: str) -> frozenset[str] | None:
+    """The models ``c`` serves ``query_type`` with in ``model_type``; None: any (it names none,
+    and ``model_type`` is "mesh")."""
+    if not c.offers or not c.offers.get(query_type):
+        return None if model_type == MESH_MODEL_TYPE else frozenset()
+    return frozenset(m for m, kind in c.offers[query_type].items() if kind == model_type)
+
+
+def model_to_name(c: Candidate, req: Request) -> str:
+    """The model to name in the query sent to ``c``: the requested one; else, when ``c`` serves
+    the type in more than one model type, its first model of the request's type (so it cannot
+    answer a mesh query on its Claude adapter); else "" (the worker's default)."""
+    if req.model_name:
+        return req.model_name
+    offered = c.offers.get(req.query_type) or {}
+    if all(kind == req.model_type for kind in offered.values()):
+        return ""
+    return min(m for m, kind in offered.items() if kind == req.model_type)
 
 
 def tier_of(c: Candidate, query_type: str) -> Tier:

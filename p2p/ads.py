@@ -51,6 +51,9 @@ class Capability:
     models: tuple[str, ...]
     price_milli: int
     avg_latency_ms: int
+    #: The models of ``models`` that are not of model type "mesh" (a Claude adapter's: "claude"),
+    #: as ``{model: model type}``; sent only when not empty, so older ads read the same.
+    model_types: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,15 +103,19 @@ def build_ad_body(identity: Identity, realm_id: bytes, content: AdContent, *, se
 def content_fields(content: AdContent) -> dict:
     """The ad fields a node describes (capabilities, device, load, operator, version), as plain data."""
     return {
-        "capabilities": {
-            name: {"models": list(cap.models), "price_milli": cap.price_milli, "avg_latency_ms": cap.avg_latency_ms}
-            for name, cap in content.capabilities.items()
-        },
+        "capabilities": {name: _capability_fields(cap) for name, cap in content.capabilities.items()},
         "device": {"kind": content.device_kind, "vram_mb": content.vram_mb, "loaded": list(content.loaded_models)},
         "load": {"queued": content.queued, "running": content.running},
         "operator": dict(content.operator),
         "version": content.version,
     }
+
+
+def _capability_fields(cap: Capability) -> dict:
+    fields = {"models": list(cap.models), "price_milli": cap.price_milli, "avg_latency_ms": cap.avg_latency_ms}
+    if cap.model_types:
+        fields["model_types"] = dict(cap.model_types)
+    return fields
 
 
 def sign_ad(identity: Identity, realm_id: bytes, content: AdContent, *, seq: int, ts_ms: int) -> dict:
@@ -134,11 +141,15 @@ def _check_capabilities(caps: Any) -> str | None:
     for name, cap in caps.items():
         if not _name(name) or "/" in name:
             return f"capability name {name!r} is invalid"
-        if not isinstance(cap, dict) or set(cap) != {"models", "price_milli", "avg_latency_ms"}:
-            return f"capability {name} must have exactly models, price_milli, avg_latency_ms"
+        if not isinstance(cap, dict) or set(cap) - {"model_types"} != {"models", "price_milli", "avg_latency_ms"}:
+            return f"capability {name} must have exactly models, price_milli, avg_latency_ms (model_types optional)"
         models = cap["models"]
         if not isinstance(models, list) or len(models) > MAX_MODELS or not all(_name(m) for m in models):
             return f"capability {name}: models must be a list of names"
+        typed = cap.get("model_types")
+        if "model_types" in cap and (not isinstance(typed, dict) or not typed or not set(typed) <= set(models)
+                                     or not all(_name(t) and t != "mesh" for t in typed.values())):
+            return f"capability {name}: model_types must map some of its models to a model type other than mesh"
         if not _nat(cap["price_milli"]) or not _nat(cap["avg_latency_ms"]):
             return f"capability {name}: price_milli and avg_latency_ms must be non-negative integers"
     return None
@@ -218,7 +229,7 @@ def parse_ad(data: bytes | dict, *, realm_id: bytes) -> AdParse:
     if not signing.verify(key, AD_KIND, body, sig):
         return AdParse(AdVerdict.BAD_SIGNATURE)
     caps = {
-        name: Capability(tuple(c["models"]), c["price_milli"], c["avg_latency_ms"])
+        name: Capability(tuple(c["models"]), c["price_milli"], c["avg_latency_ms"], dict(c.get("model_types", {})))
         for name, c in body["capabilities"].items()
     }
     content = AdContent(

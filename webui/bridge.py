@@ -18,6 +18,7 @@ import trio
 from ledger.custody import Custody, CustodyError
 from node.genesis import UNITS_PER_TOKEN
 from node.identity import Identity
+from node.pricing import MESH_MODEL_TYPE
 
 if TYPE_CHECKING:
     from node.runtime import Node
@@ -85,11 +86,13 @@ class Bridge:
     # -- prices, queue, workers ---------------------------------------------------------
 
     def quote(self, query_type: str, model_type: str | None = None) -> dict:
-        """Price now; ``speech`` is the sum of its three legs."""
+        """Price now; ``speech`` is the sum of its three legs (``model_type`` is its chat leg's)."""
         if self.node.broker is None:
             raise WalletUnavailable("the broker is not running yet")
-        legs = ("whisper", "chat", "bark") if query_type == "speech" else (query_type,)
-        units = sum(self.node.broker.quote(leg, model_type or "mesh").units for leg in legs)
+        model_type = model_type or MESH_MODEL_TYPE
+        legs = ((("whisper", MESH_MODEL_TYPE), ("chat", model_type), ("bark", MESH_MODEL_TYPE))
+                if query_type == "speech" else ((query_type, model_type),))
+        units = sum(self.node.broker.quote(leg, kind).units for leg, kind in legs)
         return {"query_type": query_type, "price_units": units, "price": tokens(units)}
 
     def averages(self) -> dict:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from node.pricing import MODEL_TYPES
+
 QUERY_TYPES = ("chat", "vision", "imagine", "speech", "whisper", "bark")
 MAX_NICKNAME_CHARS = 32
 MAX_ID_CHARS = 128
@@ -68,14 +70,14 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "total_chunks": Field(int, min_value=1),
         "chunk_data": Field(_STR),
         "prompt": Field(_STR, **_OPT),
-        "model_type": Field(_STR, max_chars=64, **_OPT),
+        "model_type": Field(_STR, choices=MODEL_TYPES, **_OPT),
         "model_name": Field(_STR, max_chars=128, **_OPT),
     },
     "get_previous_queries": {},
     "pong": {},
     "ping": {},
     # Extensions of this console (not in the original client).
-    "get_quote": {"query_type": Field(_STR, choices=QUERY_TYPES), "model_type": Field(_STR, max_chars=64, **_OPT)},
+    "get_quote": {"query_type": Field(_STR, choices=QUERY_TYPES), "model_type": Field(_STR, choices=MODEL_TYPES, **_OPT)},
     "get_balance": {},
     "get_workers": {},
     "cancel_query": {},
@@ -96,7 +98,7 @@ SYSOP_MESSAGES: dict[str, dict[str, Field]] = {
 QUERY_FIELDS: dict[str, Field] = {
     "prompt": Field(_STR, required=False),
     "query_type": Field(_STR, choices=QUERY_TYPES),
-    "model_type": Field(_STR, max_chars=64, **_OPT),
+    "model_type": Field(_STR, choices=MODEL_TYPES, **_OPT),
     "model_name": Field(_STR, max_chars=128, **_OPT),
     "image": Field(_STR, **_OPT),
     "audio": Field(_STR, **_OPT),

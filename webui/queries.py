@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from node.broker import Ask, BrokerRefused
+from node.pricing import MESH_MODEL_TYPE
 from node.progress_feed import ProgressFeed
 from node.identity import Identity
 from webui import media as media_codec
@@ -135,7 +136,7 @@ class QueryRunner:
         return queue.queue_timeout_s + queue.query_timeout_s * 4
 
     async def run(self, guid: str, payer: Identity, query_type: str, prompt: str, *, model_name: str = "",
-                  model_type: str = "mesh", media: bytes | None = None, media_type: str | None = None,
+                  model_type: str = MESH_MODEL_TYPE, media: bytes | None = None, media_type: str | None = None,
                   live: LiveQuery | None = None) -> Answer:
         if guid in self.store.bans:
             raise QueryError("banned", "this user is banned from this node", 403)
@@ -147,9 +148,10 @@ class QueryRunner:
         started = time.time()
         try:
             if query_type == "speech":
-                answer = await self._speech(payer, media, media_type, model_name)
+                answer = await self._speech(payer, media, media_type, model_name, model_type)
             else:
-                answer = await self._one(payer, query_type, prompt, model_name, media, media_type, live)
+                answer = await self._one(payer, query_type, prompt, model_name, media, media_type, live,
+                                         model_type=model_type)
         except trio.Cancelled:  # the asker went away; _one cancelled the query in the broker
             self.metrics.query(query_type, "cancelled", 0.0, 0)
             self.store.record_query(guid, QueryRecord(prompt or f"[{query_type}]", query_type, started, 0, 0.0,
@@ -173,9 +175,10 @@ class QueryRunner:
         return answer
 
     async def _one(self, payer: Identity, query_type: str, prompt: str, model_name: str,
-                   media: bytes | None, media_type: str | None, live: LiveQuery | None = None) -> Answer:
-        ask = Ask(payer=payer, type=query_type, prompt=prompt, model=model_name or "", media=media,
-                  media_type=media_type, progress=live.feed if live is not None else None)
+                   media: bytes | None, media_type: str | None, live: LiveQuery | None = None, *,
+                   model_type: str = MESH_MODEL_TYPE) -> Answer:
+        ask = Ask(payer=payer, type=query_type, prompt=prompt, model=model_name or "", model_type=model_type,
+                  media=media, media_type=media_type, progress=live.feed if live is not None else None)
         try:
             ticket = await self.node.broker.submit(ask)
         except BrokerRefused as exc:
@@ -206,14 +209,17 @@ class QueryRunner:
                       int(outcome.get("cost_units", 0)), outcome.get("query_id", ""), outcome.get("worker", ""),
                       float(outcome.get("queue_wait", 0.0)))
 
-    async def _speech(self, payer: Identity, audio: bytes | None, audio_type: str | None, model_name: str) -> Answer:
+    async def _speech(self, payer: Identity, audio: bytes | None, audio_type: str | None, model_name: str,
+                      model_type: str) -> Answer:
+        """Transcribe → chat → speak; ``model_name`` and ``model_type`` are the chat leg's (the
+        other two run in the mesh)."""
         if audio is None:
             raise QueryError("missing_audio", "a speech query needs recorded audio", 400)
         heard = await self._one(payer, "whisper", "", "", audio, audio_type or "audio/wav")
         transcript = heard.data if isinstance(heard.data, str) else heard.data.decode("utf-8", "replace")
         if not transcript.strip():
             raise QueryError("nothing_heard", "no speech was recognised in the recording", 422)
-        reply = await self._one(payer, "chat", transcript, model_name, None, None)
+        reply = await self._one(payer, "chat", transcript, model_name, None, None, model_type=model_type)
         reply_text = reply.data if isinstance(reply.data, str) else reply.data.decode("utf-8", "replace")
         legs = [heard, reply]
         try:

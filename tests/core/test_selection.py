@@ -14,6 +14,7 @@ from node.selection import (
     Reason,
     Request,
     Tier,
+    model_to_name,
     next_attempt,
     select,
 )
@@ -55,7 +56,7 @@ def test_peaking_worker_joins_only_at_its_threshold():
 def test_exclusions_are_typed():
     cands = [
         w("img", capabilities=frozenset({"imagine"})),
-        w("adapter", is_remote_adapter=True),
+        w("adapter", offers={"chat": {"mistral": "claude"}}),
         w("nomodel", models=frozenset({"llama"})),
         w("black", blacklisted=True, health=0),
         w("stale", fresh=False),
@@ -77,9 +78,35 @@ def test_exclusions_are_typed():
 
 
 def test_remote_query_only_goes_to_adapters():
-    sel = select([w("gpu"), w("claude", is_remote_adapter=True)], Request("chat", T, remote=True))
+    claude = {"chat": {"claude-3-5-haiku": "claude"}}
+    sel = select([w("gpu"), w("claude", offers=claude)], Request("chat", T, model_type="claude"))
     assert sel.worker_ids == ("claude",)
     assert sel.excluded[0].reason is Reason.WRONG_BACKEND
+    # ... and a mesh query never goes to a Claude adapter (it would be paid the mesh price).
+    sel = select([w("gpu"), w("claude", offers=claude)], Request("chat", T))
+    assert sel.worker_ids == ("gpu",)
+
+
+def test_model_types_count_per_query_type_and_model():
+    """A node with a Claude chat model and a mesh vision model is no mesh chat worker; a node with
+    both kinds of chat model serves each kind, and is sent the model of the query's kind."""
+    mixed_types = w("mixed-types", capabilities=frozenset({"chat", "vision"}), models=frozenset({"claude-x", "llava"}),
+                    offers={"chat": {"claude-x": "claude"}, "vision": {"llava": "mesh"}})
+    both = w("both", models=frozenset({"claude-x", "smollm2"}),
+             offers={"chat": {"claude-x": "claude", "smollm2": "mesh"}})
+    mesh_chat = Request("chat", T)
+    sel = select([mixed_types, both], mesh_chat)
+    assert sel.worker_ids == ("both",)
+    assert {e.worker_id: e.reason for e in sel.excluded} == {"mixed-types": Reason.WRONG_BACKEND}
+    assert model_to_name(both, mesh_chat) == "smollm2"
+    claude_chat = Request("chat", T, model_type="claude")
+    assert select([mixed_types, both], claude_chat).worker_ids == ("both", "mixed-types")
+    assert model_to_name(both, claude_chat) == "claude-x"
+    assert model_to_name(mixed_types, claude_chat) == ""  # one kind only: the worker's default
+    # Naming a Claude model in a mesh query finds no mesh worker for it.
+    named = select([both], Request("chat", T, model_name="claude-x"))
+    assert named.ranked == () and named.excluded[0].reason is Reason.NO_MODEL
+    assert model_to_name(both, Request("chat", T, model_name="smollm2")) == "smollm2"
 
 
 def test_ties_prefer_self_then_id():

@@ -54,3 +54,56 @@ def test_broker_pays_the_worker_by_receipt(tmp_path):
             node.kill()
     for node in (broker, worker):
         assert "Traceback" not in node.output, node.output
+
+
+def test_claude_queries_go_to_a_claude_adapter_at_the_claude_price(tmp_path):
+    """SPEC §7's remote Claude × 1.3, end to end: the worker node fronts a Claude API (a local
+    stand-in speaking Anthropic's Messages API) beside its own chat model. A query asking for
+    model type claude is answered by the adapter and costs 1.3 tokens; a mesh query to the same
+    node gets its own model, at 1 token, never the adapter."""
+    from tests.inference.test_remote import KEY, Anthropic, serve
+
+    broker_dir, worker_dir = tmp_path / "broker", tmp_path / "worker"
+    assert run_cli("init", "--data-dir", str(broker_dir), "--realm", "claude").returncode == 0
+    assert run_cli("init", "--data-dir", str(worker_dir), "--join", str(broker_dir / "genesis.mtor")).returncode == 0
+    with serve(Anthropic) as anthropic:
+        broker = NodeProcess(broker_dir, extra_args=("--capabilities", "none"), env=FAST).start()
+        worker = NodeProcess(
+            worker_dir, extra_args=("--capabilities", "chat:reverse", "--bootstrap", broker.listen_addrs[0]),
+            env={**FAST, "MTOR_CLAUDE_API_KEY": KEY,
+                 "MTOR_INFERENCE_REMOTE_WORKERS": f"chat=claude:{anthropic.url}#claude-test"},
+        ).start()
+        try:
+            wait_for(lambda: worker.peer_id in {p["peer_id"] for p in cli_json(broker, "peers")["peers"]}, 15,
+                     "the worker's ad")
+            before = cli_json(broker, "wallet", "balance")["balance_units"]
+
+            asked = run_cli("ask", "chat", "hello from the mesh", "--model-type", "claude",
+                            "--data-dir", str(broker_dir), "--json")
+            assert asked.returncode == 0, asked.stdout + asked.stderr + broker.output + worker.output
+            claude = json.loads(asked.stdout)
+            assert claude["result"] == "hello from the mesh " and claude["worker"] == worker.peer_id
+            assert claude["cost_units"] == 1_300_000  # 1 token at base load × 1.3
+            assert [s.body["model"] for s in anthropic.seen if s.method == "POST"] == ["claude-test"]
+
+            asked = run_cli("ask", "chat", "stressed", "--data-dir", str(broker_dir), "--json")
+            assert asked.returncode == 0, asked.stdout + asked.stderr
+            mesh = json.loads(asked.stdout)
+            assert mesh["result"] == "desserts" and mesh["cost_units"] == 1_000_000
+            assert len([s for s in anthropic.seen if s.method == "POST"]) == 1  # the adapter was not asked
+
+            after = cli_json(broker, "wallet", "balance")["balance_units"]
+            assert after == before - 2_300_000
+            trail = cli_json(broker, "wallet", "trail")["records"]
+            assert {r["receipt_hash"]: r["price_units"] for r in trail} == {
+                claude["receipt_hash"]: 1_300_000, mesh["receipt_hash"]: 1_000_000}
+
+            # A model type nobody knows is refused before anything is held.
+            unknown = run_cli("ask", "chat", "hi", "--model-type", "gpt", "--data-dir", str(broker_dir))
+            assert unknown.returncode != 0 and "invalid choice" in unknown.stderr
+        finally:
+            for node in (broker, worker):
+                node.stop()
+                node.kill()
+    for node in (broker, worker):
+        assert "Traceback" not in node.output, node.output

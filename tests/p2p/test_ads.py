@@ -36,6 +36,28 @@ def test_sign_then_parse_roundtrip():
     assert ad.content == CONTENT and ad.seq == 7 and ad.ts_ms == 123
 
 
+def test_model_types_round_trip_and_stay_out_of_all_mesh_ads():
+    """A Claude adapter's models are marked in the ad; an ad with none has no model_types at all,
+    so it reads as before this field existed."""
+    ident = Identity.generate()
+    mixed = AdContent(capabilities={"chat": Capability(("smollm2", "claude-3-5-haiku"), 1000, 0,
+                                                         {"claude-3-5-haiku": "claude"})})
+    env = sign_ad(ident, REALM, mixed, seq=1, ts_ms=1)
+    assert env["body"]["capabilities"]["chat"]["model_types"] == {"claude-3-5-haiku": "claude"}
+    assert parse_ad(codec.encode(env), realm_id=REALM).ad.content == mixed
+    plain = sign_ad(ident, REALM, CONTENT, seq=2, ts_ms=2)
+    assert "model_types" not in plain["body"]["capabilities"]["chat"]
+
+
+@pytest.mark.parametrize("model_types", [{}, {"not-listed": "claude"}, {"qwen2.5-0.5b": "mesh"},
+                                         {"qwen2.5-0.5b": ""}, ["claude"]])
+def test_bad_model_types_are_refused(model_types):
+    env = sign_ad(Identity.generate(), REALM, CONTENT, seq=7, ts_ms=123)
+    env["body"]["capabilities"]["chat"]["model_types"] = model_types
+    parsed = parse_ad(env, realm_id=REALM)
+    assert parsed.verdict is AdVerdict.BAD_FIELD and "model_types" in parsed.detail
+
+
 @pytest.mark.parametrize(
     "mutate, verdict",
     [

@@ -60,6 +60,17 @@ async def test_chat_is_answered_paid_and_remembered(node):
         await c.send(type="get_quote", query_type="chat")
         quote = await c.expect("quote")
         assert quote["price_units"] >= TOKEN and quote["estimated_wait_s"] is not None
+        await c.send(type="get_quote", query_type="chat", model_type="claude")  # SPEC §7: remote Claude × 1.3
+        assert (await c.expect("quote"))["price_units"] == quote["price_units"] * 13 // 10
+        await c.send(type="get_quote", query_type="chat", model_type="gpt")
+        refused = await c.expect("error")
+        assert refused["code"] == "bad_field" and "mesh, claude" in refused["message"]
+        # No node here fronts Claude: a Claude query is refused and costs nothing (not sent to "reverse").
+        await c.send(type="submit_query", request_id="r0",
+                     query={"prompt": "stressed", "query_type": "chat", "model_type": "claude"})
+        nobody = await c.expect("error", where=lambda m: m.get("request_id") == "r0")
+        assert "no worker" in nobody["message"]
+        assert (await c.expect("balance_update"))["balance_units"] == 100 * TOKEN
         await c.send(type="submit_query", request_id="r1",
                      query={"prompt": "stressed", "query_type": "chat", "model_type": "mesh", "model_name": ""})
         result = await c.expect("query_result")
