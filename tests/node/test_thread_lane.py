@@ -91,3 +91,32 @@ def test_the_thread_ends_when_idle_or_closed_and_a_later_call_starts_another():
         lane.close()
 
     trio.run(main)
+
+
+def test_callers_behind_a_cancelled_one_still_get_their_answers():
+    """The first caller waits for the thread's wake-ups for everyone; cancelling it must neither
+    lose its own answer nor leave the callers behind it without theirs."""
+
+    async def main() -> tuple[list, dict[int, int]]:
+        lane = ThreadLane("t")
+        first: list = []
+        answers: dict[int, int] = {}
+
+        async def cancelled_first() -> None:
+            with trio.move_on_after(0.01):
+                first.append(await lane.run(lambda: (time.sleep(0.1), "first")[1]))
+                await trio.lowlevel.checkpoint()
+                first.append("not cancelled")
+
+        async def ask(i: int) -> None:
+            answers[i] = await lane.run(lambda: (time.sleep(0.005), i)[1])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancelled_first)
+            await trio.sleep(0.001)
+            for i in range(5):
+                nursery.start_soon(ask, i)
+        lane.close()
+        return first, answers
+
+    assert trio.run(main) == (["first"], {i: i for i in range(5)})
