@@ -126,6 +126,10 @@ class ModelManager:
     def describe(self) -> list[BackendInfo]:
         return [slot.info for slot in self._slots.values()]
 
+    def info(self, name: str) -> BackendInfo:
+        """What backend ``name`` offers; raises :class:`UnknownBackend`."""
+        return self._slot(name).info
+
     def find(self, capability: str, model: str | None = None) -> str:
         """Name of the first backend serving ``capability`` (and ``model``, when given)."""
         for name, slot in self._slots.items():

@@ -407,7 +407,7 @@ class Broker:
             with trio.fail_after(self.query_timeout_s):
                 result = await self.local.handle(query, progress)
         except WorkerFault as exc:
-            raise QueryFailed(exc.code, str(exc), blame=Blame.WORKER, retryable=exc.retryable,
+            raise QueryFailed(exc.code, str(exc), blame=exc.blame, retryable=exc.retryable,
                               peer_id=self.self_peer_id) from exc
         except trio.TooSlowError as exc:
             raise QueryFailed("timeout", "this node's own backend timed out", blame=Blame.WORKER,

@@ -24,6 +24,8 @@ from inference.device import Device
 from inference.manager import ModelManager, UnknownBackend
 from p2p.query_stream import HandlerResult, ProgressSink, WorkerFault
 from node.config import InferenceSection
+from node.health import Blame
+from node.pricing import DEFAULT_MULTIPLIERS, MESH_MODEL_TYPE, price_units
 from node.operator import BusyClock
 from p2p.query_wire import Query
 
@@ -84,9 +86,11 @@ class LocalWorker:
         self.running += 1
         started = trio.current_time()
         try:
-            runner = self._RUNNERS.get(QUERY_TYPE_OF.get(query.type, query.type))
+            query_type = QUERY_TYPE_OF.get(query.type, query.type)
+            runner = self._RUNNERS.get(query_type)
             if runner is None:
                 raise WorkerFault("unsupported_type", f"this node does not run {query.type} queries", retryable=True)
+            self._check_price(query, query_type)
             return await runner(self, query, progress)
         except InvalidRequest as exc:
             raise WorkerFault("invalid_request", exc.message, retryable=False) from exc
@@ -99,6 +103,23 @@ class LocalWorker:
             self.running -= 1
             self.served += 1
             self.busy.add(trio.current_time() - started)
+
+    def _check_price(self, query: Query, query_type: str) -> None:
+        """A model that is not of model type "mesh" (the Claude API, paid per token by this node's
+        operator) runs only for at least its base price: 1 token × its multipliers (SPEC §7). An
+        honest broker never offers less (it quotes by model type); one that does is refused, and
+        the refusal is blamed on it, not on us."""
+        try:
+            info = self.manager.info(self._backend(query))
+        except UnknownBackend:
+            return  # the runner says so
+        if info.model_type == MESH_MODEL_TYPE:
+            return
+        floor = price_units(2, DEFAULT_MULTIPLIERS.of(query_type, info.model_type))
+        if query.price_units < floor:
+            raise WorkerFault("price_too_low", f"model {query.model or info.name} is of model type {info.model_type}: "
+                                               f"at least {floor} units, offered {query.price_units}",
+                              retryable=False, blame=Blame.BROKER)
 
     def _backend(self, query: Query) -> str:
         return self.manager.find(query.type, query.model or None)

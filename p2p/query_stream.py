@@ -125,14 +125,16 @@ class WorkerFault(Exception):
     """Raised by a handler: the query failed on this worker. Sent as an error frame blamed on the worker.
 
     ``code`` is a stable lower_snake string (e.g. ``"model_load_failed"``);
-    ``retryable`` says whether another worker might succeed.
+    ``retryable`` says whether another worker might succeed; ``blame`` is the worker's own
+    unless the handler refuses the broker's terms (a price below what its model costs).
     """
 
-    def __init__(self, code: str, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, code: str, message: str, *, retryable: bool = True, blame: Blame = Blame.WORKER) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.retryable = retryable
+        self.blame = blame
 
 
 @dataclass(frozen=True)
@@ -552,7 +554,7 @@ class QueryServer(ProtocolServer):
         try:
             result = await self.handler(query, sink)
         except WorkerFault as fault:
-            return error_frame(fault.code, fault.message, Blame.WORKER, fault.retryable)
+            return error_frame(fault.code, fault.message, fault.blame, fault.retryable)
         except Exception as exc:
             logger.exception("query handler failed on query %s", query.query_id.hex())
             return error_frame("internal", f"{type(exc).__name__}: {exc}", Blame.WORKER, True)
