@@ -364,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("type", help="query type: chat, vision, imagine, whisper, bark, speech")
     ask.add_argument("prompt")
     ask.add_argument("--model", help="model name (default: any)")
-    ask.add_argument("--model-type", choices=ASK_MODEL_TYPES, default=ASK_MODEL_TYPES[0],
-                     help="where it runs: mesh (default) or claude, a node's Claude API adapter (× 1.3 the price)")
+    ask.add_argument("--model-type", choices=ASK_MODEL_TYPES,
+                     help="where it runs: mesh or claude, a node's Claude API adapter (× 1.3 the price); "
+                          "default: what the workers advertise --model as, else mesh")
     ask.add_argument("--media", metavar="FILE", help="audio or image to send (whisper, vision)")
     ask.add_argument("--out", metavar="FILE", help="write an image or audio result here")
     ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")

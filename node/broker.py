@@ -30,7 +30,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -90,8 +90,9 @@ class Ask:
     type: str
     prompt: str
     model: str = ""
-    #: Where it may run and how it is priced (SPEC §1, §7): "mesh", or "claude" (× 1.3).
-    model_type: str = MESH_MODEL_TYPE
+    #: Where it may run and how it is priced (SPEC §1, §7): "mesh", or "claude" (× 1.3). None: the
+    #: type the workers advertise ``model`` as (a Claude model's is "claude"), else "mesh".
+    model_type: str | None = None
     media: bytes | None = None
     media_type: str | None = None
     max_price_units: int | None = None
@@ -174,6 +175,13 @@ class Broker:
         except UnknownQueryType as exc:
             raise BrokerRefused("unknown_type", str(exc)) from exc
 
+    def model_type_of(self, query_type: str, model: str) -> str:
+        """What the workers advertise ``model`` as for ``query_type``: a query that names a Claude
+        model and no model type (an OpenAI-API client, ``ask --model``) is a Claude query."""
+        kinds = {kind for c in self.registry.candidates(trio.current_time()) if c.fresh
+                 for name, kind in c.offers.get(query_type, {}).items() if name == model} if model else set()
+        return kinds.pop() if len(kinds) == 1 else MESH_MODEL_TYPE
+
     async def submit(self, ask: Ask) -> Ticket:
         """Price, hold and queue ``ask``; raise :class:`BrokerRefused` saying why not."""
         if not ask.prompt.strip() and ask.media is None:
@@ -182,6 +190,8 @@ class Broker:
             raise BrokerRefused("prompt_too_long", f"the prompt is over {self.limits.max_prompt_chars} characters")
         if ask.media is not None and len(ask.media) > self.limits.max_media_bytes:
             raise BrokerRefused("media_too_large", f"the attachment is over {self.limits.max_media_bytes} bytes")
+        if ask.model_type is None:
+            ask = replace(ask, model_type=self.model_type_of(ask.type, ask.model))
         quote = self.quote(ask.type, ask.model_type)
         if ask.max_price_units is not None and quote.units > ask.max_price_units:
             raise BrokerRefused("price_over_max", f"the price is {quote.tokens} tokens, over your maximum", 402)

@@ -294,9 +294,9 @@ class Node:
             return 503, {"error": "the broker is not running yet"}
         query_type = str(payload.get("type", ""))
         try:
-            model_type = str(payload.get("model_type") or MESH_MODEL_TYPE)
+            model_type = str(payload["model_type"]) if payload.get("model_type") else None
             if op == "quote":
-                quote = self.broker.quote(query_type, model_type)
+                quote = self.broker.quote(query_type, model_type or MESH_MODEL_TYPE)
                 return 200, {"type": query_type, "price_units": quote.units, "price": quote.units / 1_000_000}
             if op == "ask":
                 try:

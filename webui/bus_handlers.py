@@ -328,7 +328,7 @@ async def _run(state: "ConsoleState", conn: "Connection", reply: str, query_type
         try:
             answer = await state.runner.run(guid, identity, query_type, prompt,
                                             model_name=options.get("model_name") or "",
-                                            model_type=options.get("model_type") or "mesh", media=media,
+                                            model_type=options.get("model_type") or None, media=media,
                                             media_type=media_type, live=live)
         except QueryError as exc:
             answer = exc

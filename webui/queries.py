@@ -136,7 +136,7 @@ class QueryRunner:
         return queue.queue_timeout_s + queue.query_timeout_s * 4
 
     async def run(self, guid: str, payer: Identity, query_type: str, prompt: str, *, model_name: str = "",
-                  model_type: str = MESH_MODEL_TYPE, media: bytes | None = None, media_type: str | None = None,
+                  model_type: str | None = None, media: bytes | None = None, media_type: str | None = None,
                   live: LiveQuery | None = None) -> Answer:
         if guid in self.store.bans:
             raise QueryError("banned", "this user is banned from this node", 403)
@@ -176,7 +176,7 @@ class QueryRunner:
 
     async def _one(self, payer: Identity, query_type: str, prompt: str, model_name: str,
                    media: bytes | None, media_type: str | None, live: LiveQuery | None = None, *,
-                   model_type: str = MESH_MODEL_TYPE) -> Answer:
+                   model_type: str | None = None) -> Answer:
         ask = Ask(payer=payer, type=query_type, prompt=prompt, model=model_name or "", model_type=model_type,
                   media=media, media_type=media_type, progress=live.feed if live is not None else None)
         try:
@@ -210,12 +210,12 @@ class QueryRunner:
                       float(outcome.get("queue_wait", 0.0)))
 
     async def _speech(self, payer: Identity, audio: bytes | None, audio_type: str | None, model_name: str,
-                      model_type: str) -> Answer:
+                      model_type: str | None) -> Answer:
         """Transcribe → chat → speak; ``model_name`` and ``model_type`` are the chat leg's (the
         other two run in the mesh)."""
         if audio is None:
             raise QueryError("missing_audio", "a speech query needs recorded audio", 400)
-        heard = await self._one(payer, "whisper", "", "", audio, audio_type or "audio/wav")
+        heard = await self._one(payer, "whisper", "", "", audio, audio_type or "audio/wav", model_type=MESH_MODEL_TYPE)
         transcript = heard.data if isinstance(heard.data, str) else heard.data.decode("utf-8", "replace")
         if not transcript.strip():
             raise QueryError("nothing_heard", "no speech was recognised in the recording", 422)
@@ -223,7 +223,7 @@ class QueryRunner:
         reply_text = reply.data if isinstance(reply.data, str) else reply.data.decode("utf-8", "replace")
         legs = [heard, reply]
         try:
-            spoken = await self._one(payer, "bark", reply_text, "", None, None)
+            spoken = await self._one(payer, "bark", reply_text, "", None, None, model_type=MESH_MODEL_TYPE)
             legs.append(spoken)
             data, result_type = spoken.data, "audio"
         except QueryError as exc:

@@ -120,7 +120,7 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
                 media, media_type = decode(_text(body, "audio"), "audio", MAX_MEDIA_BYTES)
             answer = await state.runner.run(guid, identity, query_type, prompt,
                                             model_name=_text(body, "model_name", required=False),
-                                            model_type=_text(body, "model_type", required=False) or "mesh",
+                                            model_type=_text(body, "model_type", required=False) or None,
                                             media=media, media_type=media_type)
         except AuthError as exc:
             return _error(str(exc), exc.code, exc.status)

@@ -92,11 +92,21 @@ def test_claude_queries_go_to_a_claude_adapter_at_the_claude_price(tmp_path):
             assert mesh["result"] == "desserts" and mesh["cost_units"] == 1_000_000
             assert len([s for s in anthropic.seen if s.method == "POST"]) == 1  # the adapter was not asked
 
+            # Naming the Claude model is enough (as an OpenAI-API client does): it is a Claude query.
+            asked = run_cli("ask", "chat", "by name", "--model", "claude-test", "--data-dir", str(broker_dir), "--json")
+            assert asked.returncode == 0, asked.stdout + asked.stderr
+            named = json.loads(asked.stdout)
+            assert named["result"] == "by name " and named["cost_units"] == 1_300_000
+            # ... unless the asker insists on the mesh, where no worker serves that model.
+            insisted = run_cli("ask", "chat", "by name", "--model", "claude-test", "--model-type", "mesh",
+                               "--data-dir", str(broker_dir), "--json")
+            assert insisted.returncode != 0 and "no worker" in insisted.stdout + insisted.stderr
+
             after = cli_json(broker, "wallet", "balance")["balance_units"]
-            assert after == before - 2_300_000
+            assert after == before - 3_600_000
             trail = cli_json(broker, "wallet", "trail")["records"]
-            assert {r["receipt_hash"]: r["price_units"] for r in trail} == {
-                claude["receipt_hash"]: 1_300_000, mesh["receipt_hash"]: 1_000_000}
+            assert {r["receipt_hash"]: r["price_units"] for r in trail if r["outcome"] == "done"} == {
+                claude["receipt_hash"]: 1_300_000, mesh["receipt_hash"]: 1_000_000, named["receipt_hash"]: 1_300_000}
 
             # A model type nobody knows is refused before anything is held.
             unknown = run_cli("ask", "chat", "hi", "--model-type", "gpt", "--data-dir", str(broker_dir))
