@@ -59,11 +59,14 @@ from p2p.host import MeshHost, open_mesh_host, peer_id_for
 from p2p.mdns import MdnsDiscovery, MdnsError, realm_service_tag
 from webui.app import create_app
 from webui.auth import SysopAuth
+from webui.ws import Hub
 
 log = logging.getLogger(__name__)
 
 #: At most this long (and never past ``[node] shutdown_grace_s``) for queries in flight to end at a stop.
 WIND_DOWN_S = 2.0
+#: The most a stopping node waits for its consoles to take their goodbye and close.
+CONSOLE_GOODBYE_S = 1.0
 
 
 class ConsoleBindError(Exception):
@@ -147,6 +150,7 @@ class Node:
         self.ledger: LedgerService | None = None
         self.mesh: MeshHost | None = None
         self.console_url = ""
+        self.console_hub: Hub | None = None  #: the console's open connections, once it serves
         self.started_at = time.time()
         self._shutdown = trio.Event()
 
@@ -376,6 +380,7 @@ class Node:
                         task_status.started(self)
                         await self._shutdown.wait()
                         await self._end_queries_in_flight()
+                        await self._close_consoles()
                         nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
@@ -400,6 +405,17 @@ class Node:
             # The callers' handlers answer on their next turn; let them write before the cancel.
             await trio.testing.wait_all_tasks_blocked(cushion=0.02)
         log.info("ended %d query(ies) in flight", len(tickets))
+
+    async def _close_consoles(self) -> None:
+        """Open consoles are told the node is stopping and closed cleanly (they reconnect when it is
+        back), not cut off when the server is cancelled. Bounded by :data:`CONSOLE_GOODBYE_S`."""
+        if self.console_hub is None:
+            return
+        closed = await self.console_hub.say_goodbye(
+            "this node is shutting down; the console reconnects when it is back",
+            min(CONSOLE_GOODBYE_S, self.settings.node.shutdown_grace_s))
+        if closed:
+            log.info("closed %d console(s)", closed)
 
     async def _start_mdns(self, nursery: trio.Nursery, mesh: MeshHost) -> None:
         """mDNS finds realm peers on the LAN; a host without multicast just goes without it."""
@@ -456,6 +472,7 @@ class Node:
         if hasattr(socket, "TCP_USER_TIMEOUT") and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
         app = create_app(self)
+        self.console_hub = app.extensions["mtor_console"].hub
         await nursery.start(
             partial(hypercorn.trio.serve, app, config, shutdown_trigger=self._shutdown.wait)
         )

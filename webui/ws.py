@@ -167,6 +167,7 @@ class Connection:
         self.scope = trio.CancelScope()
         self.last_pong_s = trio.current_time()
         self.dropped = False
+        self.stopping = False  #: the node is shutting down: close with 1001 once the outbox is out
         self.identity = None
         self.address = ""
         #: Writes straight to the socket once the sender runs (webui/wire.py); None: through quart.
@@ -234,6 +235,7 @@ class Hub:
         self._last_fan_out: dict[str, float] = {}
         self._held: dict[str, str] = {}
         self._held_lot = trio.lowlevel.ParkingLot()
+        self._all_gone: trio.Event | None = None
 
     def full(self) -> bool:
         return len(self.connections) >= self.max_connections
@@ -251,6 +253,8 @@ class Hub:
             del tabs[conn.id]
             if not tabs:
                 del self._by_user[conn.guid]
+        if not self.connections and self._all_gone is not None:
+            self._all_gone.set()
 
     def tabs(self, guid: str) -> list[Connection]:
         return list(self._by_user.get(guid, {}).values())
@@ -328,6 +332,22 @@ class Hub:
     def to_sysops(self, text: str) -> int:
         message = Message(text)
         return sum(conn.offer(message) for conn in list(self.connections.values()) if conn.is_sysop)
+
+    async def say_goodbye(self, message: str, timeout_s: float) -> int:
+        """The node is stopping: every console hears ``message`` (``node_stopping``) and is closed
+        cleanly (1001, going away) once it has what was queued for it, within ``timeout_s``, rather
+        than finding its socket dropped when the server is cancelled. Returns how many there were."""
+        connections = list(self.connections.values())
+        if not connections:
+            return 0
+        self._all_gone = trio.Event()
+        self.broadcast(protocol.encode("node_stopping", message=message))
+        for conn in connections:
+            conn.stopping = True
+            conn.finish(grace_s=timeout_s)
+        with trio.move_on_after(timeout_s):
+            await self._all_gone.wait()
+        return len(connections)
 
     def close_user(self, guid: str) -> None:
         for conn in self.tabs(guid):
@@ -437,6 +457,8 @@ async def serve(state: "ConsoleState", websocket) -> None:
                 nursery.start_soon(_heartbeat, state, conn)
                 await _receiver(state, conn, websocket)
                 nursery.cancel_scope.cancel()
+        if conn.stopping:
+            await _close_quietly(websocket, 1001, "the node is shutting down")
     finally:
         hub.remove(conn)
         conn.outbox.close()
@@ -450,6 +472,13 @@ async def _refuse(websocket, text: str, code: int, reason: str) -> None:
         await websocket.close(code, reason)
     except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         log.debug("console went away while being refused: %s", exc)
+
+
+async def _close_quietly(websocket, code: int, reason: str) -> None:
+    try:
+        await websocket.close(code, reason)
+    except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.debug("console went away while being closed: %s", exc)
 
 
 async def _flush_then_close(conn: Connection, websocket) -> None:

@@ -126,3 +126,33 @@ def test_a_query_in_flight_at_stop_hears_why_and_costs_nothing(tmp_path):
     finally:
         again.stop()
         again.kill()
+
+
+def test_open_consoles_hear_the_node_stop_and_are_closed_cleanly(tmp_path):
+    """SIGTERM with a console open: it is told why and gets a close frame (1001, going away),
+    not a dropped socket (1006), so the page can say so before it reconnects."""
+    from tests.webui.client import ConnectionClosed
+
+    node = NodeProcess(tmp_path / "node").start()
+
+    async def console_at_stop() -> tuple[list[dict], object]:
+        seen: list[dict] = []
+        async with bus(node.console_url) as client:
+            await client.expect("user_info")
+            node.proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                try:
+                    while True:
+                        seen.append(json.loads(await client.conn.get_message()))
+                except ConnectionClosed as closed:
+                    return seen, closed.reason
+
+    try:
+        seen, reason = trio.run(console_at_stop)
+        assert node.proc.wait(timeout=20) == 0
+    finally:
+        node.kill()
+    assert [m["message"] for m in seen if m["type"] == "node_stopping"] == [
+        "this node is shutting down; the console reconnects when it is back"]
+    assert reason.code == 1001 and reason.reason == "the node is shutting down"
+    assert "closed 1 console(s)" in node.output and "Traceback" not in node.output, node.output

@@ -239,6 +239,7 @@
     nickname_set(m) { toast("You are now " + m.nickname); },
     api_key(m) { $("api-key").textContent = m.key; },
     sysop_message(m) { toast("Sysop: " + m.message); if (S.speak) say(m.message); },
+    node_stopping(m) { toast(m.message); setStatus("node stopping", "bad"); },
     sysop_warning(m) { toast("⚠ " + m.message); },
     model_status(m) { toast(m.state === "loading" ? "Loading model " + m.model + "…" : "Model " + m.model + " is ready"); },
     query_cancelled(m) { toast(m.count ? "Cancelled " + m.count + " query(ies)" : "Nothing to cancel"); },
