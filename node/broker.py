@@ -178,7 +178,7 @@ class Broker:
     def model_type_of(self, query_type: str, model: str) -> str:
         """What the workers advertise ``model`` as for ``query_type``: a query that names a Claude
         model and no model type (an OpenAI-API client, ``ask --model``) is a Claude query."""
-        kinds = {kind for c in self.registry.candidates(trio.current_time()) if c.fresh
+        kinds = {kind for c in self.registry.candidates(trio.current_time(), query_type) if c.fresh
                  for name, kind in c.offers.get(query_type, {}).items() if name == model} if model else set()
         return kinds.pop() if len(kinds) == 1 else MESH_MODEL_TYPE
 
@@ -318,7 +318,7 @@ class Broker:
             while True:
                 request = Request(ticket.ask.type, ticket.quote.units, model_name=ticket.ask.model,
                                   model_type=ticket.ask.model_type, tried=frozenset(failed_workers))
-                selection = select(self.registry.candidates(trio.current_time()), request)
+                selection = select(self.registry.candidates(trio.current_time(), ticket.ask.type), request)
                 attempt = next_attempt(selection, failed_workers, MAX_ATTEMPTS, unblamed=unblamed, avoid=busy)
                 if isinstance(attempt, Exhausted):
                     reasons = "; ".join(a["message"] for a in ticket.attempts) or "no worker serves this query"
