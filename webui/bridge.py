@@ -114,6 +114,8 @@ class Bridge:
                 "is_self": peer.get("is_self", False),
                 "types": sorted(caps),
                 "models": {t: c.get("models", []) for t, c in caps.items()},
+                # the models not run at the mesh's price, by type: {"chat": {"claude-…": "claude"}}
+                "model_types": {t: c["model_types"] for t, c in caps.items() if c.get("model_types")},
                 "prices": {t: c.get("price_milli", 0) / 1000 for t, c in caps.items()},
                 "health": peer.get("health"),
                 "blacklisted": peer.get("blacklisted", False),
@@ -136,12 +138,13 @@ class Bridge:
     def online_workers(self) -> list[dict]:
         return [w for w in self.workers() if w["availability"] not in ("stale", "gone") and not w["blacklisted"]]
 
-    def queue_state(self, payer: str | None = None, event: dict | None = None, query_type: str | None = None) -> dict:
+    def queue_state(self, payer: str | None = None, event: dict | None = None, query_type: str | None = None,
+                    model_type: str | None = None) -> dict:
         """Depth, total, wait estimate; from a ``queue_depth`` event's data when given (not re-read).
 
-        With a ``query_type`` (a quote's) the wait is that type's: the workers that serve it and its
-        recent average time (its baseline before any was measured); without, the queue's as a whole
-        (every online worker, chat's average).
+        With a ``query_type`` (a quote's) the wait is that type's: the workers that serve it (with a
+        model of ``model_type``, default mesh) and its recent average time (its baseline before any
+        was measured); without, the queue's as a whole (every online worker, chat's average).
         """
         queue = self.node.queue
         event = event or {}
@@ -153,7 +156,7 @@ class Bridge:
             avg = prices.tracker.average("chat", trio.current_time()) or 1.0
         else:
             kind = "chat" if query_type == "speech" else query_type  # a spoken question waits as its chat leg
-            online = [w for w in online if kind in w["types"]]
+            online = [w for w in online if _serves(w, kind, model_type or MESH_MODEL_TYPE)]
             avg = prices.tracker.average(kind, trio.current_time()) or prices.baselines_s.get(kind, 1.0)
         wait = queue.estimated_wait_s(payer or "", len(online), avg) if online else None
         return {"depth": depth, "total": event.get("total", getattr(queue, "enqueued_total", 0)), "max_size": max_size,
@@ -181,3 +184,14 @@ class Bridge:
         return {"watts_now": watts, "idle_kwh": round(power.idle_watts * hours / 1000, 4),
                 "estimated_cost": round(power.idle_watts * hours / 1000 * power.cost_per_kwh, 4),
                 "cost_per_kwh": power.cost_per_kwh}
+
+
+def _serves(row: dict, query_type: str, model_type: str) -> bool:
+    """Whether a :meth:`Bridge.workers` row serves ``query_type`` with a model of ``model_type``."""
+    if query_type not in row["types"]:
+        return False
+    typed = row["model_types"].get(query_type, {})
+    models = row["models"].get(query_type, [])
+    if model_type == MESH_MODEL_TYPE:
+        return not models or any(m not in typed for m in models)
+    return model_type in typed.values()

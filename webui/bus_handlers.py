@@ -248,7 +248,8 @@ async def on_get_quote(state: "ConsoleState", conn: "Connection", data: dict) ->
     except Exception as exc:  # noqa: BLE001 - a refusal from the broker's pricing, reported to the user
         conn.send("error", message=str(exc), code="no_quote", in_reply_to="get_quote")
         return
-    conn.send("quote", **quote, **state.bridge.queue_state(conn.address, query_type=data["query_type"]))
+    conn.send("quote", **quote, **state.bridge.queue_state(conn.address, query_type=data["query_type"],
+                                                           model_type=data.get("model_type")))
 
 
 async def on_get_balance(state: "ConsoleState", conn: "Connection", data: dict) -> None:

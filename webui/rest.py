@@ -154,7 +154,8 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
         try:
             query_type = request.args.get("type", "chat")
             return jsonify({**state.bridge.quote(query_type, request.args.get("model_type")),
-                            **state.bridge.queue_state(query_type=query_type)})
+                            **state.bridge.queue_state(query_type=query_type,
+                                                       model_type=request.args.get("model_type"))})
         except Exception as exc:  # noqa: BLE001 - the broker's pricing refusal, reported to the caller
             return _error(str(exc), "no_quote", 400)
 

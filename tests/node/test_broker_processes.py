@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 
 from tests.harness import FAST, NodeProcess, cli_json, run_cli, wait_for
 
@@ -77,6 +78,9 @@ def test_claude_queries_go_to_a_claude_adapter_at_the_claude_price(tmp_path):
             wait_for(lambda: worker.peer_id in {p["peer_id"] for p in cli_json(broker, "peers")["peers"]}, 15,
                      "the worker's ad")
             before = cli_json(broker, "wallet", "balance")["balance_units"]
+            with urllib.request.urlopen(broker.console_url + "api/quote?type=chat&model_type=claude", timeout=10) as r:
+                quote = json.loads(r.read())
+            assert quote["price_units"] == 1_300_000 and quote["estimated_wait_s"] is not None  # a Claude worker is up
 
             asked = run_cli("ask", "chat", "hello from the mesh", "--model-type", "claude",
                             "--data-dir", str(broker_dir), "--json")

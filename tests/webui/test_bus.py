@@ -61,7 +61,9 @@ async def test_chat_is_answered_paid_and_remembered(node):
         quote = await c.expect("quote")
         assert quote["price_units"] >= TOKEN and quote["estimated_wait_s"] is not None
         await c.send(type="get_quote", query_type="chat", model_type="claude")  # SPEC §7: remote Claude × 1.3
-        assert (await c.expect("quote"))["price_units"] == quote["price_units"] * 13 // 10
+        claude = await c.expect("quote")
+        assert claude["price_units"] == quote["price_units"] * 13 // 10
+        assert claude["estimated_wait_s"] is None  # no node here fronts Claude
         await c.send(type="get_quote", query_type="chat", model_type="gpt")
         refused = await c.expect("error")
         assert refused["code"] == "bad_field" and "mesh, claude" in refused["message"]
