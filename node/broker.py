@@ -178,8 +178,7 @@ class Broker:
     def model_type_of(self, query_type: str, model: str) -> str:
         """What the workers advertise ``model`` as for ``query_type``: a query that names a Claude
         model and no model type (an OpenAI-API client, ``ask --model``) is a Claude query."""
-        kinds = {kind for c in self.registry.candidates(trio.current_time(), query_type) if c.fresh
-                 for name, kind in c.offers.get(query_type, {}).items() if name == model} if model else set()
+        kinds = self.registry.model_types_of(query_type, model) if model else set()
         return kinds.pop() if len(kinds) == 1 else MESH_MODEL_TYPE
 
     async def submit(self, ask: Ask) -> Ticket:

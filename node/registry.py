@@ -165,6 +165,15 @@ class PeerRegistry:
                 reported.discard(entry.peer_id)
         return stale
 
+    def model_types_of(self, query_type: str, model: str) -> set[str]:
+        """The model types the workers advertise ``model`` as, for ``query_type`` (usually one)."""
+        kinds = set()
+        for entry in self._entries.values():
+            cap = entry.ad.content.capabilities.get(query_type)
+            if cap is not None and model in cap.models:
+                kinds.add(cap.model_types.get(model, MESH_MODEL_TYPE))
+        return kinds
+
     def candidates(self, now_s: float, query_type: str | None = None) -> list[Candidate]:
         """Every known worker (that serves ``query_type``, when given) in the shape
         :func:`node.selection.select` ranks.
