@@ -74,7 +74,7 @@ class LocalWorker:
         (the Claude adapter's), for ads: brokers send those only the queries that ask for them."""
         typed: dict[str, dict[str, str]] = {}
         for info in self.manager.describe():
-            if info.model_type == "mesh":
+            if info.model_type == MESH_MODEL_TYPE:
                 continue
             for query_type, capability in BACKEND_OF.items():
                 if capability == info.capability and (self.enabled is None or query_type in self.enabled):
@@ -82,7 +82,8 @@ class LocalWorker:
         return typed
 
     async def handle(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
-        """Answer ``query``; backend problems become :class:`WorkerFault` (blamed on us, the worker)."""
+        """Answer ``query``; backend problems become :class:`WorkerFault` (blamed on us, the worker; a
+        price under a Claude model's floor is blamed on the broker, see :meth:`_check_price`)."""
         self.running += 1
         started = trio.current_time()
         try:

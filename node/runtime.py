@@ -211,7 +211,7 @@ class Node:
         capabilities = {}
         remote = self.local.remote_models()
         for query_type, models in self.local.serves().items():
-            quote = self.prices.quote(query_type, "mesh", now)
+            quote = self.prices.quote(query_type, MESH_MODEL_TYPE, now)
             latency = self.prices.tracker.average(query_type, now) if hasattr(self.prices, "tracker") else None
             capabilities[query_type] = Capability(
                 tuple(models), quote.units // 1000, int((latency or 0) * 1000), remote.get(query_type, {})
