@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,3 +157,26 @@ def wait_for(predicate, timeout_s: float, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(0.2)
+
+
+@contextmanager
+def broker_and_worker(tmp_path: Path, realm: str, worker_capabilities: str, worker_env: dict | None = None):
+    """Two node processes of a new realm: a pure broker (``--capabilities none``) and a worker that
+    joined its genesis and bootstraps from it; yields ``(broker, worker)``. Both are stopped at the
+    end, and, if the test passed, neither may have printed a traceback."""
+    broker_dir, worker_dir = tmp_path / "broker", tmp_path / "worker"
+    assert run_cli("init", "--data-dir", str(broker_dir), "--realm", realm).returncode == 0
+    assert run_cli("init", "--data-dir", str(worker_dir), "--join", str(broker_dir / "genesis.mtor")).returncode == 0
+    nodes = [NodeProcess(broker_dir, extra_args=("--capabilities", "none"), env=FAST).start()]
+    try:
+        nodes.append(NodeProcess(
+            worker_dir, extra_args=("--capabilities", worker_capabilities, "--bootstrap", nodes[0].listen_addrs[0]),
+            env={**FAST, **(worker_env or {})},
+        ).start())
+        yield nodes[0], nodes[1]
+    finally:
+        for node in nodes:
+            node.stop()
+            node.kill()
+    for node in nodes:
+        assert "Traceback" not in node.output, node.output

@@ -5,18 +5,12 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from tests.harness import FAST, NodeProcess, cli_json, run_cli, wait_for
+from tests.harness import broker_and_worker, cli_json, run_cli, wait_for
 
 
 def test_broker_pays_the_worker_by_receipt(tmp_path):
-    broker_dir, worker_dir = tmp_path / "broker", tmp_path / "worker"
-    assert run_cli("init", "--data-dir", str(broker_dir), "--realm", "market").returncode == 0
-    assert run_cli("init", "--data-dir", str(worker_dir), "--join", str(broker_dir / "genesis.mtor")).returncode == 0
-    broker = NodeProcess(broker_dir, extra_args=("--capabilities", "none"), env=FAST).start()
-    worker = NodeProcess(
-        worker_dir, extra_args=("--capabilities", "chat:reverse", "--bootstrap", broker.listen_addrs[0]), env=FAST
-    ).start()
-    try:
+    with broker_and_worker(tmp_path, "market", "chat:reverse") as (broker, worker):
+        broker_dir = broker.data_dir
         wait_for(lambda: worker.peer_id in {p["peer_id"] for p in cli_json(broker, "peers")["peers"]}, 15, "the worker's ad")
         payer = cli_json(broker, "wallet", "balance")
         worker_address = cli_json(worker, "wallet", "address")["address"]
@@ -49,12 +43,6 @@ def test_broker_pays_the_worker_by_receipt(tmp_path):
         failed = run_cli("ask", "imagine", "a red cat", "--data-dir", str(broker_dir), "--json")
         assert failed.returncode == 1 and "Traceback" not in failed.stderr
         assert cli_json(broker, "wallet", "balance")["balance_units"] == after["balance_units"]
-    finally:
-        for node in (broker, worker):
-            node.stop()
-            node.kill()
-    for node in (broker, worker):
-        assert "Traceback" not in node.output, node.output
 
 
 def test_claude_queries_go_to_a_claude_adapter_at_the_claude_price(tmp_path):
@@ -64,60 +52,48 @@ def test_claude_queries_go_to_a_claude_adapter_at_the_claude_price(tmp_path):
     node gets its own model, at 1 token, never the adapter."""
     from tests.inference.test_remote import KEY, Anthropic, serve
 
-    broker_dir, worker_dir = tmp_path / "broker", tmp_path / "worker"
-    assert run_cli("init", "--data-dir", str(broker_dir), "--realm", "claude").returncode == 0
-    assert run_cli("init", "--data-dir", str(worker_dir), "--join", str(broker_dir / "genesis.mtor")).returncode == 0
-    with serve(Anthropic) as anthropic:
-        broker = NodeProcess(broker_dir, extra_args=("--capabilities", "none"), env=FAST).start()
-        worker = NodeProcess(
-            worker_dir, extra_args=("--capabilities", "chat:reverse", "--bootstrap", broker.listen_addrs[0]),
-            env={**FAST, "MTOR_CLAUDE_API_KEY": KEY,
-                 "MTOR_INFERENCE_REMOTE_WORKERS": f"chat=claude:{anthropic.url}#claude-test"},
-        ).start()
-        try:
-            wait_for(lambda: worker.peer_id in {p["peer_id"] for p in cli_json(broker, "peers")["peers"]}, 15,
-                     "the worker's ad")
-            before = cli_json(broker, "wallet", "balance")["balance_units"]
-            with urllib.request.urlopen(broker.console_url + "api/quote?type=chat&model_type=claude", timeout=10) as r:
-                quote = json.loads(r.read())
-            assert quote["price_units"] == 1_300_000 and quote["estimated_wait_s"] is not None  # a Claude worker is up
+    with serve(Anthropic) as anthropic, broker_and_worker(
+            tmp_path, "claude", "chat:reverse",
+            {"MTOR_CLAUDE_API_KEY": KEY, "MTOR_INFERENCE_REMOTE_WORKERS": f"chat=claude:{anthropic.url}#claude-test"},
+    ) as (broker, worker):
+        broker_dir = broker.data_dir
+        wait_for(lambda: worker.peer_id in {p["peer_id"] for p in cli_json(broker, "peers")["peers"]}, 15,
+                 "the worker's ad")
+        before = cli_json(broker, "wallet", "balance")["balance_units"]
+        with urllib.request.urlopen(broker.console_url + "api/quote?type=chat&model_type=claude", timeout=10) as r:
+            quote = json.loads(r.read())
+        assert quote["price_units"] == 1_300_000 and quote["estimated_wait_s"] is not None  # a Claude worker is up
 
-            asked = run_cli("ask", "chat", "hello from the mesh", "--model-type", "claude",
-                            "--data-dir", str(broker_dir), "--json")
-            assert asked.returncode == 0, asked.stdout + asked.stderr + broker.output + worker.output
-            claude = json.loads(asked.stdout)
-            assert claude["result"] == "hello from the mesh " and claude["worker"] == worker.peer_id
-            assert claude["cost_units"] == 1_300_000  # 1 token at base load × 1.3
-            assert [s.body["model"] for s in anthropic.seen if s.method == "POST"] == ["claude-test"]
+        asked = run_cli("ask", "chat", "hello from the mesh", "--model-type", "claude",
+                        "--data-dir", str(broker_dir), "--json")
+        assert asked.returncode == 0, asked.stdout + asked.stderr + broker.output + worker.output
+        claude = json.loads(asked.stdout)
+        assert claude["result"] == "hello from the mesh " and claude["worker"] == worker.peer_id
+        assert claude["cost_units"] == 1_300_000  # 1 token at base load × 1.3
+        assert [s.body["model"] for s in anthropic.seen if s.method == "POST"] == ["claude-test"]
 
-            asked = run_cli("ask", "chat", "stressed", "--data-dir", str(broker_dir), "--json")
-            assert asked.returncode == 0, asked.stdout + asked.stderr
-            mesh = json.loads(asked.stdout)
-            assert mesh["result"] == "desserts" and mesh["cost_units"] == 1_000_000
-            assert len([s for s in anthropic.seen if s.method == "POST"]) == 1  # the adapter was not asked
+        asked = run_cli("ask", "chat", "stressed", "--data-dir", str(broker_dir), "--json")
+        assert asked.returncode == 0, asked.stdout + asked.stderr
+        mesh = json.loads(asked.stdout)
+        assert mesh["result"] == "desserts" and mesh["cost_units"] == 1_000_000
+        assert len([s for s in anthropic.seen if s.method == "POST"]) == 1  # the adapter was not asked
 
-            # Naming the Claude model is enough (as an OpenAI-API client does): it is a Claude query.
-            asked = run_cli("ask", "chat", "by name", "--model", "claude-test", "--data-dir", str(broker_dir), "--json")
-            assert asked.returncode == 0, asked.stdout + asked.stderr
-            named = json.loads(asked.stdout)
-            assert named["result"] == "by name " and named["cost_units"] == 1_300_000
-            # ... unless the asker insists on the mesh, where no worker serves that model.
-            insisted = run_cli("ask", "chat", "by name", "--model", "claude-test", "--model-type", "mesh",
-                               "--data-dir", str(broker_dir), "--json")
-            assert insisted.returncode != 0 and "no worker" in insisted.stdout + insisted.stderr
+        # Naming the Claude model is enough (as an OpenAI-API client does): it is a Claude query.
+        asked = run_cli("ask", "chat", "by name", "--model", "claude-test", "--data-dir", str(broker_dir), "--json")
+        assert asked.returncode == 0, asked.stdout + asked.stderr
+        named = json.loads(asked.stdout)
+        assert named["result"] == "by name " and named["cost_units"] == 1_300_000
+        # ... unless the asker insists on the mesh, where no worker serves that model.
+        insisted = run_cli("ask", "chat", "by name", "--model", "claude-test", "--model-type", "mesh",
+                           "--data-dir", str(broker_dir), "--json")
+        assert insisted.returncode != 0 and "no worker" in insisted.stdout + insisted.stderr
 
-            after = cli_json(broker, "wallet", "balance")["balance_units"]
-            assert after == before - 3_600_000
-            trail = cli_json(broker, "wallet", "trail")["records"]
-            assert {r["receipt_hash"]: r["price_units"] for r in trail if r["outcome"] == "done"} == {
-                claude["receipt_hash"]: 1_300_000, mesh["receipt_hash"]: 1_000_000, named["receipt_hash"]: 1_300_000}
+        after = cli_json(broker, "wallet", "balance")["balance_units"]
+        assert after == before - 3_600_000
+        trail = cli_json(broker, "wallet", "trail")["records"]
+        assert {r["receipt_hash"]: r["price_units"] for r in trail if r["outcome"] == "done"} == {
+            claude["receipt_hash"]: 1_300_000, mesh["receipt_hash"]: 1_000_000, named["receipt_hash"]: 1_300_000}
 
-            # A model type nobody knows is refused before anything is held.
-            unknown = run_cli("ask", "chat", "hi", "--model-type", "gpt", "--data-dir", str(broker_dir))
-            assert unknown.returncode != 0 and "invalid choice" in unknown.stderr
-        finally:
-            for node in (broker, worker):
-                node.stop()
-                node.kill()
-    for node in (broker, worker):
-        assert "Traceback" not in node.output, node.output
+        # A model type nobody knows is refused before anything is held.
+        unknown = run_cli("ask", "chat", "hi", "--model-type", "gpt", "--data-dir", str(broker_dir))
+        assert unknown.returncode != 0 and "invalid choice" in unknown.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.harness import FAST, NodeProcess, cli_json, run_cli, wait_for
+from tests.harness import broker_and_worker, cli_json, run_cli, wait_for
 
 
 def _words(text: str) -> list[str]:
@@ -22,14 +22,9 @@ def test_speech_round_trip_across_nodes(tmp_path):
     from inference.whisper import default_model_dir
 
     assert default_voice() is not None and default_model_dir() is not None, "default models must be installed"
-    broker_dir, worker_dir = tmp_path / "broker", tmp_path / "worker"
-    assert run_cli("init", "--data-dir", str(broker_dir), "--realm", "voices").returncode == 0
-    assert run_cli("init", "--data-dir", str(worker_dir), "--join", str(broker_dir / "genesis.mtor")).returncode == 0
-    broker = NodeProcess(broker_dir, extra_args=("--capabilities", "none"), env=FAST).start()
-    worker = NodeProcess(
-        worker_dir, extra_args=("--capabilities", "bark,whisper", "--bootstrap", broker.listen_addrs[0]), env=FAST
-    ).start()
-    try:
+    with broker_and_worker(tmp_path, "voices", "bark,whisper") as (broker, worker):
+        broker_dir = broker.data_dir
+
         def worker_serves_speech():
             peers = {p["peer_id"]: p for p in cli_json(broker, "peers")["peers"]}
             return worker.peer_id in peers and {"bark", "whisper"} <= set(peers[worker.peer_id]["capabilities"])
@@ -55,9 +50,3 @@ def test_speech_round_trip_across_nodes(tmp_path):
         words = _words(json.loads(heard.stdout)["result"])
         expected = _words("The quick brown fox jumps over the lazy dog.")
         assert len(set(words) & set(expected)) >= len(expected) - 2, words
-    finally:
-        for node in (broker, worker):
-            node.stop()
-            node.kill()
-    for node in (broker, worker):
-        assert "Traceback" not in node.output, node.output
