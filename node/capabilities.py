@@ -13,12 +13,12 @@ the console from those three.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import trio
 
-from inference.base import BackendError, InvalidRequest
+from inference.base import BackendError, BackendInfo, InvalidRequest
 from inference.chat import ChatRequest
 from inference.device import Device
 from inference.manager import ModelManager, UnknownBackend
@@ -63,23 +63,25 @@ class LocalWorker:
     def serves(self) -> dict[str, list[str]]:
         """``{query type: [models]}`` this node answers, for ads and the protocol check."""
         offered: dict[str, list[str]] = {}
-        for info in self.manager.describe():
-            for query_type, capability in BACKEND_OF.items():
-                if capability == info.capability and (self.enabled is None or query_type in self.enabled):
-                    offered.setdefault(query_type, []).extend(info.models)
+        for query_type, info in self._offered():
+            offered.setdefault(query_type, []).extend(info.models)
         return offered
 
     def remote_models(self) -> dict[str, dict[str, str]]:
         """``{query type: {model: model type}}`` for the models that are not run at the mesh's price
         (the Claude adapter's), for ads: brokers send those only the queries that ask for them."""
         typed: dict[str, dict[str, str]] = {}
+        for query_type, info in self._offered():
+            if info.model_type != MESH_MODEL_TYPE:
+                typed.setdefault(query_type, {}).update(dict.fromkeys(info.models, info.model_type))
+        return typed
+
+    def _offered(self) -> Iterator[tuple[str, BackendInfo]]:
+        """Each registered backend under each query type it answers that this node serves."""
         for info in self.manager.describe():
-            if info.model_type == MESH_MODEL_TYPE:
-                continue
             for query_type, capability in BACKEND_OF.items():
                 if capability == info.capability and (self.enabled is None or query_type in self.enabled):
-                    typed.setdefault(query_type, {}).update(dict.fromkeys(info.models, info.model_type))
-        return typed
+                    yield query_type, info
 
     async def handle(self, query: Query, progress: ProgressSink | None) -> HandlerResult:
         """Answer ``query``; backend problems become :class:`WorkerFault` (blamed on us, the worker; a
