@@ -133,9 +133,15 @@ def exclusion_reason(c: Candidate, req: Request) -> Reason | None:
 def models_of_type(c: Candidate, query_type: str, model_type: str) -> frozenset[str] | None:
     """The models ``c`` serves ``query_type`` with in ``model_type``; None: any (it names none,
     and ``model_type`` is "mesh")."""
-    if not c.offers or not c.offers.get(query_type):
+    return typed_models(c.offers.get(query_type), model_type)
+
+
+def typed_models(offered: Mapping[str, str] | None, model_type: str) -> frozenset[str] | None:
+    """Of ``offered`` (``{model: model type}`` for one query type), the models of ``model_type``;
+    None: any (none are named, and ``model_type`` is "mesh")."""
+    if not offered:
         return None if model_type == MESH_MODEL_TYPE else frozenset()
-    return frozenset(m for m, kind in c.offers[query_type].items() if kind == model_type)
+    return frozenset(m for m, kind in offered.items() if kind == model_type)
 
 
 def model_to_name(c: Candidate, req: Request) -> str:

@@ -19,6 +19,7 @@ from ledger.custody import Custody, CustodyError
 from node.genesis import UNITS_PER_TOKEN
 from node.identity import Identity
 from node.pricing import MESH_MODEL_TYPE
+from node.selection import typed_models
 
 if TYPE_CHECKING:
     from node.runtime import Node
@@ -191,7 +192,5 @@ def _serves(row: dict, query_type: str, model_type: str) -> bool:
     if query_type not in row["types"]:
         return False
     typed = row["model_types"].get(query_type, {})
-    models = row["models"].get(query_type, [])
-    if model_type == MESH_MODEL_TYPE:
-        return not models or any(m not in typed for m in models)
-    return model_type in typed.values()
+    models = typed_models({m: typed.get(m, MESH_MODEL_TYPE) for m in row["models"].get(query_type, [])}, model_type)
+    return models is None or bool(models)
