@@ -464,20 +464,24 @@ async def serve(state: "ConsoleState", websocket) -> None:
         conn.outbox.close()
 
 
+#: What sending or closing raises when the browser has hung up meanwhile (hypercorn may race our
+#: close with its own on the socket): the end we wanted, not an error.
+_SOCKET_GONE = (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
 async def _refuse(websocket, text: str, code: int, reason: str) -> None:
-    """Tell a browser why, then close. The browser may hang up at the same moment (hypercorn then
-    races our close with its own on the socket); that is the end we wanted, not an error."""
+    """Tell a browser why, then close."""
     try:
         await websocket.send(text)
         await websocket.close(code, reason)
-    except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+    except _SOCKET_GONE as exc:
         log.debug("console went away while being refused: %s", exc)
 
 
 async def _close_quietly(websocket, code: int, reason: str) -> None:
     try:
         await websocket.close(code, reason)
-    except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+    except _SOCKET_GONE as exc:
         log.debug("console went away while being closed: %s", exc)
 
 
@@ -491,7 +495,7 @@ async def _flush_then_close(conn: Connection, websocket) -> None:
                 break
             await websocket.send(message.text)
         await websocket.close(1011, "cannot serve this console now")
-    except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+    except _SOCKET_GONE as exc:
         log.debug("console went away while being closed: %s", exc)
 
 
