@@ -112,6 +112,7 @@ class BankReport:
     verify_ok: bool
     problems: tuple[str, ...]
     holds: tuple
+    accounts: dict  # account hex -> (tip height, fork height, effective height, effective hash hex)
 
 
 def open_ledger(data_dir: Path) -> Ledger:
@@ -124,8 +125,19 @@ def bank_report(data_dir: Path) -> BankReport:
     with open_ledger(data_dir) as led:
         ok, held, supply = led.check_bank()
         report = led.verify()
+        accounts = {}
+        for account in led.frontiers():
+            st = led.account_state(account)
+            accounts[account.hex()] = (st.tip_height, st.fork_height, st.eff_height, (st.eff_hash or b"").hex()[:16])
         return BankReport(data_dir, ok, held, supply, led.state_hash().hex(), report.ok,
-                          tuple(map(str, report.problems)), tuple(led.holds()))
+                          tuple(map(str, report.problems)), tuple(led.holds()), accounts)
+
+
+def _account_differences(reports: list[BankReport]) -> dict:
+    """Per account, what each node holds, for the accounts where the nodes disagree."""
+    keys = set().union(*(r.accounts for r in reports))
+    return {k[:16]: {r.data_dir.name: r.accounts.get(k) for r in reports}
+            for k in sorted(keys) if len({r.accounts.get(k) for r in reports}) > 1}
 
 
 def assert_bank(data_dirs: list[Path], *, same_state: bool = True, no_holds: bool = True) -> list[BankReport]:
@@ -141,7 +153,7 @@ def assert_bank(data_dirs: list[Path], *, same_state: bool = True, no_holds: boo
     supplies = {r.supply_units for r in reports}
     assert len(supplies) == 1, supplies
     if same_state:
-        assert len({r.state_hash for r in reports}) == 1, {r.data_dir.name: r.state_hash for r in reports}
+        assert len({r.state_hash for r in reports}) == 1, _account_differences(reports)
     return reports
 
 

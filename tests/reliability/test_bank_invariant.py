@@ -20,7 +20,7 @@ from ledger import wallet_ops
 from ledger.wallet_files import load_wallet
 from tests.harness import wait_for
 from tests.reliability.realm import (
-    LONG, address_of, assert_bank, control, init_realm, open_ledger, start_node, stop_all,
+    LONG, address_of, assert_bank, control, init_realm, open_ledger, quiescent, start_node, stop_all,
 )
 
 SENDS_PER_NODE = 200 if LONG else 25
@@ -86,11 +86,12 @@ def test_concurrent_payments_between_three_nodes_keep_the_bank(tmp_path):
                 expected[addresses[i]] -= units
                 expected[addresses[to]] += units
 
+        def unsettled() -> list[bool]:
+            rows = {addr: balance(0, addr) for addr in addresses}
+            return [r["receivable_units"] != 0 or r["balance_units"] != expected[addr] for addr, r in rows.items()]
+
         def converged() -> bool:
-            states = {control(d, "ledger", "stats")["state_hash"] for d in dirs}
-            return len(states) == 1 and all(
-                balance(0, addr) == {**balance(0, addr), "balance_units": expected[addr], "receivable_units": 0}
-                for addr in addresses)
+            return quiescent(lambda: [control(d, "ledger", "stats")["state_hash"] for d in dirs], unsettled)
 
         t1 = time.monotonic()
         wait_for(converged, 90, "all three nodes to receive everything and agree on one state hash")

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 from tests.harness import wait_for
 from tests.reliability.realm import (
-    LONG, ControlError, address_of, assert_bank, control, init_realm, open_ledger, start_node, stop_all,
+    LONG, ControlError, address_of, assert_bank, control, init_realm, open_ledger, quiescent, start_node,
+    stop_all,
 )
 
 TRIALS = 50 if LONG else 5
@@ -164,9 +165,8 @@ def test_broker_sigkill_under_load_loses_nothing_and_conserves_money(tmp_path):
             started.append(broker)
 
         def converged() -> bool:
-            hashes = {control(d, "ledger", "stats")["state_hash"] for d in (broker_dir, worker_dir)}
-            receivable = control(worker_dir, "wallet", "balance")["receivable_units"]
-            return len(hashes) == 1 and receivable == 0
+            return quiescent(lambda: [control(d, "ledger", "stats")["state_hash"] for d in (broker_dir, worker_dir)],
+                             lambda: [control(worker_dir, "wallet", "balance")["receivable_units"]])
 
         wait_for(converged, 60, "the broker and the worker to reach one state hash")
     finally:
