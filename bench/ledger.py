@@ -1,4 +1,5 @@
-"""Ledger ingest benchmark: raw Ed25519 verify rate vs full ingest rate, and balance lookup latency.
+"""Ledger ingest benchmark: raw Ed25519 verify rate vs full ingest rate, balance lookup latency,
+and the state hash's cost against a walk over every account.
 
     python bench/ledger.py [--blocks 100000] [--accounts 1000] [--batch 256] [--sync]
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nacl.signing  # noqa: E402
 
 from ledger import blocks as B  # noqa: E402
+from ledger import state_sum  # noqa: E402
 from ledger.ledger import Ledger  # noqa: E402
 from node import genesis as genesis_mod  # noqa: E402
 from node.identity import Identity  # noqa: E402
@@ -103,6 +105,15 @@ def main(argv=None) -> int:
             for pub in probes:
                 led.balance(pub)
             lookup_us = (time.perf_counter() - t0) / len(probes) * 1e6
+            # The node's summary after each wallet write and each sync hello: state hash + counts,
+            # against one walk over every account (what computing them cost before state_sum).
+            t0 = time.perf_counter()
+            for _ in range(200):
+                led.state_hash(), led.stats()
+            summary_us = (time.perf_counter() - t0) / 200 * 1e6
+            t0 = time.perf_counter()
+            state_sum.scan(led._db)
+            walk_us = (time.perf_counter() - t0) * 1e6
             t0 = time.perf_counter()
             report = led.verify()
             verify_s = time.perf_counter() - t0
@@ -115,6 +126,8 @@ def main(argv=None) -> int:
     print(f"ledger ingest ({'sync' if args.sync else 'no-sync'}, batch {args.batch}): {ingest_rate:10.0f} blocks/s")
     print(f"ingest / raw verify:        {ratio:10.1%}  (target >= 70%)")
     print(f"balance lookup:             {lookup_us:10.1f} us  (target <= 50 us)")
+    print(f"state hash + counts:        {summary_us:10.1f} us  (one walk over all {len(accounts) + 1} accounts: "
+          f"{walk_us / 1000:.1f} ms, {walk_us / summary_us:.0f}x)")
     print(f"full verify:                {verify_s:10.1f} s  ({len(raws) / verify_s:.0f} blocks/s)")
     return 0
 

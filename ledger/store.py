@@ -14,7 +14,7 @@ L     account                           effective balance (8)
 P     recipient + source                amount (8): receivable ("pending" in Nano)
 R     source + receiving hash           height (8) of the receiving block
 X     len(ref)(1) + ref + send hash     empty  (reference index)
-M     name                              meta: version, realm, supply, block count
+M     name                              meta: version, realm, supply, block count, state sum (state_sum.py)
 W/G   custody keyspaces (ledger/custody.py)
 H     account + query id(16)           escrow hold (ledger/holds.py)
 Q/q/T query records, their per-payer index and running totals (ledger/records.py)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import plyvel
 
-from ledger import cascade, store
+from ledger import cascade, state_sum, store
 from ledger.blocks import Block, parse_block
 from ledger.verdicts import Verdict
 
@@ -77,6 +77,7 @@ class LedgerTxn:
         self._committed_accounts = accounts
         self._committed_blocks = blocks
         self.accounts: dict[bytes, AccountState] = {}
+        self._before: dict[bytes, AccountState] = {}  # each account as committed, for the state sum
         self.changed: set[bytes] = set()
         self.blocks: dict[bytes, Block] = {}
         self._new_receives: dict[bytes, list[tuple[bytes, int]]] = {}  # R entries not yet committed
@@ -140,6 +141,7 @@ class LedgerTxn:
             committed = self._committed_accounts.get(account)
             st = committed.copy() if committed is not None else load_account(self.txn.get, account)
             self.accounts[account] = st
+            self._before.setdefault(account, st.copy())
         return st
 
     def mark(self, st: AccountState) -> None:
@@ -228,8 +230,13 @@ class LedgerTxn:
 
     def commit(self, *, sync: bool) -> None:
         """Write account records, meta counters and every buffered write in one batch."""
+        change = state_sum.Totals()
         for account in self.changed:
             st = self.accounts[account]
+            before = self._before[account]
+            if before.tip_height >= 0:
+                change.add(state_sum.of_account(account, before.eff_height, before.eff_hash, before.fork_height), -1)
+            change.add(state_sum.of_account(account, st.eff_height, st.eff_hash, st.fork_height))
             rec = store.u64(st.tip_height) + (b"" if st.fork_height is None else store.u64(st.fork_height))
             self.txn.put(store.ACCOUNT + account, rec)
             if st.eff_height < 0:
@@ -242,6 +249,11 @@ class LedgerTxn:
             if delta:
                 key = store.META + name
                 self.txn.put(key, store.u64(store.from_u64(self.txn.get(key) or store.u64(0)) + delta))
+        if change != state_sum.Totals():
+            totals = state_sum.load(self.txn.get)
+            totals.add(change)
+            for key, value in state_sum.writes(totals).items():
+                self.txn.put(key, value)
         self.txn.commit(sync=sync)
         for account in self.changed:
             self._committed_accounts[account] = self.accounts[account]

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import plyvel
 
-from ledger import store
+from ledger import state_sum, store
 from ledger.blocks import Block, BlockError, parse_block
 from ledger.effective import bank_invariant, derive
 from ledger.validate import signature_ok, validate
@@ -167,6 +167,12 @@ def _compare_indexes(db: plyvel.DB, blocks: dict[bytes, Block], facts, report: V
     stored_blocks = sum(1 for _ in db.iterator(prefix=store.BLOCK, include_value=False))
     if count is None or store.from_u64(count) != stored_blocks:
         report.add(f"meta: block count should be {stored_blocks}")
+    want = state_sum.Totals()
+    for account in derived.tip_heights:
+        height, block_hash = derived.frontiers.get(account, (-1, None))
+        want.add(state_sum.of_account(account, height, block_hash, derived.fork_heights.get(account)))
+    if state_sum.load(db.get) != want:
+        report.add("meta: the state sum or the account counts do not match the accounts")
     holds, held, total = bank_invariant(derived)
     if not holds:
         report.add(f"bank invariant broken: balances + receivable = {held}, supply = {total}")
