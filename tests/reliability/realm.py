@@ -153,7 +153,9 @@ def assert_bank(data_dirs: list[Path], *, same_state: bool = True, no_holds: boo
     supplies = {r.supply_units for r in reports}
     assert len(supplies) == 1, supplies
     if same_state:
-        assert len({r.state_hash for r in reports}) == 1, _account_differences(reports)
+        assert len({r.state_hash for r in reports}) == 1, (
+            f"state hashes differ: {sorted(r.state_hash[:16] for r in reports)}; "
+            f"(tip, fork, effective height, effective hash) of the accounts that differ: {_account_differences(reports)}")
     return reports
 
 
