@@ -43,10 +43,25 @@ class Totals:
     accounts: int = 0
     frozen: int = 0
 
-    def add(self, other: "Totals", sign: int = 1) -> None:
-        self.state_sum = (self.state_sum + sign * other.state_sum) % MODULUS
-        self.accounts += sign * other.accounts
-        self.frozen += sign * other.frozen
+    def add(self, other: "Totals") -> None:
+        self.state_sum = (self.state_sum + other.state_sum) % MODULUS
+        self.accounts += other.accounts
+        self.frozen += other.frozen
+
+    def include(self, st) -> None:
+        """Count an account's state (a :class:`ledger.txn.AccountState` with a record); sets its ``element``."""
+        st.element = of_account(st.account, st.eff_height, st.eff_hash, st.fork_height)
+        self.state_sum = (self.state_sum + st.element) % MODULUS
+        self.accounts += 1
+        self.frozen += st.fork_height is not None
+
+    def remove(self, st) -> None:
+        """Take an account's committed state out again (its ``element`` saves the hash when known)."""
+        element = st.element if st.element is not None else of_account(st.account, st.eff_height, st.eff_hash,
+                                                                       st.fork_height)
+        self.state_sum = (self.state_sum - element) % MODULUS
+        self.accounts -= 1
+        self.frozen -= st.fork_height is not None
 
 
 def element(account: bytes, frontier: bytes | None, fork: bytes | None) -> int:
@@ -55,11 +70,11 @@ def element(account: bytes, frontier: bytes | None, fork: bytes | None) -> int:
     return int.from_bytes(digest.digest(ELEMENT_BYTES), "little")
 
 
-def of_account(account: bytes, eff_height: int, eff_hash: bytes | None, fork_height: int | None) -> Totals:
-    """What one account with a derived record (tip height ≥ 0) adds to the totals."""
+def of_account(account: bytes, eff_height: int, eff_hash: bytes | None, fork_height: int | None) -> int:
+    """One account's number, from its derived record (tip height ≥ 0)."""
     frontier = store.u64(eff_height) + eff_hash if eff_height >= 0 else None
     fork = store.u64(fork_height) if fork_height is not None else None
-    return Totals(element(account, frontier, fork), 1, int(fork_height is not None))
+    return element(account, frontier, fork)
 
 
 def scan(db) -> Totals:

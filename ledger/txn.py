@@ -38,10 +38,13 @@ class AccountState:
     eff_height: int = -1
     eff_hash: bytes | None = None
     balance: int = 0
+    #: This state's number in the state sum (ledger/state_sum.py), once a commit has computed it: a
+    #: commit sets it on every account it writes, and committed states are never changed in place.
+    element: int | None = None
 
     def copy(self) -> "AccountState":
         return AccountState(self.account, self.tip_height, self.fork_height, self.eff_height, self.eff_hash,
-                            self.balance)
+                            self.balance, self.element)
 
 
 def load_account(db_get, account: bytes) -> AccountState:
@@ -139,9 +142,10 @@ class LedgerTxn:
         st = self.accounts.get(account)
         if st is None:
             committed = self._committed_accounts.get(account)
-            st = committed.copy() if committed is not None else load_account(self.txn.get, account)
-            self.accounts[account] = st
-            self._before.setdefault(account, st.copy())
+            if committed is None:
+                committed = load_account(self.txn.get, account)
+            st = self.accounts[account] = committed.copy()
+            self._before.setdefault(account, committed)  # never changed in place: the commit stores new objects
         return st
 
     def mark(self, st: AccountState) -> None:
@@ -235,8 +239,8 @@ class LedgerTxn:
             st = self.accounts[account]
             before = self._before[account]
             if before.tip_height >= 0:
-                change.add(state_sum.of_account(account, before.eff_height, before.eff_hash, before.fork_height), -1)
-            change.add(state_sum.of_account(account, st.eff_height, st.eff_hash, st.fork_height))
+                change.remove(before)
+            change.include(st)
             rec = store.u64(st.tip_height) + (b"" if st.fork_height is None else store.u64(st.fork_height))
             self.txn.put(store.ACCOUNT + account, rec)
             if st.eff_height < 0:

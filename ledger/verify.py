@@ -170,7 +170,8 @@ def _compare_indexes(db: plyvel.DB, blocks: dict[bytes, Block], facts, report: V
     want = state_sum.Totals()
     for account in derived.tip_heights:
         height, block_hash = derived.frontiers.get(account, (-1, None))
-        want.add(state_sum.of_account(account, height, block_hash, derived.fork_heights.get(account)))
+        fork = derived.fork_heights.get(account)
+        want.add(state_sum.Totals(state_sum.of_account(account, height, block_hash, fork), 1, int(fork is not None)))
     if state_sum.load(db.get) != want:
         report.add("meta: the state sum or the account counts do not match the accounts")
     holds, held, total = bank_invariant(derived)
