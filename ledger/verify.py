@@ -18,6 +18,7 @@ import plyvel
 from ledger import state_sum, store
 from ledger.blocks import Block, BlockError, parse_block
 from ledger.effective import bank_invariant, derive
+from ledger.txn import AccountState
 from ledger.validate import signature_ok, validate
 from ledger.verdicts import Verdict
 
@@ -168,10 +169,9 @@ def _compare_indexes(db: plyvel.DB, blocks: dict[bytes, Block], facts, report: V
     if count is None or store.from_u64(count) != stored_blocks:
         report.add(f"meta: block count should be {stored_blocks}")
     want = state_sum.Totals()
-    for account in derived.tip_heights:
+    for account, tip in derived.tip_heights.items():
         height, block_hash = derived.frontiers.get(account, (-1, None))
-        fork = derived.fork_heights.get(account)
-        want.add(state_sum.Totals(state_sum.of_account(account, height, block_hash, fork), 1, int(fork is not None)))
+        want.include(AccountState(account, tip, derived.fork_heights.get(account), height, block_hash))
     if state_sum.load(db.get) != want:
         report.add("meta: the state sum or the account counts do not match the accounts")
     holds, held, total = bank_invariant(derived)
