@@ -85,7 +85,8 @@ from p2p.ads import AdContent, Capability, parse_ad, sign_ad  # noqa: E402
 from p2p.host import MeshHost, open_mesh_host, peer_id_for  # noqa: E402
 from p2p.query_client import QueryClient  # noqa: E402
 from p2p.query_frames import QueryFrame, encode_frame  # noqa: E402
-from p2p.query_stream import QueryServer, wall_ms  # noqa: E402
+from p2p.query_io import wall_ms  # noqa: E402
+from p2p.query_stream import QueryServer  # noqa: E402
 from p2p.query_wire import Query, make_query  # noqa: E402
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]

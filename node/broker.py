@@ -54,8 +54,8 @@ from node.queue_service import QueueService
 from node.registry import PeerRegistry
 from node.selection import Exhausted, Request, model_to_name, next_attempt, select
 from p2p.query_client import QueryClient, QueryFailed
+from p2p.query_io import wall_ms
 from p2p.query_stream import WorkerFault
-from p2p.query_stream import wall_ms
 from p2p.query_wire import NonceWindow, QueryLimits, QueryVerdict, check_query, make_query, make_receipt, result_bytes
 from p2p.query_wire import Query as WireQuery
 

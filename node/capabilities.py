@@ -22,7 +22,8 @@ from inference.base import BackendError, BackendInfo, InvalidRequest
 from inference.chat import ChatRequest
 from inference.device import Device
 from inference.manager import ModelManager, UnknownBackend
-from p2p.query_stream import HandlerResult, ProgressSink, WorkerFault
+from p2p.progress_sink import ProgressSink
+from p2p.query_stream import HandlerResult, WorkerFault
 from node.config import InferenceSection
 from node.health import Blame
 from node.pricing import DEFAULT_MULTIPLIERS, MESH_MODEL_TYPE, price_units

@@ -34,7 +34,8 @@ from p2p.query_frames import (
     ResultFrame,
     encode_frame,
 )
-from p2p.query_stream import SESSION_ENDING_CODES, _quietly, _read_frame, _StreamBroken, _write
+from p2p.query_io import StreamBroken, quietly, read_frame, write_bytes
+from p2p.query_stream import SESSION_ENDING_CODES
 from p2p.query_wire import QUERY_FIELDS, QueryLimits, ReceiptVerdict, check_receipt, result_bytes
 from p2p.topics import query_protocol
 
@@ -330,7 +331,7 @@ class QueryClient:
             if progress.answered:
                 await self._close_all(self.pool.give(peer_id, stream))
             elif stale:
-                await _quietly(stream.reset)
+                await quietly(stream.reset)
             else:
                 await self._close(stream, send_cancel=progress.written)
 
@@ -357,10 +358,10 @@ class QueryClient:
         decoder = FrameDecoder(max_frame_bytes=self.limits.max_frame_bytes)
         next_seq = 0
         try:
-            await _write(stream, payload)
+            await write_bytes(stream, payload)
             progress.written = True
             while True:
-                frame = await _read_frame(stream, decoder)
+                frame = await read_frame(stream, decoder)
                 if frame is None:
                     raise failed("connection_lost", "stream ended before a result", Blame.NETWORK, True)
                 progress.frames += 1
@@ -386,18 +387,18 @@ class QueryClient:
         except FrameError as exc:
             progress.frames += 1
             raise failed("bad_response", f"garbage from worker: {exc}", Blame.WORKER, True) from None
-        except _StreamBroken as exc:
+        except StreamBroken as exc:
             raise failed("connection_lost", str(exc), Blame.NETWORK, True) from None
 
     async def _close(self, stream: INetStream, *, send_cancel: bool) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(self.cancel_grace_s):
             if send_cancel:
                 try:
-                    await _write(stream, encode_frame(CancelFrame(), max_frame_bytes=self.limits.max_frame_bytes))
-                except _StreamBroken:
-                    await _quietly(stream.reset)
+                    await write_bytes(stream, encode_frame(CancelFrame(), max_frame_bytes=self.limits.max_frame_bytes))
+                except StreamBroken:
+                    await quietly(stream.reset)
                     return
-            await _quietly(stream.close)
+            await quietly(stream.close)
 
     async def _close_all(self, streams: list[INetStream]) -> None:
         for stream in streams:

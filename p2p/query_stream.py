@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
 import trio
 from libp2p.abc import INetStream
-from libp2p.network.stream.exceptions import StreamEOF
 
 from node.health import Blame
 from node.identity import Identity
@@ -48,16 +46,15 @@ from p2p.query_frames import (
     ErrorFrame,
     Frame,
     FrameDecoder,
-    PROGRESS_OVERHEAD_BYTES,
     FrameError,
     FrameProblem,
-    ProgressFrame,
     QueryFrame,
     ResultFrame,
     encode_frame,
     error_frame,
-    progress_size,
 )
+from p2p.progress_sink import ProgressSink
+from p2p.query_io import StreamBroken, quietly, read_frame, wall_ms, write_bytes
 from p2p.query_wire import (
     NonceWindow,
     Query,
@@ -69,56 +66,6 @@ from p2p.query_wire import (
 from p2p.topics import query_protocol
 
 logger = logging.getLogger(__name__)
-
-READ_CHUNK_BYTES = 64 * 1024
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-# ------------------------------------------------------------------ stream I/O
-
-
-class _StreamBroken(Exception):
-    """The stream was reset or failed under us (not an orderly end)."""
-
-
-async def _read_frame(stream: INetStream, decoder: FrameDecoder) -> Frame | None:
-    """The next frame, or None at an orderly end of stream.
-
-    Raises :class:`FrameError` for garbage and :class:`_StreamBroken` for a reset.
-    """
-    while (frame := decoder.next_frame()) is None:
-        try:
-            data = await stream.read(READ_CHUNK_BYTES)
-        except StreamEOF:
-            data = b""
-        except Exception as exc:  # py-libp2p raises several unrelated types here
-            raise _StreamBroken(f"{type(exc).__name__}: {exc}") from None
-        if not data:
-            decoder.close()
-            return None
-        decoder.feed(data)
-    return frame
-
-
-async def _write(stream: INetStream, data: bytes) -> None:
-    try:
-        await stream.write(data)
-    except Exception as exc:
-        raise _StreamBroken(f"{type(exc).__name__}: {exc}") from None
-
-
-async def _quietly(action: Callable[[], Awaitable[Any]]) -> None:
-    """Best-effort cleanup on a stream that may already be dead."""
-    try:
-        await action()
-    except Exception:
-        pass
-
-
-# ---------------------------------------------------------------------- server
 
 
 class WorkerFault(Exception):
@@ -143,117 +90,6 @@ class HandlerResult:
 
     result_type: str
     data: str | bytes
-
-
-class ProgressSink:
-    """Sends a handler's progress frames, numbered in order, on the query's stream.
-
-    ``send`` queues the frame and returns; a writer task writes everything
-    queued so far in one stream write, at most once per ``flush_interval_s``
-    (the first frame goes at once), so a fast handler's tokens cost one write
-    per batch, not one per token (consecutive tokens are also merged into one
-    frame). A token a slow model makes every 20 ms is still sent the moment
-    it comes. The seq numbers stay 0, 1, 2, ... in write order, and
-    :meth:`drain` hands back what is still queued so that the reply goes out
-    behind it at once. At most ``max_queued_bytes`` wait at once: beyond that ``send``
-    blocks until the writer catches up (stream flow control, bounded by the
-    query's expiry). Raises :class:`FrameError` for an invalid or oversized
-    frame (the server reports that as an internal error) and
-    :class:`_StreamBroken` once a write has failed.
-
-    Without a nursery (tests, tools) every ``send`` writes at once.
-    """
-
-    def __init__(self, stream: INetStream, limits: QueryLimits, nursery: trio.Nursery | None = None, *,
-                 flush_interval_s: float = 0.002, max_queued_bytes: int = 256 * 1024) -> None:
-        self._stream = stream
-        self._flush_interval_s = flush_interval_s
-        self._last_write = -float("inf")
-        self._in_write = False
-        self._limits = limits
-        self._nursery = nursery
-        self._max_queued_bytes = max(max_queued_bytes, limits.max_frame_bytes)
-        self._queued: list[tuple[str, Any]] = []
-        self._queued_bytes = 0
-        self._last_token_bytes = 0
-        self._writing = False
-        self._written = trio.Event()
-        self._broken: _StreamBroken | None = None
-        self.sent = 0  #: frames numbered so far
-        self.writes = 0  #: stream writes so far (tests and benches read it)
-
-    async def send(self, kind: str, data: str | list[int]) -> None:
-        if self._broken is not None:
-            raise self._broken
-        size = progress_size(kind, data, max_frame_bytes=self._limits.max_frame_bytes)
-        if (kind == "token" and self._queued and self._queued[-1][0] == "token"
-                and self._last_token_bytes + size <= self._limits.max_frame_bytes):
-            self._queued[-1] = ("token", self._queued[-1][1] + data)
-            self._last_token_bytes += size - PROGRESS_OVERHEAD_BYTES
-        else:
-            self._queued.append((kind, data))
-            self._last_token_bytes = size
-        self._queued_bytes += size
-        if self._nursery is None:
-            await self._write_queued()
-            return
-        if not self._writing:
-            self._writing = True
-            self._nursery.start_soon(self._writer)
-        while self._queued_bytes > self._max_queued_bytes and self._broken is None:
-            await self._written.wait()
-
-    async def token(self, text: str) -> None:
-        await self.send("token", text)
-
-    async def step(self, done: int, total: int) -> None:
-        await self.send("step", [done, total])
-
-    async def status(self, text: str) -> None:
-        await self.send("status", text)
-
-    def _take_queued(self) -> bytes:
-        frames = []
-        for kind, data in self._queued:
-            frames.append(encode_frame(ProgressFrame(self.sent, kind, data), max_frame_bytes=self._limits.max_frame_bytes))
-            self.sent += 1
-        self._queued, self._queued_bytes, self._last_token_bytes = [], 0, 0
-        return b"".join(frames)
-
-    async def _write_queued(self) -> None:
-        data = self._take_queued()
-        if data:
-            self.writes += 1
-            self._in_write = True
-            try:
-                await _write(self._stream, data)
-            finally:
-                self._in_write = False
-                self._last_write = trio.current_time()
-
-    def _wake_waiters(self) -> None:
-        self._written.set()
-        self._written = trio.Event()
-
-    async def _writer(self) -> None:
-        try:
-            while self._queued and self._broken is None:
-                await trio.sleep_until(self._last_write + self._flush_interval_s)
-                await self._write_queued()
-                self._wake_waiters()
-        except _StreamBroken as exc:
-            self._broken = exc
-        finally:
-            self._writing = False
-            self._wake_waiters()
-
-    async def drain(self) -> bytes:
-        """The frames still queued, encoded, to send ahead of the reply (after any write in progress)."""
-        while self._in_write:
-            await self._written.wait()
-        if self._broken is not None:
-            raise self._broken
-        return self._take_queued()
 
 
 Handler = Callable[[Query, "ProgressSink | None"], Awaitable[HandlerResult]]
@@ -358,7 +194,7 @@ class QueryServer(ProtocolServer):
         # stopping the server stops it, and nothing we raise reaches libp2p.
         nursery = self._nursery
         if nursery is None:
-            await _quietly(stream.reset)
+            await quietly(stream.reset)
             return
         done = trio.Event()
         nursery.start_soon(self._serve, stream, done)
@@ -392,9 +228,9 @@ class QueryServer(ProtocolServer):
         finally:
             if session.usable:
                 with trio.CancelScope(shield=True), trio.move_on_after(0.5) as scope:
-                    await _quietly(stream.close)
+                    await quietly(stream.close)
                 if scope.cancelled_caught:
-                    await _quietly(stream.reset)
+                    await quietly(stream.reset)
             done.set()
 
     async def _read_inbound(self, session: _Session, inbound_in: trio.MemorySendChannel[_Inbound]) -> None:
@@ -409,14 +245,14 @@ class QueryServer(ProtocolServer):
             while True:
                 item: _Inbound | None
                 try:
-                    item = await _read_frame(stream, decoder)
+                    item = await read_frame(stream, decoder)
                 except FrameError as exc:
                     # Reported here, the one place that sees every inbound frame, so garbage sent while a
                     # query runs (which only cancels it) counts as well.
                     if report_peer_fault(self.on_peer_fault, stream, truncated=exc.problem is FrameProblem.TRUNCATED):
                         self.stats["peer_faults_reported"] += 1
                     item = exc
-                except _StreamBroken:
+                except StreamBroken:
                     item = None
                 if session.running is not None:
                     session.cancelled_by_peer = True
@@ -536,18 +372,18 @@ class QueryServer(ProtocolServer):
                 ahead = await sink.drain() if sink is not None else b""
                 data = frame.data if isinstance(frame, _EncodedResult) else encode_frame(
                     frame, max_frame_bytes=self.limits.max_frame_bytes)
-                await _write(stream, ahead + data)
-            except _StreamBroken:
+                await write_bytes(stream, ahead + data)
+            except StreamBroken:
                 self.stats["send_failed"] += 1
                 session.usable = session.awaiting_reply = False
-                await _quietly(stream.reset)
+                await quietly(stream.reset)
                 return False
             session.awaiting_reply = False
             return not (isinstance(frame, ErrorFrame) and frame.code in SESSION_ENDING_CODES)
         assert scope.cancelled_caught
         self.stats["send_timeout"] += 1
         session.usable = session.awaiting_reply = False
-        await _quietly(stream.reset)
+        await quietly(stream.reset)
         return False
 
     async def _call_handler(self, query: Query, sink: ProgressSink | None, started: float) -> Frame | _EncodedResult:

@@ -16,7 +16,9 @@ from node.health import Blame, FaultKind
 from node.identity import Identity
 from p2p.host import MeshHost, open_mesh_host, peer_id_for
 from p2p.query_client import CallResult, QueryClient, QueryFailed, public_key_of
-from p2p.query_stream import HandlerResult, ProgressSink, QueryServer, WorkerFault, wall_ms
+from p2p.progress_sink import ProgressSink
+from p2p.query_io import wall_ms
+from p2p.query_stream import HandlerResult, QueryServer, WorkerFault
 from p2p.query_frames import (
     FrameDecoder,
     ProgressFrame,

@@ -18,7 +18,9 @@ from node.identity import Identity
 from p2p.host import open_mesh_host
 from p2p.query_client import StreamPool
 from p2p.query_frames import FrameDecoder, ProgressFrame, ResultFrame, encode_frame
-from p2p.query_stream import HandlerResult, ProgressSink, QueryServer, wall_ms
+from p2p.progress_sink import ProgressSink
+from p2p.query_io import wall_ms
+from p2p.query_stream import HandlerResult, QueryServer
 from p2p.query_wire import Query, make_receipt, result_bytes
 from p2p.topics import query_protocol
 from tests.p2p.test_query_stream import (

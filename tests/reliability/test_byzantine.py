@@ -52,7 +52,8 @@ from p2p.gossip import Delivery, Gossip
 from p2p.host import open_mesh_host
 from p2p.query_client import QueryClient
 from p2p.query_frames import ErrorFrame, FrameDecoder, QueryFrame, encode_frame
-from p2p.query_stream import HandlerResult, QueryServer, wall_ms
+from p2p.query_io import wall_ms
+from p2p.query_stream import HandlerResult, QueryServer
 from p2p.query_wire import QueryLimits, make_query
 from p2p.scoring import DISCONNECT_THRESHOLD
 from p2p.sync_wire import SyncLimits

@@ -51,7 +51,8 @@ from p2p.ads import Ad, AdContent, Capability
 from p2p.host import open_mesh_host, peer_id_for
 from p2p.query_client import QueryClient
 from p2p.query_frames import FrameDecoder, ProgressFrame, QueryFrame, ResultFrame, encode_frame, error_frame
-from p2p.query_stream import QueryServer, wall_ms
+from p2p.query_io import wall_ms
+from p2p.query_stream import QueryServer
 from p2p.query_wire import NonceWindow, QueryLimits, check_query, make_query, make_receipt, result_bytes
 from p2p.topics import query_protocol
 
