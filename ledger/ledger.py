@@ -547,6 +547,19 @@ class Ledger(RecordsMixin):
             self._check_open()
             self._db.put(prefix + key, value, sync=self.sync)
 
+    def aux_write(self, puts: list[tuple[bytes, bytes, bytes]], deletes: list[tuple[bytes, bytes]]) -> None:
+        """Put (prefix, key, value) and delete (prefix, key) records of the custody keyspaces in one
+        durable batch (moving a record to a new key never leaves it in both or in neither)."""
+        if any(prefix not in (store.CUSTODY_WALLET, store.CUSTODY_GRANT) for prefix, *_ in [*puts, *deletes]):
+            raise ValueError("auxiliary writes are limited to the custody keyspaces")
+        with self._lock:
+            self._check_open()
+            with self._db.write_batch(sync=self.sync) as batch:
+                for prefix, key in deletes:
+                    batch.delete(prefix + key)
+                for prefix, key, value in puts:
+                    batch.put(prefix + key, value)
+
     def aux_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         """Every (key without prefix, value) of an auxiliary keyspace (custody), in key order."""
         if prefix not in (store.CUSTODY_WALLET, store.CUSTODY_GRANT):

@@ -494,7 +494,7 @@ class Broker:
 
     async def recover(self) -> dict:
         """At start: pay receipted holds, release the rest (their queries died with us)."""
-        result = await self.ledger.run_recorded(_recover_holds, self._custodial_lookup())
+        result = await self.ledger.run_recorded(_recover_holds, self._custodial_lookup(), self.identity)
         if result["paid"] or result["released"]:
             log.info("recovered holds: %d paid, %d released", result["paid"], result["released"])
         return result
@@ -549,10 +549,11 @@ def _send_for_hold(ledger: Ledger | GroupWrite, payer: Identity, hold: Hold, wor
         raise RuntimeError(f"payment block refused: {result.verdict.value} {result.detail}")
 
 
-def _recover_holds(ledger: Ledger, identities: dict[bytes, Identity]) -> dict:
+def _recover_holds(ledger: Ledger, identities: dict[bytes, Identity], node: Identity) -> dict:
+    """Pay every receipted hold (``identities`` and ``node``'s custodial wallets pay), release the rest."""
     holds = ledger.holds()
     owed = {h.account for h in holds if h.state is HoldState.RECEIPTED} - set(identities)
-    identities = {**identities, **custodial_identities(ledger, owed)}  # browser wallets pay too
+    identities = {**identities, **custodial_identities(ledger, node, owed)}  # browser wallets pay too
     paid = released = 0
     for hold in holds:
         payer = identities.get(hold.account)

@@ -95,10 +95,10 @@ def test_broker_restart_pays_a_receipted_hold_of_a_browser_wallet(funded, builde
     funded.update_hold(hold.receipted(worker.public_key, codec.encode(receipt)))
     stale = funded.place_hold(browser.public_key, QID2, 3 * UNIT)  # still running at the crash
 
-    result = _recover_holds(funded, {founder.public_key: founder})
+    result = _recover_holds(funded, {founder.public_key: founder}, founder)
     assert result == {"paid": 1, "released": 1}
     assert funded.holds() == [] and stale.state.value == "held"
     assert funded.balance(browser.public_key) == 98 * UNIT
     (payment,) = funded.by_reference(signing.digest("receipt", receipt["body"]))
     assert funded.get_block(payment).to == worker.public_key
-    assert _recover_holds(funded, {founder.public_key: founder}) == {"paid": 0, "released": 0}
+    assert _recover_holds(funded, {founder.public_key: founder}, founder) == {"paid": 0, "released": 0}

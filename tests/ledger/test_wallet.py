@@ -74,7 +74,7 @@ def test_grant_paid_but_not_recorded_is_not_paid_twice(tmp_path, genesis, founde
     with Ledger.open(tmp_path / "db", genesis, sync=False, clock_ms=clock) as led:
         custody = Custody(led, founder, budget_units=1000 * UNIT, clock_ms=clock)
         custody.open_wallet("g")
-        led._db.delete(b"G" + b"g")  # simulate a crash after paying, before recording
+        led._db.delete(b"G" + custody.seal.slot(b"g"))  # simulate a crash after paying, before recording
         before = led.balance(founder.public_key)
         custody.grant("g")
         assert led.balance(founder.public_key) == before
