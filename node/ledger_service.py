@@ -99,6 +99,7 @@ class LedgerService:
         #: Set with ``publish``: sends again what gossip already carried (fork evidence).
         self.republish: Callable[[str, bytes], Any] | None = None
         self.gossip_verdicts: Counter[str] = Counter()
+        self.gossip_writes = 0  #: ledger writes that took gossiped blocks (each takes a batch)
         #: Set by the runtime: the node's event bus, for ledger news the console shows
         #: (``payment_reverted``, :func:`node.sync_service.report_own_losses`).
         self.bus: EventBus | None = None
@@ -268,16 +269,18 @@ class LedgerService:
             except P2PError as exc:
                 log.warning("could not gossip a new block: %s", exc)
 
-    async def on_gossip_block(self, delivery) -> None:
-        """A validated ``ledger`` gossip message: hand the block to the ledger."""
-        result = await self.call(lambda ledger: ledger.submit(delivery.data))
-        self.gossip_verdicts[result.verdict.value] += 1
-        if result.verdict is Verdict.FORK and result.hash is not None:
-            from node.sync_service import spread_fork_evidence
+    async def on_gossip_blocks(self, deliveries: list) -> None:
+        """Validated ``ledger`` gossip messages: hand their blocks to the ledger in one write."""
+        results = await self.call(lambda ledger: ledger.submit_many([d.data for d in deliveries]))
+        self.gossip_writes += 1
+        for delivery, result in zip(deliveries, results):
+            self.gossip_verdicts[result.verdict.value] += 1
+            if result.verdict is Verdict.FORK and result.hash is not None:
+                from node.sync_service import spread_fork_evidence
 
-            await spread_fork_evidence(self, result.hash)
-        if result.verdict.value not in ("accepted", "duplicate", "pending_previous", "pending_source"):
-            log.info("gossiped block from %s: %s %s", delivery.origin_peer, result.verdict.value, result.detail)
+                await spread_fork_evidence(self, result.hash)
+            if result.verdict.value not in ("accepted", "duplicate", "pending_previous", "pending_source"):
+                log.info("gossiped block from %s: %s %s", delivery.origin_peer, result.verdict.value, result.detail)
 
     async def auto_receive(self, identity: Identity, quiet_s: float) -> int:
         """Claim what is owed to ``identity``: genesis allocations, and sends that have settled.

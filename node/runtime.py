@@ -190,13 +190,13 @@ class Node:
             "peers": peers,
             "console_url": self.console_url,
             "device": {"kind": self.device.kind, "name": self.device.name, "vram_mb": self.device.vram_mb},
-            # The broker queue and model loading arrive with their own services;
-            # until then there is honestly nothing queued and nothing loaded.
             "queue": {"depth": self.queue.depth, "running": self.local.running},
             "serves": self.local.serves(),
             "loaded_models": self.loaded_models(),
             "broker": {"completed": self.broker.completed, "failed": self.broker.failed} if self.broker else None,
             "ledger": self.ledger.summary() if self.ledger else None,
+            # validated gossip this node had no room to take (its consumer was behind), by topic
+            "gossip_dropped": dict(self.mesh_service.gossip.dropped) if self.mesh_service else {},
             "watchdog": {"stalls": self.watchdog.stalls, "max_loop_lag_s": round(self.watchdog.max_lag_s, 4)},
             "python_allocated_blocks": sys.getallocatedblocks(),  # a leak of Python objects shows here first
         }
@@ -354,7 +354,7 @@ class Node:
                         self.describe,
                         announce_interval_s=self.settings.p2p.announce_interval_s,
                         health_check_interval_s=self.settings.health.health_check_interval_s,
-                        on_block=self.ledger.on_gossip_block,
+                        on_blocks=self.ledger.on_gossip_blocks,
                         max_peers=self.settings.p2p.max_peers,
                         sysop_keys=frozenset(self.genesis.mint_authorities),
                         bus=self.bus,

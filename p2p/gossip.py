@@ -35,6 +35,7 @@ from libp2p.abc import INotifee
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
+import libp2p.pubsub.pubsub as pubsub_module
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -151,7 +152,21 @@ def build_router(config: GossipConfig = GossipConfig()) -> GossipSub:
     return router
 
 
+#: Shim (docs/p2p-notes.md, item 16): py-libp2p hands each subscribed topic's messages to its
+#: subscriber through a channel of ``SUBSCRIPTION_CHANNEL_SIZE`` (32), read when subscribing, and
+#: drops what does not fit with a warning. One RPC can carry more messages than that (a burst of
+#: ledger blocks), all delivered before our pump runs, so a burst lost blocks that sync then had to
+#: fetch again.
+PUBSUB_SUBSCRIPTION_CHANNEL_SIZE = 1024
+#: A publish waits while any peer's outbound queue (32 RPCs in py-libp2p) holds this many, at most
+#: PUBLISH_WAIT_S (see Gossip._send).
+OUTBOUND_ROOM = 24
+PUBLISH_WAIT_S = 1.0
+
+
 def build_pubsub(mesh: MeshHost, router: GossipSub, config: GossipConfig = GossipConfig()) -> Pubsub:
+    pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(pubsub_module.SUBSCRIPTION_CHANNEL_SIZE,
+                                                  PUBSUB_SUBSCRIPTION_CHANNEL_SIZE)
     pubsub = Pubsub(mesh.host, router, strict_signing=True, seen_ttl=config.seen_ttl_s)
     pubsub.validation_cache = NoValidationCache()  # type: ignore[assignment]
     return pubsub
@@ -210,7 +225,7 @@ class Gossip:
         checked = self.validators[name].check(data, self._now_ms())
         if checked.verdict is not Verdict.ACCEPT:
             raise GossipPublishError(topic, checked.verdict, checked.detail)
-        await pubsub.publish(topic, data)
+        await self._send(pubsub, topic, data)
 
     async def republish(self, name: str, data: bytes) -> None:
         """Publish again something valid this node already saw (e.g. fork evidence).
@@ -224,7 +239,23 @@ class Gossip:
         checked = self.validators[name].check(data, self._now_ms())
         if checked.verdict not in (Verdict.ACCEPT, Verdict.DUPLICATE):
             raise GossipPublishError(topic, checked.verdict, checked.detail)
+        await self._send(pubsub, topic, data)
+
+    async def _send(self, pubsub: Pubsub, topic: str, data: bytes) -> None:
+        """Publish, first letting every peer's outbound queue drain below :data:`OUTBOUND_ROOM`.
+
+        py-libp2p queues at most 32 RPCs per peer and drops the rest (as go-libp2p does), and its
+        ``publish`` only queues: a node publishing a burst (a group commit's payment blocks, a
+        wallet's backlog) without yielding filled the queue and lost all but the first 32 at
+        every peer (docs/p2p-notes.md, item 16). Waiting is bounded: after
+        ``PUBLISH_WAIT_S`` the message is queued anyway (a peer that reads nothing is not ours
+        to wait for; sync covers what it misses).
+        """
+        with trio.move_on_after(PUBLISH_WAIT_S):
+            while any(len(queue) >= OUTBOUND_ROOM for queue in list(pubsub.peer_queues.values())):
+                await trio.sleep(0.001)
         await pubsub.publish(topic, data)
+        await trio.lowlevel.checkpoint()  # the peers' writers run before the next publish queues more
 
     # ---- observability ---------------------------------------------------
     def peer_score(self, peer_id: str) -> float:

@@ -18,12 +18,12 @@ from libp2p.peer.id import ID
 
 from ledger import blocks as B
 from ledger.ledger import Ledger
-from ledger.verdicts import Verdict
 from node import genesis as genesis_mod
 from node.datadir import DataDir
 from node.identity import Identity
 from node.ledger_service import LedgerService
-from node.sync_service import SyncService, spread_fork_evidence
+from node.mesh_service import consume_in_batches
+from node.sync_service import SyncService
 from p2p.gossip import Gossip
 from p2p.host import MeshHost, open_mesh_host
 from p2p.sync_wire import SyncLimits
@@ -115,15 +115,6 @@ class LedgerNode:
         return results
 
 
-async def _consume_blocks(node: LedgerNode, channel) -> None:
-    """What the node's gossip path should do: submit, and spread fork evidence on FORK."""
-    async with channel:
-        async for delivery in channel:
-            result = await node.service.call(lambda ledger, data=delivery.data: ledger.submit(data))
-            if result.verdict is Verdict.FORK:
-                await spread_fork_evidence(node.service, result.hash)
-
-
 @asynccontextmanager
 async def open_ledger_node(
     root: Path,
@@ -132,11 +123,13 @@ async def open_ledger_node(
     with_sync: bool = True,
     interval_s: float = 30.0,
     limits: SyncLimits = SyncLimits(),
+    gossip_queue: int = 1024,
+    ledger_sync: bool = False,
 ) -> AsyncIterator[LedgerNode]:
     identity = Identity.generate()
     data = DataDir(root / name)
     data.path.mkdir(parents=True)
-    ledger = Ledger.open(data.path / "ledger", GENESIS, sync=False)
+    ledger = Ledger.open(data.path / "ledger", GENESIS, sync=ledger_sync)
     try:
         service = LedgerService(ledger, data, identity)
         async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
@@ -147,7 +140,9 @@ async def open_ledger_node(
             sync = SyncService(mesh, GENESIS.realm_id, service, interval_s=interval_s, limits=limits) \
                 if with_sync else None
             node = LedgerNode(name, mesh, ledger, service, gossip, sync)
-            nursery.start_soon(_consume_blocks, node, gossip.subscribe("ledger", queue_size=1024))
+            # the node's own gossip path (node/mesh_service.py): batches of blocks, fork evidence spread
+            nursery.start_soon(consume_in_batches, gossip.subscribe("ledger", queue_size=gossip_queue),
+                               service.on_gossip_blocks)
             if sync is not None:
                 await nursery.start(sync.run)
             try:
