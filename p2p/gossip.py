@@ -161,7 +161,7 @@ PUBSUB_SUBSCRIPTION_CHANNEL_SIZE = 1024
 #: A publish waits while any peer's outbound queue (32 RPCs in py-libp2p) holds this many, at most
 #: PUBLISH_WAIT_S (see Gossip._send).
 OUTBOUND_ROOM = 24
-PUBLISH_WAIT_S = 1.0
+PUBLISH_WAIT_S = 0.5
 
 
 def build_pubsub(mesh: MeshHost, router: GossipSub, config: GossipConfig = GossipConfig()) -> Pubsub:
@@ -207,6 +207,7 @@ class Gossip:
         self._pubsub: Pubsub | None = None
         self._router: GossipSub | None = None
         self._nursery: trio.Nursery | None = None
+        self._stuck_peers: set[ID] = set()  # outbound queues that stayed full (see _send)
 
     # ---- consumers -------------------------------------------------------
     def subscribe(self, name: str, *, queue_size: int | None = None) -> trio.MemoryReceiveChannel[Delivery]:
@@ -242,18 +243,23 @@ class Gossip:
         await self._send(pubsub, topic, data)
 
     async def _send(self, pubsub: Pubsub, topic: str, data: bytes) -> None:
-        """Publish, first letting every peer's outbound queue drain below :data:`OUTBOUND_ROOM`.
+        """Publish, first letting each peer's outbound queue drain below :data:`OUTBOUND_ROOM`.
 
         py-libp2p queues at most 32 RPCs per peer and drops the rest (as go-libp2p does), and its
         ``publish`` only queues: a node publishing a burst (a group commit's payment blocks, a
         wallet's backlog) without yielding filled the queue and lost all but the first 32 at
-        every peer (docs/p2p-notes.md, item 16). Waiting is bounded: after
-        ``PUBLISH_WAIT_S`` the message is queued anyway (a peer that reads nothing is not ours
-        to wait for; sync covers what it misses).
+        every peer (docs/p2p-notes.md, item 16). The wait is bounded: a peer whose queue stays
+        full for ``PUBLISH_WAIT_S`` is not waited for again until it has drained (one peer that
+        reads nothing must not slow every publish; sync covers what it misses).
         """
+        def full() -> set:
+            return {peer for peer, queue in list(pubsub.peer_queues.items()) if len(queue) >= OUTBOUND_ROOM}
+
+        self._stuck_peers &= full()  # a peer that drained is waited for again
         with trio.move_on_after(PUBLISH_WAIT_S):
-            while any(len(queue) >= OUTBOUND_ROOM for queue in list(pubsub.peer_queues.values())):
+            while full() - self._stuck_peers:
                 await trio.sleep(0.001)
+        self._stuck_peers |= full()
         await pubsub.publish(topic, data)
         await trio.lowlevel.checkpoint()  # the peers' writers run before the next publish queues more
 

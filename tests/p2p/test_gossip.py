@@ -1,8 +1,10 @@
 import time
 
 import pytest
+import trio
 
 from node import codec, signing
+from p2p import gossip as gossip_mod
 from p2p.envelope import Verdict
 from p2p.gossip import GossipConfig, GossipPublishError
 from tests.p2p.harness import assert_empty, collect, join_raw, open_gossip_mesh, open_raw_node, signed
@@ -94,3 +96,47 @@ async def test_heartbeat_keeps_its_interval_in_a_mesh_smaller_than_the_degree():
             await wait_until(lambda current=current: router.mcache.history[0] is not current,
                              timeout_s=5, what=f"the {beat} heartbeat")
             assert router.heartbeat_interval == GossipConfig().heartbeat_interval_s
+
+
+class _PeerQueues:
+    """Stands in for py-libp2p's Pubsub in :meth:`Gossip._send`: per-peer outbound queues and a
+    ``publish`` that queues. (The burst over real hosts is tests/mesh/test_replication.py.)"""
+
+    def __init__(self) -> None:
+        self.peer_queues: dict[str, list] = {"fast": [], "slow": []}
+        self.published: list[bytes] = []
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        self.published.append(data)
+
+
+async def test_a_publish_waits_for_a_draining_peer_queue_but_not_again_for_a_stuck_one():
+    service = gossip_mod.Gossip(None, b"r" * 32)  # the mesh is only used by run()
+    pubsub = _PeerQueues()
+    full = [None] * gossip_mod.OUTBOUND_ROOM
+
+    async def drain_soon() -> None:
+        await trio.sleep(0.05)
+        pubsub.peer_queues["fast"] = []
+
+    pubsub.peer_queues["fast"] = list(full)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain_soon)
+        await service._send(pubsub, "t", b"1")
+    assert 0.05 <= trio.current_time() - start < gossip_mod.PUBLISH_WAIT_S and pubsub.published == [b"1"]
+
+    pubsub.peer_queues["slow"] = list(full)  # a peer that reads nothing
+    start = trio.current_time()
+    await service._send(pubsub, "t", b"2")
+    assert trio.current_time() - start >= gossip_mod.PUBLISH_WAIT_S  # waited once, bounded
+    start = trio.current_time()
+    await service._send(pubsub, "t", b"3")
+    assert trio.current_time() - start < 0.1  # not again while it stays full
+    pubsub.peer_queues["slow"] = []
+    await service._send(pubsub, "t", b"4")  # it drained: waited for again from now on
+    pubsub.peer_queues["slow"] = list(full)
+    start = trio.current_time()
+    await service._send(pubsub, "t", b"5")
+    assert trio.current_time() - start >= gossip_mod.PUBLISH_WAIT_S
+    assert pubsub.published == [b"1", b"2", b"3", b"4", b"5"]
