@@ -108,7 +108,9 @@ class Custody:
 
     def wallet(self, guid: str) -> Identity | None:
         """The custodial wallet of ``guid``, or None if it has none yet."""
-        slot = self._slot(guid)
+        return self._wallet_at(self._slot(guid))
+
+    def _wallet_at(self, slot: bytes) -> Identity | None:
         raw = self.ledger.aux_get(store.CUSTODY_WALLET, slot)
         return self.seal.open_record(raw) if raw is not None else None
 
@@ -142,7 +144,7 @@ class Custody:
         """Get or create ``guid``'s wallet; a new one gets its grant (or the refusal message)."""
         with self.ledger._lock:
             slot = self._slot(guid)
-            identity = self.wallet(guid)
+            identity = self._wallet_at(slot)
             created = identity is None
             if created:
                 identity = Identity.generate()
@@ -170,7 +172,7 @@ class Custody:
             if done is not None:
                 record = msgpack.unpackb(done)
                 return {"send": record["send"].hex(), "amount": wallet_ops.format_units(record["units"])}
-            identity = self.wallet(guid)
+            identity = self._wallet_at(slot)
             if identity is None:
                 raise CustodyError(f"no custodial wallet for {guid!r}")
             ref = grant_ref(guid)
