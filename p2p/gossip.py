@@ -154,9 +154,9 @@ def build_router(config: GossipConfig = GossipConfig()) -> GossipSub:
 
 #: Shim (docs/p2p-notes.md, item 16): py-libp2p hands each subscribed topic's messages to its
 #: subscriber through a channel of ``SUBSCRIPTION_CHANNEL_SIZE`` (32), read when subscribing, and
-#: drops what does not fit with a warning. One RPC can carry more messages than that (a burst of
-#: ledger blocks), all delivered before our pump runs, so a burst lost blocks that sync then had to
-#: fetch again.
+#: drops what does not fit with a warning. Its reader hands over every message of the RPCs it reads
+#: without letting our pump run, so a burst of ledger blocks overflowed it (seen in
+#: tests/mesh/test_replication.py's burst before publishing was paced) and sync had to fetch them.
 PUBSUB_SUBSCRIPTION_CHANNEL_SIZE = 1024
 #: A publish waits while any peer's outbound queue (32 RPCs in py-libp2p) holds this many, at most
 #: PUBLISH_WAIT_S (see Gossip._send).
