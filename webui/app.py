@@ -181,6 +181,10 @@ async def _gauges(node: "Node", state: ConsoleState) -> dict[str, tuple[str, flo
                                         state.hub.largest_outbox()),
         "mtor_events_dropped_total": ("Event-bus subscribers dropped for being slow.", node.bus.dropped_total),
     }
+    if node.mesh_service is not None:
+        gauges["mtor_gossip_ledger_dropped_total"] = (
+            "Validated ledger gossip this node had no room to take (sync fetches it later).",
+            node.mesh_service.gossip.dropped["ledger"])
     if node.broker is not None:
         gauges["mtor_broker_completed_total"] = ("Queries this broker completed.", node.broker.completed)
         gauges["mtor_broker_failed_total"] = ("Queries this broker failed, cancelled or expired.", node.broker.failed)

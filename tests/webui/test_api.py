@@ -124,7 +124,7 @@ def test_metrics_are_prometheus_text(http):
     assert 'mtor_console_queries_total{outcome="done",type="chat"}' in text
     assert any(line.startswith('mtor_console_query_seconds_bucket{le="+Inf",type="chat"}') for line in lines)
     for name in ("mtor_queue_depth", "mtor_peers", "mtor_ledger_blocks", "mtor_console_tokens_spent_total",
-                 "mtor_console_tokens_earned_total", "mtor_console_connections"):
+                 "mtor_console_tokens_earned_total", "mtor_console_connections", "mtor_gossip_ledger_dropped_total"):
         assert any(line.startswith(name + " ") for line in lines), name
     assert all(line.startswith("#") or len(line.rsplit(" ", 1)) == 2 for line in lines)
 
