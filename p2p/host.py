@@ -46,7 +46,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from node.identity import Identity
 from p2p._tcp import ExclusiveTCP
 from p2p.errors import P2PAddressError, P2PDialError, P2PError, P2PListenError
-from p2p.quick_lock import quicken
+from p2p.quick_lock import QuickLock, quicken
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def _reason(exc: BaseException) -> str:
 
 
 class _HalfWindowCreditStream(YamuxStream):
-    """A yamux stream that returns receive-window credit as go-yamux does: once half the window is read.
+    """A yamux stream that returns receive-window credit as go-yamux does (once half the window is
+    read) and whose writes are whole.
 
     py-libp2p 0.8.1 sends a WINDOW_UPDATE after *every* read, however small,
     so each frame of a request/response exchange costs a second Noise message
@@ -179,6 +180,21 @@ class _HalfWindowCreditStream(YamuxStream):
     writer never waits on a reader that is reading. (No window auto-tuning:
     our messages are small; bulk transfers run at 256 KiB per round trip.)
     """
+
+    #: Set as a stream takes this class (see _StreamTable); one write at a time, each one whole.
+    _whole_writes: QuickLock
+
+    async def write(self, data: bytes) -> None:
+        """Write all of ``data`` before another write on this stream may start.
+
+        py-libp2p locks each frame, not each write: a message the send window splits took
+        another writer's frames in between, and the reader got two messages spliced together
+        (pubsub writes a peer's stream from its sending loop and, as the peer subscribes, from
+        other tasks: the "undecodable pubsub RPC" of docs/p2p-notes.md, item 13). Free, the lock
+        costs no scheduler pass (p2p.quick_lock).
+        """
+        async with self._whole_writes:
+            await super().write(data)
 
     async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
         async with self.window_lock:
@@ -201,6 +217,7 @@ class _StreamTable(dict):
     def __setitem__(self, stream_id: int, stream: YamuxStream) -> None:
         if type(stream) is YamuxStream:
             stream.__class__ = _HalfWindowCreditStream
+            stream._whole_writes = QuickLock()
             quicken(stream, "window_lock", "close_lock")
             quicken(stream.rw_lock, "_readers_lock", "_writer_lock")
         super().__setitem__(stream_id, stream)

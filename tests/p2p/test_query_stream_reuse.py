@@ -278,3 +278,43 @@ async def test_concurrent_callers_sharing_a_pool_never_lose_a_query():
             assert worker.server.stats["ok"] == callers * per_caller
             assert worker.server.stats["cancelled"] == 0 and broker.client.stats["stale_retried"] == 0
             assert broker.client.stats["opened"] <= callers
+
+
+async def test_concurrent_writes_on_one_stream_never_interleave():
+    """Two tasks write length-prefixed messages on one stream while the reader lags, so the send
+    window runs out mid-message. py-libp2p's yamux locks each frame, not each write: a message the
+    window splits could take another writer's frame in between (pubsub writes a peer's stream from
+    its sending loop and, as a peer subscribes, from other tasks). Every message must arrive whole."""
+    message_bytes, per_writer = 40 * 1024, 24  # 2 x 960 KiB: nearly four windows each
+    received = bytearray()
+    done = trio.Event()
+
+    async def slow_reader(stream) -> None:
+        while len(received) < 2 * per_writer * (4 + message_bytes):
+            await trio.sleep(0.005)
+            received.extend(await stream.read(16 * 1024))
+        done.set()
+
+    with trio.fail_after(60):
+        async with open_mesh_host(Identity.generate(), LOCAL) as a, open_mesh_host(Identity.generate(), LOCAL) as b:
+            b.host.set_stream_handler(ECHO_PROTOCOL, slow_reader)
+            await a.connect(b.listen_addrs[0])
+            stream = await a.host.new_stream(b.host.get_id(), [ECHO_PROTOCOL])
+
+            async def writer(fill: int) -> None:
+                for _ in range(per_writer):
+                    await stream.write(message_bytes.to_bytes(4, "big") + bytes([fill]) * message_bytes)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer, 0xAA)
+                nursery.start_soon(writer, 0x55)
+            await done.wait()
+    messages, at = [], 0
+    while at < len(received):
+        size = int.from_bytes(received[at:at + 4], "big")
+        assert size == message_bytes, f"message {len(messages)}: length prefix {size} (interleaved writes)"
+        body = bytes(received[at + 4:at + 4 + size])
+        assert len(set(body)) == 1, f"message {len(messages)} mixes two writers' bytes"
+        messages.append(body[0])
+        at += 4 + size
+    assert sorted(messages) == [0x55] * per_writer + [0xAA] * per_writer
