@@ -78,10 +78,12 @@ from node.events import EventBus  # noqa: E402
 from node.health import HealthPolicy  # noqa: E402
 from node.identity import Identity  # noqa: E402
 from node.ledger_service import LedgerService  # noqa: E402
+from node.mesh_service import consume_in_batches  # noqa: E402
 from node.pricing import PriceBook  # noqa: E402
 from node.queue_service import QueueService  # noqa: E402
 from node.registry import PeerRegistry  # noqa: E402
 from p2p.ads import AdContent, Capability, parse_ad, sign_ad  # noqa: E402
+from p2p.gossip import Gossip  # noqa: E402
 from p2p.host import MeshHost, open_mesh_host, peer_id_for  # noqa: E402
 from p2p.query_client import QueryClient  # noqa: E402
 from p2p.query_frames import QueryFrame, encode_frame  # noqa: E402
@@ -161,29 +163,52 @@ async def echo(stream) -> None:
         pass
 
 
-async def serve_other_node(seed_hex: str, realm_hex: str) -> None:
+async def serve_other_node(seed_hex: str, genesis_path: str) -> None:
     """The worker node of (c) and the legacy worker of (d), in a process of their own as deployed.
 
-    Prints ``{"p2p": <address>, "legacy": <url>}`` on one line, then serves until
-    its stdin closes (the bench's end).
+    Like a node, it keeps its own ledger (synced) fed by gossip, and claims the payments it earns
+    every ``settle_quiet_s`` (receive blocks gossiped back to the broker). Prints
+    ``{"p2p": <address>, "legacy": <url>}`` on one line, then serves until its stdin closes (the
+    bench's end).
     """
-    identity, realm = Identity.from_seed(bytes.fromhex(seed_hex)), bytes.fromhex(realm_hex)
+    identity = Identity.from_seed(bytes.fromhex(seed_hex))
+    genesis = genesis_mod.load(Path(genesis_path))
+    realm = genesis.realm_id
     worker = LocalWorker(model_manager(Settings(), ReverseBackend()))
-    async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
-        server = QueryServer(mesh, realm, identity, worker.handle, capabilities=worker.serves_wire())
-        await nursery.start(server.run)
-        mesh.host.set_stream_handler(ECHO_PROTOCOL, echo)
-        legacy_url = await start_legacy_worker(nursery)
-        print(json.dumps({"p2p": mesh.listen_addrs[0], "legacy": legacy_url}), flush=True)
-        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
-        nursery.cancel_scope.cancel()
+    with tempfile.TemporaryDirectory(prefix="mtor-bench-worker-") as tmp:
+        ledger = Ledger.open(Path(tmp) / "ledger", genesis, sync=True)
+        service = LedgerService(ledger, DataDir(Path(tmp)), identity)
+        try:
+            async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
+                await start_gossip(nursery, mesh, realm, service)
+                server = QueryServer(mesh, realm, identity, worker.handle, capabilities=worker.serves_wire())
+                await nursery.start(server.run)
+                await nursery.start(service.run_auto_receive, Settings().ledger.settle_quiet_s)
+                mesh.host.set_stream_handler(ECHO_PROTOCOL, echo)
+                legacy_url = await start_legacy_worker(nursery)
+                print(json.dumps({"p2p": mesh.listen_addrs[0], "legacy": legacy_url}), flush=True)
+                await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+                nursery.cancel_scope.cancel()
+        finally:
+            await service.close()
+
+
+async def start_gossip(nursery: trio.Nursery, mesh: MeshHost, realm: bytes, service: LedgerService) -> Gossip:
+    """The ledger's gossip as a node runs it: blocks it makes are announced, blocks others make are
+    taken into its ledger (node/runtime.py, node/mesh_service.py)."""
+    gossip = Gossip(mesh, realm)
+    await nursery.start(gossip.run)
+    service.publish, service.republish = gossip.publish, gossip.republish
+    await nursery.start(service.run_announcer)
+    nursery.start_soon(consume_in_batches, gossip.subscribe("ledger"), service.on_gossip_blocks)
+    return gossip
 
 
 @asynccontextmanager
-async def other_node(worker: Identity, realm: bytes) -> AsyncIterator[dict]:
+async def other_node(worker: Identity, genesis_path: Path) -> AsyncIterator[dict]:
     """Start :func:`serve_other_node` in a child process; yield its addresses; stop it at the end."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, __file__, "--serve-other-node", worker.seed.hex(), realm.hex()],
+        [sys.executable, __file__, "--serve-other-node", worker.seed.hex(), str(genesis_path)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         line = b""
@@ -327,7 +352,9 @@ async def run(args: argparse.Namespace) -> list[dict]:
         ledger = Ledger.open(Path(tmp) / "ledger", genesis, sync=args.sync)
         receive_all(ledger, payer)
         service = LedgerService(ledger, DataDir(Path(tmp)), broker_id)
-        async with other_node(other_id, realm) as other, trio.open_nursery() as nursery:
+        genesis_path = Path(tmp) / "genesis.mtor"
+        genesis_path.write_bytes(genesis.to_bytes())
+        async with other_node(other_id, genesis_path) as other, trio.open_nursery() as nursery:
             legacy_url = await start_legacy_worker(nursery)
             manager = model_manager(settings, ReverseBackend(), LegacyWorkerBackend(legacy_url, model=LEGACY_MODEL),
                                     LegacyWorkerBackend(other["legacy"], model=LEGACY_MODEL_OTHER))
@@ -340,8 +367,16 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 server = QueryServer(mesh_b, realm, worker_id, remote_worker.handle,
                                      capabilities=remote_worker.serves_wire())
                 await nursery.start(server.run)
+                # As deployed, the broker gossips its payment blocks and takes the worker's receive
+                # blocks in; the worker node starts from the payer's opening block.
+                gossip = await start_gossip(nursery, mesh_a, realm, service)
                 await mesh_a.connect(mesh_b.listen_addrs[0])
                 await mesh_a.connect(other["p2p"])
+                with trio.fail_after(20):
+                    while peer_id_for(other_id) not in gossip.topic_peers("ledger"):
+                        await trio.sleep(0.05)
+                opening = ledger.get_block(ledger.account_state(payer.public_key).eff_hash)
+                await gossip.republish("ledger", opening.raw)
 
                 # a1, a2 ------------------------------------------------------------------
                 request = ChatRequest(messages=[{"role": "user", "content": prompt}])

@@ -159,16 +159,19 @@ class Ledger(RecordsMixin):
         """Validate and store one block (bytes or a :class:`Block`); see :class:`Result`."""
         return self.submit_many([data])[0]
 
-    def submit_many(self, items: Iterable[bytes | Block]) -> list[Result]:
+    def submit_many(self, items: Iterable[bytes | Block], *, signatures_checked: bool = False) -> list[Result]:
         """Submit blocks in order, committing everything stored in ONE WriteBatch.
 
         Results are exactly what one-by-one ``submit`` calls would return.
+        ``signatures_checked``: this process has verified every item's block signature already
+        (the ledger topic's gossip validator checks exactly that signature), so it is not
+        verified again.
         """
         with self._lock:
             self._check_open()
             txn = LedgerTxn(self._db, self.facts, self._accounts, self._blocks)
             now = self._clock_ms()
-            results = [self._submit_one(txn, item, now) for item in items]
+            results = [self._submit_one(txn, item, now, signatures_checked) for item in items]
             txn.commit(sync=self.sync)
             self._trim_caches()
             return results
@@ -205,7 +208,7 @@ class Ledger(RecordsMixin):
                     self._held[account] += delta
             return results
 
-    def _submit_one(self, txn: LedgerTxn, item: bytes | Block, now: int) -> Result:
+    def _submit_one(self, txn: LedgerTxn, item: bytes | Block, now: int, signature_checked: bool = False) -> Result:
         try:
             block = item if isinstance(item, Block) else parse_block(item)
         except BlockError as exc:
@@ -214,7 +217,7 @@ class Ledger(RecordsMixin):
             return Result(Verdict.DUPLICATE, block.hash, detail="already waiting in the pending pool")
         if txn.is_stored(block):
             return Result(Verdict.DUPLICATE, block.hash, detail="already stored")
-        finding = validate(block, txn)
+        finding = validate(block, txn, signature_checked=signature_checked)
         if finding.verdict.pending:
             missing = block.previous if finding.verdict is Verdict.PENDING_PREVIOUS else block.source
             if not self._pool.add(block, missing):

@@ -133,8 +133,10 @@ def signer_key(value: Any) -> bytes | None:
         return None
 
 
-def check_envelope(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: int) -> Checked:
-    """Stateless checks, cheapest first; the signature is verified last."""
+def check_envelope(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: int, *,
+                   signature_known: bool = False) -> Checked:
+    """Stateless checks, cheapest first; the signature is verified last (not at all when
+    ``signature_known``: these exact bytes passed this check in this process already)."""
     if len(data) > rules.max_bytes:
         return Checked(Verdict.TOO_LARGE, detail=f"{len(data)} > {rules.max_bytes} bytes")
     try:
@@ -172,7 +174,7 @@ def check_envelope(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: i
         problem = rules.data_check(data)
         if problem is not None:
             return Checked(Verdict.BAD_BODY, detail=problem)
-    if not signing.verify(signer, rules.kind, body, sig):
+    if not signature_known and not signing.verify(signer, rules.kind, body, sig):
         return Checked(Verdict.BAD_SIGNATURE, body=body, signer=signer)
     if rules.seq_field is not None:
         replay_key: Any = body[rules.seq_field]
@@ -211,6 +213,10 @@ class ReplayGuard:
             self._latest.popitem(last=False)
 
 
+#: Own messages remembered between the pre-publish check and py-libp2p's validation of them.
+MAX_CHECKED_TO_PUBLISH = 256
+
+
 class TopicValidator:
     """Stateless checks plus this node's replay memory, for one topic."""
 
@@ -218,12 +224,21 @@ class TopicValidator:
         self.rules = rules
         self.realm_id = realm_id
         self.guard = ReplayGuard(max_entries=max_replay_entries)
+        #: Digests of messages this node checked before publishing them: py-libp2p runs the
+        #: validator on our own publishes too, and their signature need not be verified twice.
+        self._checked_to_publish: OrderedDict[bytes, None] = OrderedDict()
 
     def check(self, data: bytes, now_ms: int) -> Checked:
         """Full verdict without remembering the message (for local pre-publish checks)."""
         checked = check_envelope(data, self.rules, self.realm_id, now_ms)
         if checked.verdict is not Verdict.ACCEPT:
             return checked
+        self._checked_to_publish[hashlib.blake2b(data, digest_size=16).digest()] = None
+        while len(self._checked_to_publish) > MAX_CHECKED_TO_PUBLISH:
+            self._checked_to_publish.popitem(last=False)
+        return self._replay_verdict(checked)
+
+    def _replay_verdict(self, checked: Checked) -> Checked:
         replay = self.guard.verdict(checked.signer, checked.replay_key, sequenced=self.rules.seq_field is not None)
         if replay is not Verdict.ACCEPT:
             return Checked(replay, body=checked.body, signer=checked.signer, replay_key=checked.replay_key)
@@ -231,7 +246,10 @@ class TopicValidator:
 
     def validate(self, data: bytes, now_ms: int) -> Checked:
         """Full verdict; an accepted message is remembered so its replays are refused."""
-        checked = self.check(data, now_ms)
+        known = self._checked_to_publish.pop(hashlib.blake2b(data, digest_size=16).digest(), False) is None
+        checked = check_envelope(data, self.rules, self.realm_id, now_ms, signature_known=known)
+        if checked.verdict is Verdict.ACCEPT:
+            checked = self._replay_verdict(checked)
         if checked.verdict is Verdict.ACCEPT:
             self.guard.record(checked.signer, checked.replay_key, sequenced=self.rules.seq_field is not None)
         return checked

@@ -158,3 +158,13 @@ def test_pending_pool(tmp_path, genesis, builder, founder):
         assert led.balance(a.public_key) == UNIT
         assert led.submit(third.raw).verdict is Verdict.ACCEPTED
         assert led.verify().ok
+
+
+def test_signatures_checked_is_a_promise_the_caller_keeps(ledger, funded, builder, founder):
+    """``submit_many(signatures_checked=True)`` (blocks the gossip validator verified) skips the
+    verification, and nothing else does: the same forged bytes are refused without it."""
+    send = builder.send(founder, ident(2), UNIT)
+    forged = bytearray(send.raw)
+    forged[10] ^= 1  # inside the signature
+    assert ledger.submit_many([bytes(forged)])[0].verdict is Verdict.BAD_SIGNATURE
+    assert ledger.submit_many([bytes(forged)], signatures_checked=True)[0].verdict is Verdict.ACCEPTED

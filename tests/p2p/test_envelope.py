@@ -126,3 +126,29 @@ def test_replay_guard_is_bounded():
     assert len(guard._latest) == 2
     assert guard.verdict(bytes([4]) * 32, 1, sequenced=True) is Verdict.DUPLICATE
     assert guard.verdict(bytes([0]) * 32, 1, sequenced=True) is Verdict.ACCEPT  # evicted
+
+
+def test_an_own_message_checked_before_publishing_is_not_verified_again(monkeypatch):
+    """py-libp2p validates our own publishes too: the signature of bytes the pre-publish check
+    verified is not verified a second time; anything else still is, and forgeries still fail."""
+    from p2p import envelope
+
+    verifications = []
+    real_verify = envelope.signing.verify
+
+    def counted(*args, **kwargs):
+        verifications.append(args[2])
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(envelope.signing, "verify", counted)
+    ident = Identity.generate()
+    v = TopicValidator(RULES["ledger"], REALM)
+    own = blocks.make_open(ident, REALM, blocks.alloc_id(REALM, 0), 5, 1).raw
+    assert v.check(own, NOW).verdict is Verdict.ACCEPT and len(verifications) == 1
+    assert v.validate(own, NOW).verdict is Verdict.ACCEPT and len(verifications) == 1
+    assert v.validate(own, NOW).verdict is Verdict.DUPLICATE and len(verifications) == 2  # remembered once only
+    other = blocks.make_open(ident, REALM, blocks.alloc_id(REALM, 0), 6, 1).raw
+    assert v.validate(other, NOW).verdict is Verdict.ACCEPT and len(verifications) == 3
+    forged = bytearray(blocks.make_open(ident, REALM, blocks.alloc_id(REALM, 0), 7, 1).raw)
+    forged[10] ^= 1  # inside the signature: canonical order puts "sig" (bytes 7-70) before "body"
+    assert v.validate(bytes(forged), NOW).verdict is Verdict.BAD_SIGNATURE
