@@ -17,7 +17,9 @@ One run, the same prompt on every path, every answer checked:
   rx, c0x  r and c0 to the worker node in another process (the one c uses): c - c0x is what the
       broker adds, c0x - rx what the query protocol adds to libp2p
   c   Broker.ask on host A with worker node B in another process (as deployed): (b)'s pipeline
-      over libp2p
+      over libp2p. As deployed, the ledger gossips too (``--no-gossip`` turns it off): A announces
+      each payment block, B takes it into its own synced ledger and claims what it earns every
+      ``settle_quiet_s``, and A takes B's receive blocks in
   d   Broker.ask to a legacy HTTP worker in that other process: a minimal real server (POST /predict
       {prompt} → {"response": reversed}, GET /health) on 127.0.0.1:0, reached by the node's own legacy
       adapter (inference.remote_legacy.LegacyWorkerBackend, httpx) registered as a
@@ -32,7 +34,7 @@ broker does per query), and one query record, each through the LedgerService. Th
 issue 5's targets on this run: c within 3 ms of a1 (p50), ≥ 500 q/s through the broker (b), c
 faster than d. ``bench/query_timeline.py`` splits one path's time into its stages.
 
-Usage: python bench/broker.py [--queries N] [--concurrency C] [--rounds R] [--no-sync] [--prompt TEXT]
+Usage: python bench/broker.py [--queries N] [--concurrency C] [--rounds R] [--no-sync] [--no-gossip] [--prompt TEXT]
                              [--paths a1,b,c,d]
 """
 
@@ -163,7 +165,7 @@ async def echo(stream) -> None:
         pass
 
 
-async def serve_other_node(seed_hex: str, genesis_path: str) -> None:
+async def serve_other_node(seed_hex: str, genesis_path: str, gossip: bool) -> None:
     """The worker node of (c) and the legacy worker of (d), in a process of their own as deployed.
 
     Like a node, it keeps its own ledger (synced) fed by gossip, and claims the payments it earns
@@ -180,10 +182,12 @@ async def serve_other_node(seed_hex: str, genesis_path: str) -> None:
         service = LedgerService(ledger, DataDir(Path(tmp)), identity)
         try:
             async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
-                await start_gossip(nursery, mesh, realm, service)
+                if gossip:
+                    await start_gossip(nursery, mesh, realm, service)
                 server = QueryServer(mesh, realm, identity, worker.handle, capabilities=worker.serves_wire())
                 await nursery.start(server.run)
-                await nursery.start(service.run_auto_receive, Settings().ledger.settle_quiet_s)
+                if gossip:
+                    await nursery.start(service.run_auto_receive, Settings().ledger.settle_quiet_s)
                 mesh.host.set_stream_handler(ECHO_PROTOCOL, echo)
                 legacy_url = await start_legacy_worker(nursery)
                 print(json.dumps({"p2p": mesh.listen_addrs[0], "legacy": legacy_url}), flush=True)
@@ -205,10 +209,10 @@ async def start_gossip(nursery: trio.Nursery, mesh: MeshHost, realm: bytes, serv
 
 
 @asynccontextmanager
-async def other_node(worker: Identity, genesis_path: Path) -> AsyncIterator[dict]:
+async def other_node(worker: Identity, genesis_path: Path, gossip: bool) -> AsyncIterator[dict]:
     """Start :func:`serve_other_node` in a child process; yield its addresses; stop it at the end."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, __file__, "--serve-other-node", worker.seed.hex(), str(genesis_path)],
+        [sys.executable, __file__, "--serve-other-node", worker.seed.hex(), str(genesis_path), str(int(gossip))],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         line = b""
@@ -354,7 +358,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
         service = LedgerService(ledger, DataDir(Path(tmp)), broker_id)
         genesis_path = Path(tmp) / "genesis.mtor"
         genesis_path.write_bytes(genesis.to_bytes())
-        async with other_node(other_id, genesis_path) as other, trio.open_nursery() as nursery:
+        async with other_node(other_id, genesis_path, args.gossip) as other, trio.open_nursery() as nursery:
             legacy_url = await start_legacy_worker(nursery)
             manager = model_manager(settings, ReverseBackend(), LegacyWorkerBackend(legacy_url, model=LEGACY_MODEL),
                                     LegacyWorkerBackend(other["legacy"], model=LEGACY_MODEL_OTHER))
@@ -369,14 +373,15 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 await nursery.start(server.run)
                 # As deployed, the broker gossips its payment blocks and takes the worker's receive
                 # blocks in; the worker node starts from the payer's opening block.
-                gossip = await start_gossip(nursery, mesh_a, realm, service)
+                gossip = await start_gossip(nursery, mesh_a, realm, service) if args.gossip else None
                 await mesh_a.connect(mesh_b.listen_addrs[0])
                 await mesh_a.connect(other["p2p"])
-                with trio.fail_after(20):
-                    while peer_id_for(other_id) not in gossip.topic_peers("ledger"):
-                        await trio.sleep(0.05)
-                opening = ledger.get_block(ledger.account_state(payer.public_key).eff_hash)
-                await gossip.republish("ledger", opening.raw)
+                if gossip is not None:
+                    with trio.fail_after(20):
+                        while peer_id_for(other_id) not in gossip.topic_peers("ledger"):
+                            await trio.sleep(0.05)
+                    opening = ledger.get_block(ledger.account_state(payer.public_key).eff_hash)
+                    await gossip.republish("ledger", opening.raw)
 
                 # a1, a2 ------------------------------------------------------------------
                 request = ChatRequest(messages=[{"role": "user", "content": prompt}])
@@ -552,7 +557,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["--serve-other-node"]:  # the child of other_node()
-        trio.run(serve_other_node, *sys.argv[2:4])
+        trio.run(serve_other_node, sys.argv[2], sys.argv[3], sys.argv[4] == "1")
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=300, help="queries per path and phase (default 300)")
@@ -561,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sequential calls of every path are spread over this many interleaved rounds")
     parser.add_argument("--no-sync", dest="sync", action="store_false",
                         help="ledger without fsync per write batch (default: fsync, as the node's default)")
+    parser.add_argument("--no-gossip", dest="gossip", action="store_false",
+                        help="no ledger gossip between the broker and the worker node (default: as deployed)")
     parser.add_argument("--prompt", default="What is the capital of France?")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--paths", type=lambda text: set(text.split(",")), default=set(),
@@ -572,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
         return 0
     print(f"{args.queries} queries per path, {args.concurrency} concurrent callers for q/s, "
-          f"ledger sync={'on' if args.sync else 'off'}, prompt {len(args.prompt)} chars, {os.cpu_count()} CPUs")
+          f"ledger sync={'on' if args.sync else 'off'}, gossip={'on' if args.gossip else 'off'}, prompt {len(args.prompt)} chars, {os.cpu_count()} CPUs")
     print(f"{'path':<52}{'p50 ms':>9}{'p99 ms':>9}{'q/s':>9}{'p50-a2':>9}{'×a2':>7}")
     for r in results:
         if r["path"] == "targets":
