@@ -159,20 +159,25 @@ class Ledger(RecordsMixin):
         """Validate and store one block (bytes or a :class:`Block`); see :class:`Result`."""
         return self.submit_many([data])[0]
 
-    def submit_many(self, items: Iterable[bytes | Block], *, signatures_checked: bool = False) -> list[Result]:
+    def submit_many(self, items: Iterable[bytes | Block], *, signatures_checked: bool = False,
+                    durable: bool = True) -> list[Result]:
         """Submit blocks in order, committing everything stored in ONE WriteBatch.
 
         Results are exactly what one-by-one ``submit`` calls would return.
         ``signatures_checked``: this process has verified every item's block signature already
         (the ledger topic's gossip validator checks exactly that signature), so it is not
-        verified again.
+        verified again. ``durable=False`` writes without fsync whatever the ledger's mode: for
+        other nodes' blocks arriving by gossip or sync, which this node acknowledged to nobody.
+        A machine crash can lose only the newest unsynced writes (LevelDB replays its log up to
+        the first record it lacks, and any later synced write flushes the earlier ones), and
+        sync fetches them again; a process crash loses nothing (the OS has the write).
         """
         with self._lock:
             self._check_open()
             txn = LedgerTxn(self._db, self.facts, self._accounts, self._blocks)
             now = self._clock_ms()
             results = [self._submit_one(txn, item, now, signatures_checked) for item in items]
-            txn.commit(sync=self.sync)
+            txn.commit(sync=self.sync and durable)
             self._trim_caches()
             return results
 

@@ -71,8 +71,8 @@ class _RecordingLedger:
     def submit(self, data):
         return self.submit_many([data])[0]
 
-    def submit_many(self, items):
-        results = self._ledger.submit_many(items)
+    def submit_many(self, items, **options):
+        results = self._ledger.submit_many(items, **options)
         for result in results:
             self.applied.extend(result.applied)
         return results
@@ -94,7 +94,9 @@ class LedgerService:
         self.limiter = QuickLock()  #: the ledger's slot: whoever holds it may use the ledger
         self.lane = ThreadLane("ledger")
         self._summary: dict = {}
-        #: Set by the mesh once gossip runs: ``await publish("ledger", raw_block)``.
+        #: Set by the mesh once gossip runs: ``await publish("ledger", raw_block)``, only ever for
+        #: blocks this ledger stored (so their signatures hold: the node passes
+        #: ``Gossip.publish`` with ``signature_known=True``).
         self.publish: Callable[[str, bytes], Any] | None = None
         #: Set with ``publish``: sends again what gossip already carried (fork evidence).
         self.republish: Callable[[str, bytes], Any] | None = None
@@ -273,10 +275,11 @@ class LedgerService:
         """Validated ``ledger`` gossip messages: hand their blocks to the ledger in one write.
 
         The topic's validator (p2p.envelope, kind ``block``, signer ``account``) has verified each
-        block's own signature in this process, so the ledger does not verify it again.
+        block's own signature in this process, so the ledger does not verify it again; and they
+        are other nodes' blocks, written without fsync (``Ledger.submit_many``, ``durable``).
         """
         results = await self.call(lambda ledger: ledger.submit_many([d.data for d in deliveries],
-                                                                    signatures_checked=True))
+                                                                    signatures_checked=True, durable=False))
         self.gossip_writes += 1
         for delivery, result in zip(deliveries, results):
             self.gossip_verdicts[result.verdict.value] += 1

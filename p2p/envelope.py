@@ -228,9 +228,12 @@ class TopicValidator:
         #: validator on our own publishes too, and their signature need not be verified twice.
         self._checked_to_publish: OrderedDict[bytes, None] = OrderedDict()
 
-    def check(self, data: bytes, now_ms: int) -> Checked:
-        """Full verdict without remembering the message (for local pre-publish checks)."""
-        checked = check_envelope(data, self.rules, self.realm_id, now_ms)
+    def check(self, data: bytes, now_ms: int, *, signature_known: bool = False) -> Checked:
+        """Full verdict without remembering the message (for local pre-publish checks).
+
+        ``signature_known``: the caller vouches for the signature (a block its ledger stored).
+        """
+        checked = check_envelope(data, self.rules, self.realm_id, now_ms, signature_known=signature_known)
         if checked.verdict is not Verdict.ACCEPT:
             return checked
         self._checked_to_publish[hashlib.blake2b(data, digest_size=16).digest()] = None

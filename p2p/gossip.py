@@ -218,12 +218,16 @@ class Gossip:
         self._subscribers[name].append(send)
         return receive
 
-    async def publish(self, name: str, signed: dict | bytes) -> None:
-        """Publish a signed envelope (object or its canonical bytes) on topic ``name``."""
+    async def publish(self, name: str, signed: dict | bytes, *, signature_known: bool = False) -> None:
+        """Publish a signed envelope (object or its canonical bytes) on topic ``name``.
+
+        ``signature_known``: its signature is known to hold (a block our ledger stored has been
+        verified, or was signed here), so it is not verified again before it goes out.
+        """
         pubsub = self._require_running()
         topic = self.topics.topic(name)
         data = signed if isinstance(signed, bytes) else codec.encode(signed)
-        checked = self.validators[name].check(data, self._now_ms())
+        checked = self.validators[name].check(data, self._now_ms(), signature_known=signature_known)
         if checked.verdict is not Verdict.ACCEPT:
             raise GossipPublishError(topic, checked.verdict, checked.detail)
         await self._send(pubsub, topic, data)
