@@ -73,9 +73,6 @@ class GossipConfig:
     heartbeat_interval_s: int = 1
     subscriber_queue_size: int = 64
     ts_window_s: int = 60
-    #: Per forwarding peer and topic. py-libp2p's default (10) throttles any relay
-    #: of a mesh with more than ~100 nodes announcing every 10 s.
-    max_messages_per_topic_per_second: float = 200.0
     max_replay_entries: int = 10_000
     seen_ttl_s: int = 120
     #: Per message origin and topic, (messages/s, burst), checked before any signature: beyond
@@ -145,7 +142,10 @@ def build_router(config: GossipConfig = GossipConfig()) -> GossipSub:
         gossip_window=3,
         gossip_history=5,
         score_params=params,
-        max_messages_per_topic_per_second=config.max_messages_per_topic_per_second,
+        # py-libp2p's per-forwarder rate check (docs/p2p-notes.md, item 7) penalised a busy
+        # broker's peers for relaying its payment blocks and stopped our own publishes past the
+        # limit; our per-origin token buckets (OriginRateLimiter, before any signature) do its job.
+        spam_protection_enabled=False,
         adaptive_gossip_enabled=False,
     )
     router.scorer = MeshScorer(params)
