@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from libp2p.abc import INotifee
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
+import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
@@ -164,7 +166,31 @@ OUTBOUND_ROOM = 24
 PUBLISH_WAIT_S = 0.5
 
 
+#: How long a host's signed peer record, attached to every pubsub RPC, is reused before its
+#: listen addresses are compared again (docs/p2p-notes.md, item 18).
+PEER_RECORD_REUSE_S = 1.0
+_peer_records: "weakref.WeakKeyDictionary[object, tuple[float, bytes]]" = weakref.WeakKeyDictionary()
+_build_peer_record = pubsub_module.env_to_send_in_RPC
+
+
+def _reused_peer_record(host) -> tuple[bytes, bool]:
+    """py-libp2p's ``env_to_send_in_RPC``, with its answer reused for up to a second.
+
+    It runs for every pubsub RPC and each time rebuilds the host's listen addresses and the
+    record's as multiaddr objects (text and base58 round trips) to see whether they changed:
+    ≈ 0.2 ms a message here, more than the message's own signature.
+    """
+    now = time.monotonic()
+    cached = _peer_records.get(host)
+    if cached is not None and now - cached[0] < PEER_RECORD_REUSE_S:
+        return cached[1], False
+    record, created = _build_peer_record(host)
+    _peer_records[host] = (now, record)
+    return record, created
+
+
 def build_pubsub(mesh: MeshHost, router: GossipSub, config: GossipConfig = GossipConfig()) -> Pubsub:
+    pubsub_module.env_to_send_in_RPC = gossipsub_module.env_to_send_in_RPC = _reused_peer_record
     pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(pubsub_module.SUBSCRIPTION_CHANNEL_SIZE,
                                                   PUBSUB_SUBSCRIPTION_CHANNEL_SIZE)
     pubsub = Pubsub(mesh.host, router, strict_signing=True, seen_ttl=config.seen_ttl_s)
