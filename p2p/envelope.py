@@ -136,7 +136,8 @@ def signer_key(value: Any) -> bytes | None:
 def check_envelope(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: int, *,
                    signature_known: bool = False) -> Checked:
     """Stateless checks, cheapest first; the signature is verified last (not at all when
-    ``signature_known``: these exact bytes passed this check in this process already)."""
+    ``signature_known``: these exact bytes passed this check in this process already, or are a
+    block this node's ledger verified and stored)."""
     if len(data) > rules.max_bytes:
         return Checked(Verdict.TOO_LARGE, detail=f"{len(data)} > {rules.max_bytes} bytes")
     try:

@@ -190,8 +190,8 @@ class _HalfWindowCreditStream(YamuxStream):
         py-libp2p locks each frame, not each write: a message the send window splits took
         another writer's frames in between, and the reader got two messages spliced together
         (pubsub writes a peer's stream from its sending loop and, as the peer subscribes, from
-        other tasks: the "undecodable pubsub RPC" of docs/p2p-notes.md, item 13). Free, the lock
-        costs no scheduler pass (p2p.quick_lock).
+        other tasks: a likely source of the "undecodable pubsub RPC" of docs/p2p-notes.md, items
+        13 and 17). Free, the lock costs no scheduler pass (p2p.quick_lock).
         """
         async with self._whole_writes:
             await super().write(data)
