@@ -74,6 +74,10 @@ def sysop_rules(sysop_keys: frozenset[bytes], ts_window_s: int) -> dict:
 DISCOVERABLE = ("chat", "whisper", "bark", "imagine", "vision")
 
 
+#: What trio raises when a task is started in a nursery that is closing (a stopping service's).
+_NURSERY_CLOSED = "Nursery is closed to new arrivals"
+
+
 def guard_rpc_decoding(target=Pubsub) -> None:
     """Make an undecodable pubsub RPC cost one stream, not the whole node.
 
@@ -84,6 +88,11 @@ def guard_rpc_decoding(target=Pubsub) -> None:
     load). Re-raised as libp2p's ``ParseError``, the library's own handler resets that stream
     and drops the peer from pubsub, as it does for a bad length prefix; the connection, and
     sync over it, stay.
+
+    It also ends quietly the read of a stream whose message arrives while the pubsub service is
+    stopping: py-libp2p then hands the message to its closed task nursery, and trio's
+    ``RuntimeError("Nursery is closed to new arrivals")`` printed a traceback over a clean
+    shutdown (seen on SIGTERM under gossip load in tests/reliability/test_soak.py).
 
     ``target`` is the ``Pubsub`` class (every instance, from its first stream on: what
     :class:`MeshService` does, because the node's bootstrap peers open their pubsub streams
@@ -100,6 +109,10 @@ def guard_rpc_decoding(target=Pubsub) -> None:
         except DecodeError as exc:
             log.warning("undecodable gossip RPC from %s: resetting that stream", stream.muxed_conn.peer_id)
             raise ParseError(f"undecodable pubsub RPC: {exc}") from exc
+        except RuntimeError as exc:
+            if str(exc) != _NURSERY_CLOSED:
+                raise
+            log.debug("gossip arrived while pubsub was stopping: stream read ended")
 
     guarded.guards_decoding = True
     target.continuously_read_stream = guarded
