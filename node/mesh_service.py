@@ -121,12 +121,12 @@ def guard_rpc_decoding(target=Pubsub) -> None:
 async def consume_in_batches(channel: trio.MemoryReceiveChannel[Delivery],
                              handle: Callable[[list[Delivery]], Awaitable[None]],
                              max_batch: int = MAX_BLOCK_BATCH) -> None:
-    """Hand ``handle`` every gossiped block that has arrived, as one batch (one ledger write, one fsync).
+    """Hand ``handle`` every gossiped block that has arrived, as one batch (one ledger write).
 
     One block per ledger call kept up with a few blocks a second, but a busy realm gossips
-    hundreds (each query pays with a send and its worker answers with a receive), and an fsync
-    each let the subscription's queue fill and drop blocks, which sync then had to fetch again
-    (slow convergence under load, docs/reliability.md).
+    hundreds (each query pays with a send and its worker answers with a receive), and a write
+    (then synced) each let the subscription's queue fill and drop blocks, which sync then had to
+    fetch again (slow convergence under load, docs/reliability.md).
     """
     async with channel:
         async for delivery in channel:

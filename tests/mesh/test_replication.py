@@ -40,7 +40,7 @@ async def test_late_joiner_syncs_ten_thousand_blocks(tmp_path):
 async def test_a_burst_of_gossiped_blocks_is_taken_in_batches_without_drops(tmp_path):
     """A busy realm gossips hundreds of blocks a second. The publisher lets each peer's outbound
     queue drain (py-libp2p keeps 32 RPCs per peer and drops the rest), and the receiver hands the
-    ledger what has arrived in one write (one fsync, as a node's ledger is synced), so its
+    ledger what has arrived in one write (on synced ledgers, as a node's), so its
     subscription queue (64, the node's default) does not fill: every block arrives by gossip alone
     (no sync runs here) and none is dropped (of 190 blocks, 32 arrived before; with the publisher
     paced but one write per block, 9-31 were dropped). And more than 200 a second is no offence:
