@@ -202,7 +202,8 @@ async def start_gossip(nursery: trio.Nursery, mesh: MeshHost, realm: bytes, serv
     taken into its ledger (node/runtime.py, node/mesh_service.py)."""
     gossip = Gossip(mesh, realm)
     await nursery.start(gossip.run)
-    service.publish, service.republish = partial(gossip.publish, signature_known=True), gossip.republish
+    service.publish_blocks = partial(gossip.publish_many, "ledger", signature_known=True)
+    service.republish = gossip.republish
     await nursery.start(service.run_announcer)
     nursery.start_soon(consume_in_batches, gossip.subscribe("ledger"), service.on_gossip_blocks)
     return gossip

@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 MAX_GROUP_PARTS = 64
 #: Writes whose new blocks may wait for :meth:`LedgerService.run_announcer` before writers publish their own.
 ANNOUNCE_BACKLOG = 1024
+#: How long the announcer lets a new block wait for others to share its gossip message. Each
+#: message costs the publisher about 1 ms of event loop whatever it carries (docs/p2p-notes.md,
+#: item 19); a broker answering a query every few ms then sends its payments in twos and threes,
+#: and one under load in dozens. Against ``settle_quiet_s`` (seconds) the delay is nothing.
+ANNOUNCE_LINGER_S = 0.01
 
 
 class _Part:
@@ -94,10 +99,10 @@ class LedgerService:
         self.limiter = QuickLock()  #: the ledger's slot: whoever holds it may use the ledger
         self.lane = ThreadLane("ledger")
         self._summary: dict = {}
-        #: Set by the mesh once gossip runs: ``await publish("ledger", raw_block)``, only ever for
-        #: blocks this ledger stored (so their signatures hold: the node passes
-        #: ``Gossip.publish`` with ``signature_known=True``).
-        self.publish: Callable[[str, bytes], Any] | None = None
+        #: Set by the mesh once gossip runs: ``await publish_blocks([raw_block, ...])`` gossips blocks
+        #: in order, only ever blocks this ledger stored (so their signatures hold: the node passes
+        #: ``Gossip.publish_many`` on ``ledger`` with ``signature_known=True``).
+        self.publish_blocks: Callable[[list[bytes]], Any] | None = None
         #: Set with ``publish``: sends again what gossip already carried (fork evidence).
         self.republish: Callable[[str, bytes], Any] | None = None
         self.gossip_verdicts: Counter[str] = Counter()
@@ -233,20 +238,30 @@ class LedgerService:
             await self.announce_blocks(new_blocks)
         return value
 
-    async def run_announcer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run_announcer(self, *, linger_s: float = ANNOUNCE_LINGER_S,
+                            task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Gossip the blocks this node creates, in order, off their writers' critical path.
 
         Without it (tools, tests) :meth:`announce_blocks` publishes in the caller's task, and a
         query's answer waited for the payment block's gossip: our own validation of it and a
         write to every mesh peer, ≈ 0.3 ms and more per peer on a small VM. The block is
         durable before it is queued here; a block still queued when the node stops reaches its
-        peers by sync, as one they missed would.
+        peers by sync, as one they missed would. Blocks that arrive within ``linger_s`` of
+        each other, or while the last ones are being sent, go out together (batched messages).
         """
         self._announcing = True
         task_status.started()
         try:
             async for raw_blocks in self._announce_out:
-                await self._publish_blocks(raw_blocks)
+                pending = list(raw_blocks)
+                if linger_s > 0:
+                    await trio.sleep(linger_s)
+                while True:
+                    try:
+                        pending.extend(self._announce_out.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._publish_blocks(pending)
         finally:
             self._announcing = False
 
@@ -254,7 +269,7 @@ class LedgerService:
         """Gossip blocks this node created (through :meth:`run_announcer` when it runs).
 
         Peers that miss them catch up by sync."""
-        if self.publish is None:
+        if self.publish_blocks is None:
             return
         if self._announcing:
             try:
@@ -265,11 +280,12 @@ class LedgerService:
         await self._publish_blocks(raw_blocks)
 
     async def _publish_blocks(self, raw_blocks: list[bytes]) -> None:
-        for raw in raw_blocks:
-            try:
-                await self.publish("ledger", raw)
-            except P2PError as exc:
-                log.warning("could not gossip a new block: %s", exc)
+        if self.publish_blocks is None:
+            return
+        try:
+            await self.publish_blocks(raw_blocks)
+        except P2PError as exc:
+            log.warning("could not gossip %d new block(s): %s", len(raw_blocks), exc)
 
     async def on_gossip_blocks(self, deliveries: list) -> None:
         """Validated ``ledger`` gossip messages: hand their blocks to the ledger in one write.

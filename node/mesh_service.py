@@ -47,6 +47,9 @@ PROBE_TIMEOUT_S = 5.0
 MAX_SYSOP_MESSAGE_CHARS = 2000
 #: Gossiped blocks handed to the ledger in one write, at most (what has queued meanwhile).
 MAX_BLOCK_BATCH = 256
+#: Gossiped blocks that may wait for the ledger: a few full batch messages
+#: (p2p.envelope.LEDGER_BATCH_MAX_BLOCKS each, delivered one block at a time).
+LEDGER_GOSSIP_QUEUE = 1024
 
 
 def sysop_rules(sysop_keys: frozenset[bytes], ts_window_s: int) -> dict:
@@ -188,7 +191,8 @@ class MeshService:
             ads = self.gossip.subscribe("announce")
             nursery.start_soon(self._consume_ads, ads)
             if self.on_blocks is not None:
-                nursery.start_soon(consume_in_batches, self.gossip.subscribe("ledger"), self.on_blocks)
+                nursery.start_soon(consume_in_batches, self.gossip.subscribe("ledger", queue_size=LEDGER_GOSSIP_QUEUE),
+                                   self.on_blocks)
             if self.bus is not None:
                 nursery.start_soon(self._consume_sysop, self.gossip.subscribe("sysop"))
             await nursery.start(self.announcer.run)

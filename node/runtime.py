@@ -365,7 +365,7 @@ class Node:
                         await nursery.start(self.mesh_service.run)
                         if self.settings.p2p.mdns:
                             await self._start_mdns(nursery, mesh)
-                        self.ledger.publish = partial(self.mesh_service.gossip.publish, signature_known=True)
+                        self.ledger.publish_blocks = partial(self.mesh_service.gossip.publish_many, "ledger", signature_known=True)
                         self.ledger.republish = self.mesh_service.gossip.republish
                         await nursery.start(self.ledger.run_announcer)
                         self.sync = SyncService(

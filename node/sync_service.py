@@ -60,7 +60,7 @@ async def spread_fork_evidence(ledger_service: Any, block_hash: bytes) -> int:
     Call after any submit that returned ``Verdict.FORK``. Returns how many
     blocks were published. With a ``republish`` hook (``Gossip.republish``) a
     block this node already saw on gossip goes out again too; with only
-    ``publish`` such a block is refused locally (DUPLICATE) and peers that lack
+    ``publish_blocks`` such a block is refused locally (DUPLICATE) and peers that lack
     it get it by sync.
     """
 
@@ -75,7 +75,11 @@ async def spread_fork_evidence(ledger_service: Any, block_hash: bytes) -> int:
 
     raws = await ledger_service.call(evidence)
     await report_own_losses(ledger_service, block_hash)
-    publish = getattr(ledger_service, "republish", None) or ledger_service.publish
+    publish = getattr(ledger_service, "republish", None)
+    publish_blocks = getattr(ledger_service, "publish_blocks", None)
+    if publish is None and publish_blocks is not None:
+        async def publish(_topic: str, raw: bytes) -> None:
+            await publish_blocks([raw])
     if publish is None or len(raws) < 2:
         return 0
     sent = 0

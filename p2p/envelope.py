@@ -79,6 +79,13 @@ class EnvelopeRules:
     body_check: Callable[[dict], str | None] | None = None
     #: Like ``body_check``, on the message's bytes (for formats with their own strict decoder).
     data_check: Callable[[bytes], str | None] | None = None
+    #: A message may instead be a *batch*: a msgpack array of 2 to ``batch_max_items`` envelopes
+    #: (each as bytes, each checked by these rules), at most ``batch_max_bytes`` in all. 0: no batches.
+    batch_max_items: int = 0
+    batch_max_bytes: int = 0
+
+    def max_message_bytes(self) -> int:
+        return max(self.max_bytes, self.batch_max_bytes) if self.batch_max_items else self.max_bytes
 
 
 def check_block_bytes(data: bytes) -> str | None:
@@ -97,13 +104,20 @@ def check_block_bytes(data: bytes) -> str | None:
     return None if finding.verdict is BlockVerdict.ACCEPTED else f"{finding.verdict.value}: {finding.detail}"
 
 
+#: A ledger gossip message carries one block (≤ 4 KiB) or a batch of up to this many (a busy
+#: broker's payment blocks): one pubsub message, one publisher signature, one RPC per peer for all.
+LEDGER_BATCH_MAX_BLOCKS = 128
+LEDGER_BATCH_MAX_BYTES = 64 * 1024
+
+
 def default_rules(ts_window_s: int = 60) -> dict[str, EnvelopeRules]:
     """Rules per topic name. Ledger blocks have no time window (old blocks replicate
     legitimately) and are deduplicated by hash, not by height, so that two blocks at
     one height (a fork) both reach the ledger as evidence."""
     return {
         ANNOUNCE: EnvelopeRules("ad", MAX_AD_BYTES, "address", "seq", ts_window_s, check_ad_body),
-        LEDGER: EnvelopeRules("block", 4 * 1024, "account", None, None, data_check=check_block_bytes),
+        LEDGER: EnvelopeRules("block", 4 * 1024, "account", None, None, data_check=check_block_bytes,
+                              batch_max_items=LEDGER_BATCH_MAX_BLOCKS, batch_max_bytes=LEDGER_BATCH_MAX_BYTES),
         SYSOP: EnvelopeRules("sysop", 8 * 1024, "address", "seq", ts_window_s),
     }
 
@@ -184,6 +198,61 @@ def check_envelope(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: i
     return Checked(Verdict.ACCEPT, body=body, signer=signer, replay_key=replay_key)
 
 
+def batch_length(data: bytes) -> int | None:
+    """How many items a message says it batches, from its msgpack array header alone; None when it
+    is no array (a single envelope is a map). Cheap enough to run before anything is decoded:
+    rate limits count a batch's items."""
+    if not data:
+        return None
+    first = data[0]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    if first == 0xDC and len(data) >= 3:
+        return int.from_bytes(data[1:3], "big")
+    if first == 0xDD and len(data) >= 5:
+        return int.from_bytes(data[1:5], "big")
+    return None
+
+
+def batch_items(data: bytes, rules: EnvelopeRules) -> list[bytes] | Checked:
+    """The envelopes of a batch message, or the verdict on what makes it no valid batch."""
+    if len(data) > rules.batch_max_bytes:
+        return Checked(Verdict.TOO_LARGE, detail=f"batch of {len(data)} > {rules.batch_max_bytes} bytes")
+    try:
+        items = codec.decode(data, max_bytes=rules.batch_max_bytes)
+    except codec.CodecError as exc:
+        return Checked(Verdict.MALFORMED, detail=str(exc))
+    if not (isinstance(items, list) and 2 <= len(items) <= rules.batch_max_items):
+        return Checked(Verdict.BAD_ENVELOPE, detail=f"a batch is an array of 2 to {rules.batch_max_items} envelopes")
+    if not all(isinstance(item, bytes) for item in items):
+        return Checked(Verdict.BAD_ENVELOPE, detail="a batch holds each envelope as bytes")
+    return items
+
+
+def check_message(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: int, *,
+                  signature_known: bool = False) -> Checked:
+    """:func:`check_envelope` for a message that may be a batch (``rules.batch_max_items``).
+
+    A batch is accepted only when every envelope in it is: honest nodes batch only what they
+    accept, so one bad envelope makes the whole message provably bad (its verdict, with the
+    item's index). Its replay key is the batch's content hash.
+    """
+    if not rules.batch_max_items or batch_length(data) is None:
+        return check_envelope(data, rules, realm_id, now_ms, signature_known=signature_known)
+    items = batch_items(data, rules)
+    if isinstance(items, Checked):
+        return items
+    first: Checked | None = None
+    for index, item in enumerate(items):
+        checked = check_envelope(item, rules, realm_id, now_ms, signature_known=signature_known)
+        if checked.verdict is not Verdict.ACCEPT:
+            return Checked(checked.verdict, detail=f"batch item {index}: {checked.detail}")
+        first = first or checked
+    assert first is not None
+    return Checked(Verdict.ACCEPT, body=first.body, signer=first.signer,
+                   replay_key=hashlib.blake2b(data, digest_size=16).digest())
+
+
 class ReplayGuard:
     """Bounded memory of what each signer already said.
 
@@ -234,7 +303,7 @@ class TopicValidator:
 
         ``signature_known``: the caller vouches for the signature (a block its ledger stored).
         """
-        checked = check_envelope(data, self.rules, self.realm_id, now_ms, signature_known=signature_known)
+        checked = check_message(data, self.rules, self.realm_id, now_ms, signature_known=signature_known)
         if checked.verdict is not Verdict.ACCEPT:
             return checked
         self._checked_to_publish[hashlib.blake2b(data, digest_size=16).digest()] = None
@@ -251,7 +320,7 @@ class TopicValidator:
     def validate(self, data: bytes, now_ms: int) -> Checked:
         """Full verdict; an accepted message is remembered so its replays are refused."""
         known = self._checked_to_publish.pop(hashlib.blake2b(data, digest_size=16).digest(), False) is None
-        checked = check_envelope(data, self.rules, self.realm_id, now_ms, signature_known=known)
+        checked = check_message(data, self.rules, self.realm_id, now_ms, signature_known=known)
         if checked.verdict is Verdict.ACCEPT:
             checked = self._replay_verdict(checked)
         if checked.verdict is Verdict.ACCEPT:

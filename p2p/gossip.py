@@ -42,7 +42,8 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from node import codec, signing
-from p2p.envelope import Action, EnvelopeRules, TopicValidator, Verdict, default_rules, signer_key
+from p2p.envelope import (Action, EnvelopeRules, TopicValidator, Verdict, batch_items, batch_length, default_rules,
+                          signer_key)
 from p2p.errors import P2PError
 from p2p.host import MeshHost
 from p2p.scoring import DISCONNECT_THRESHOLD, FLOOD_PENALTY, BanList, MeshScorer, OriginRateLimiter, scoring_params
@@ -258,6 +259,21 @@ class Gossip:
             raise GossipPublishError(topic, checked.verdict, checked.detail)
         await self._send(pubsub, topic, data)
 
+    async def publish_many(self, name: str, items: list[bytes], *, signature_known: bool = False) -> int:
+        """Publish signed envelopes (canonical bytes) in as few messages as the topic's batch limits
+        allow, in order; returns how many messages that took.
+
+        Each message costs its publisher a pubsub signature, an RPC per mesh peer and the peers'
+        wake-ups, whatever it carries: a broker settling hundreds of queries a second spent about
+        1 ms of its event loop per payment block sent alone (docs/p2p-notes.md, item 19).
+        """
+        rules = self.rules[name]
+        sent = 0
+        for message in pack_batches(items, rules):
+            await self.publish(name, message, signature_known=signature_known)
+            sent += 1
+        return sent
+
     async def republish(self, name: str, data: bytes) -> None:
         """Publish again something valid this node already saw (e.g. fork evidence).
 
@@ -339,12 +355,20 @@ class Gossip:
         validator = self.validators[name]
         own_id = self.mesh.host.get_id()
         rates = self.rates[name]
+        rules = self.rules[name]
+
+        def message_cost(data: bytes) -> int:
+            """What a message costs its origin's rate: a batch, one per envelope (bounded by the
+            batch limit: a header claiming more is refused when it is checked)."""
+            if not rules.batch_max_items:
+                return 1
+            return max(1, min(batch_length(data) or 1, rules.batch_max_items))
 
         def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
             scorer.clear_pardon()
             if len(msg.topicIDs) != 1:
                 verdict, detail = Verdict.MULTI_TOPIC, f"{len(msg.topicIDs)} topics"
-            elif forwarder != own_id and not rates.allow(msg.from_id, trio.current_time()):
+            elif forwarder != own_id and not rates.allow(msg.from_id, trio.current_time(), cost=message_cost(msg.data)):
                 verdict, detail = Verdict.RATE_LIMITED, "origin over its rate"
                 if forwarder.to_bytes() == msg.from_id:
                     scorer.penalize_behavior(forwarder, FLOOD_PENALTY)
@@ -361,22 +385,33 @@ class Gossip:
         return validate
 
     def _deliver(self, name: str, msg: rpc_pb2.Message) -> None:
+        """Hand a validated message to the topic's subscribers: a batch as one delivery per envelope, in order."""
         rules = self.rules[name]
         try:
-            body, _sig = signing.split_signed(codec.decode(msg.data, max_bytes=rules.max_bytes))
-            signer = signer_key(body[rules.signer_field])
+            data = bytes(msg.data)
+            envelopes = [data]
+            if rules.batch_max_items and batch_length(data) is not None:
+                items = batch_items(data, rules)
+                assert isinstance(items, list), items
+                envelopes = items
             origin = ID(msg.from_id).to_base58()
+            deliveries = []
+            for envelope in envelopes:
+                body, _sig = signing.split_signed(codec.decode(envelope, max_bytes=rules.max_bytes))
+                signer = signer_key(body[rules.signer_field])
+                deliveries.append(Delivery(self.topics.topic(name), body, signer, envelope, origin))
         except Exception as exc:  # validated already; a failure here is our bug, not the peer's
             logger.error("validated %s message failed to decode: %r", name, exc)
             return
-        delivery = Delivery(self.topics.topic(name), body, signer, bytes(msg.data), origin)
         for send in list(self._subscribers[name]):
-            try:
-                send.send_nowait(delivery)
-            except trio.WouldBlock:
-                self.dropped[name] += 1
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._subscribers[name].remove(send)
+            for delivery in deliveries:
+                try:
+                    send.send_nowait(delivery)
+                except trio.WouldBlock:
+                    self.dropped[name] += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._subscribers[name].remove(send)
+                    break
 
     # ---- policing --------------------------------------------------------
     async def _police(self, pubsub: Pubsub, router: GossipSub) -> None:
@@ -450,6 +485,25 @@ class Gossip:
                 for send in senders:
                     send.close()
                 senders.clear()
+
+
+def pack_batches(items: list[bytes], rules: EnvelopeRules) -> list[bytes]:
+    """``items`` (envelopes, in order) as the fewest messages the topic's rules allow: a batch of
+    up to ``batch_max_items`` within ``batch_max_bytes``; a lone envelope is sent as it is."""
+    if not rules.batch_max_items:
+        return list(items)
+    messages: list[bytes] = []
+    group: list[bytes] = []
+    size = 5  # a msgpack array header takes at most 5 bytes, each bytes item's header at most 5 more
+    for item in items:
+        if group and (len(group) == rules.batch_max_items or size + len(item) + 5 > rules.batch_max_bytes):
+            messages.append(group[0] if len(group) == 1 else codec.encode(group))
+            group, size = [], 5
+        group.append(item)
+        size += len(item) + 5
+    if group:
+        messages.append(group[0] if len(group) == 1 else codec.encode(group))
+    return messages
 
 
 class _BanNotifee(INotifee):

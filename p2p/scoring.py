@@ -171,11 +171,12 @@ class OriginRateLimiter:
         self._buckets: dict[object, tuple[float, float]] = {}  # key -> (tokens, last refill)
         self.limited = 0
 
-    def allow(self, key: object, now: float) -> bool:
+    def allow(self, key: object, now: float, *, cost: int = 1) -> bool:
+        """Take ``cost`` tokens (a batch message costs one per item it carries) if there are that many."""
         tokens, last = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate_per_s)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)  # re-inserted: most recent last
+        allowed = tokens >= cost
+        self._buckets[key] = (tokens - cost if allowed else tokens, now)  # re-inserted: most recent last
         if len(self._buckets) > self.max_entries:
             del self._buckets[next(iter(self._buckets))]
         if not allowed:

@@ -161,10 +161,10 @@ async def test_a_failed_commit_fails_every_writer_in_it(service, founder):
 async def test_without_the_announcer_a_writer_publishes_its_own_blocks_before_it_hears(service, founder):
     published: list[bytes] = []
 
-    async def publish(topic: str, raw: bytes) -> None:
-        published.append(raw)
+    async def publish_blocks(raws: list[bytes]) -> None:
+        published.extend(raws)
 
-    service.publish = publish
+    service.publish_blocks = publish_blocks
     acked = await service.write_grouped(settle(founder, 0, UNIT))
     assert published == [service.ledger.get_block(acked).raw]
 
@@ -173,12 +173,11 @@ async def test_blocks_are_gossiped_in_order_by_the_announcer_after_the_writers_h
     published: list[bytes] = []
     gossip_may_finish = trio.Event()
 
-    async def slow_publish(topic: str, raw: bytes) -> None:
-        assert topic == "ledger"
+    async def slow_publish(raws: list[bytes]) -> None:
         await gossip_may_finish.wait()
-        published.append(raw)
+        published.extend(raws)
 
-    service.publish = slow_publish
+    service.publish_blocks = slow_publish
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run_announcer)
         with trio.fail_after(10):  # answered although gossip cannot finish yet

@@ -9,6 +9,7 @@ from libp2p.peer.id import ID
 
 from node import codec
 from p2p import sync_wire as wire
+from p2p.envelope import Verdict
 from p2p.sync_stream import SyncClient
 from p2p.sync_wire import SyncLimits
 from tests.mesh.harness import (
@@ -38,22 +39,37 @@ async def test_late_joiner_syncs_ten_thousand_blocks(tmp_path):
 
 
 async def test_a_burst_of_gossiped_blocks_is_taken_in_batches_without_drops(tmp_path):
-    """A busy realm gossips hundreds of blocks a second. The publisher lets each peer's outbound
-    queue drain (py-libp2p keeps 32 RPCs per peer and drops the rest), and the receiver hands the
-    ledger what has arrived in one write (on synced ledgers, as a node's), so its
-    subscription queue (64, the node's default) does not fill: every block arrives by gossip alone
-    (no sync runs here) and none is dropped (of 190 blocks, 32 arrived before; with the publisher
-    paced but one write per block, 9-31 were dropped). And more than 200 a second is no offence:
-    py-libp2p's per-forwarder limit stopped the publisher's own messages past it and had its peer
-    penalise it (400 blocks with it on: no convergence)."""
-    history = ring_history(400)
-    async with open_ledger_node(tmp_path, "a", with_sync=False, ledger_sync=True, gossip_queue=64) as a, \
-            open_ledger_node(tmp_path, "b", with_sync=False, ledger_sync=True, gossip_queue=64) as b:
+    """A busy realm gossips hundreds of blocks a second. Sent one per message (as fork evidence
+    and older nodes send them), the publisher lets each peer's outbound queue drain (py-libp2p
+    keeps 32 RPCs per peer and drops the rest: of 190 blocks, 32 arrived before), and the receiver
+    hands the ledger what has arrived in one write (on synced ledgers, as a node's), so its
+    subscription queue does not fill (with one write per block, 9-31 of 190 were dropped). A
+    node's own blocks go out batched: 128 to a message. Every block arrives by gossip alone (no
+    sync runs here), none is dropped, and more than 200 a second is no offence: py-libp2p's
+    per-forwarder limit stopped the publisher's own messages past it and had its peer penalise it
+    (400 blocks with it on: no convergence)."""
+    history = ring_history(600)
+    singles, batched = history[:300], history[300:]
+    async with open_ledger_node(tmp_path, "a", with_sync=False, ledger_sync=True) as a, \
+            open_ledger_node(tmp_path, "b", with_sync=False, ledger_sync=True) as b:
         await connect(a, b)
-        await a.submit_and_gossip(history)  # as a node announces a group commit's blocks
-        await wait_converged([a, b], timeout_s=30, what="b to take every gossiped block")
+        batching = a.service.publish_blocks
+
+        async def one_per_message(raws: list[bytes]) -> None:
+            for raw in raws:
+                await a.gossip.publish("ledger", raw, signature_known=True)
+
+        a.service.publish_blocks = one_per_message
+        await a.submit_and_gossip(singles)
+        await wait_converged([a, b], timeout_s=30, what="b to take every block gossiped alone")
+        messages_before = b.gossip.verdicts[("ledger", Verdict.ACCEPT)]
+        a.service.publish_blocks = batching
+        await a.submit_and_gossip(batched)  # as a node announces a group commit's blocks
+        await wait_converged([a, b], timeout_s=30, what="b to take every block gossiped in batches")
         assert b.gossip.dropped["ledger"] == 0
         assert b.gossip.peer_score(a.peer_id) >= 0
+        assert messages_before == len(singles)
+        assert b.gossip.verdicts[("ledger", Verdict.ACCEPT)] - messages_before == 3  # 128 + 128 + 44
 
 
 async def test_partition_heals_to_identical_state(tmp_path):

@@ -3,6 +3,7 @@
 import pytest
 
 from ledger import blocks
+from p2p import envelope
 from node import codec, signing
 from node.identity import Identity
 from p2p.envelope import Action, ReplayGuard, TopicValidator, Verdict, check_envelope, default_rules
@@ -152,3 +153,38 @@ def test_an_own_message_checked_before_publishing_is_not_verified_again(monkeypa
     forged = bytearray(blocks.make_open(ident, REALM, blocks.alloc_id(REALM, 0), 7, 1).raw)
     forged[10] ^= 1  # inside the signature: canonical order puts "sig" (bytes 7-70) before "body"
     assert v.validate(bytes(forged), NOW).verdict is Verdict.BAD_SIGNATURE
+
+
+def ledger_blocks(count: int, ident: Identity | None = None) -> list[bytes]:
+    """Real open blocks (distinct amounts: distinct blocks, all valid on their own)."""
+    ident = ident or Identity.generate()
+    return [blocks.make_open(ident, REALM, blocks.alloc_id(REALM, 0), 1 + n, 1).raw for n in range(count)]
+
+
+def test_a_ledger_message_may_batch_blocks_and_is_refused_whole_for_one_bad_block():
+    ledger = RULES["ledger"]
+    good = ledger_blocks(3)
+    batch = enc(good)
+    assert envelope.batch_length(batch) == 3 and envelope.batch_length(good[0]) is None
+    checked = envelope.check_message(batch, ledger, REALM, NOW)
+    assert checked.verdict is Verdict.ACCEPT and checked.replay_key != envelope.check_message(good[0], ledger, REALM, NOW).replay_key
+    forged = bytearray(good[1])
+    forged[10] ^= 1  # inside the signature
+    bad = envelope.check_message(enc([good[0], bytes(forged), good[2]]), ledger, REALM, NOW)
+    assert bad.verdict is Verdict.BAD_SIGNATURE and bad.detail.startswith("batch item 1")
+    assert bad.verdict.action is Action.REJECT  # honest nodes batch only blocks they accept
+    assert envelope.check_message(enc(good[:1]), ledger, REALM, NOW).verdict is Verdict.BAD_ENVELOPE  # one: sent alone
+    assert envelope.check_message(enc([good[0], "text"]), ledger, REALM, NOW).verdict is Verdict.BAD_ENVELOPE
+    too_many = ledger_blocks(envelope.LEDGER_BATCH_MAX_BLOCKS + 1)
+    assert envelope.check_message(enc(too_many), ledger, REALM, NOW).verdict in (Verdict.BAD_ENVELOPE, Verdict.TOO_LARGE)
+    assert envelope.check_message(b"\x92\xc1\xc1", ledger, REALM, NOW).verdict is Verdict.MALFORMED
+    huge = b"\xdd" + (2 ** 31).to_bytes(4, "big")  # a header claiming two billion items, and nothing
+    assert envelope.check_message(huge, ledger, REALM, NOW).verdict is Verdict.MALFORMED
+    assert envelope.check_message(batch, SYSOP, REALM, NOW).verdict is Verdict.BAD_ENVELOPE  # other topics never batch
+
+
+def test_a_replayed_batch_is_a_duplicate():
+    v = TopicValidator(RULES["ledger"], REALM)
+    batch = enc(ledger_blocks(2))
+    assert v.validate(batch, NOW).verdict is Verdict.ACCEPT
+    assert v.validate(batch, NOW).verdict is Verdict.DUPLICATE

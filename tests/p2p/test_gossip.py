@@ -164,3 +164,55 @@ async def test_the_peer_record_on_every_rpc_is_reused_for_a_second(monkeypatch):
         monkeypatch.setattr(gossip_mod, "PEER_RECORD_REUSE_S", 0.0)
         later, _ = gossip_mod._reused_peer_record(mesh.host)
         assert later == first and len(built) == 2  # asked again; the addresses did not change
+
+
+def test_envelopes_are_packed_into_the_fewest_batches_the_limits_allow():
+    from p2p.envelope import default_rules
+
+    ledger = default_rules()["ledger"]
+    assert gossip_mod.pack_batches([b"\x81" * 10], ledger) == [b"\x81" * 10]  # one alone: as it is
+    items = [n.to_bytes(2, "big") * 150 for n in range(300)]
+    messages = gossip_mod.pack_batches(items, ledger)
+    assert [len(codec.decode(m)) for m in messages] == [128, 128, 44]
+    assert [item for m in messages for item in codec.decode(m)] == items  # in order
+    big = [bytes([n]) * 4000 for n in range(40)]  # 16 fit in 64 KiB
+    assert all(len(m) <= ledger.batch_max_bytes for m in gossip_mod.pack_batches(big, ledger))
+    assert [len(codec.decode(m)) for m in gossip_mod.pack_batches(big, ledger)] == [16, 16, 8]
+    assert gossip_mod.pack_batches(items[:3], default_rules()["announce"]) == items[:3]  # topics without batches
+
+
+async def test_blocks_published_as_a_batch_arrive_one_by_one_in_order():
+    from tests.p2p.test_envelope import ledger_blocks
+
+    async with open_gossip_mesh(3) as (a, b, c):
+        at_c = c.gossip.subscribe("ledger", queue_size=512)
+        raws = ledger_blocks(200)
+        assert await a.gossip.publish_many("ledger", raws) == 2
+        got = await collect(at_c, 200)
+        assert [d.data for d in got] == raws
+        assert {d.signer for d in got} == {got[0].signer} and got[0].origin_peer == a.mesh.peer_id
+        assert c.gossip.verdicts[("ledger", Verdict.ACCEPT)] == 2
+
+
+async def test_a_batch_with_one_forged_block_is_rejected_whole_and_counts_each_block_against_the_rate():
+    from tests.p2p.test_envelope import ledger_blocks
+
+    config = GossipConfig(origin_rates=(("announce", 20.0, 50), ("ledger", 1.0, 100), ("sysop", 20.0, 50)))
+    async with open_gossip_mesh(1, config=config) as (b,), open_raw_node() as evil:
+        at_b = b.gossip.subscribe("ledger", queue_size=512)
+        topic = b.gossip.topics.ledger
+        await join_raw(evil, b, topic)
+        good = ledger_blocks(60)
+        forged = bytearray(good[1])
+        forged[10] ^= 1
+        await evil.publish(topic, codec.encode([good[0], bytes(forged)] + good[2:4]))
+        await wait_until(lambda: b.gossip.verdicts[("ledger", Verdict.BAD_SIGNATURE)] == 1, what="b rejects")
+        assert_empty(at_b)  # not even the good blocks of that batch
+        assert b.gossip.peer_score(evil.mesh.peer_id) < 0
+        # 4 tokens spent of 100; 56 blocks pass, the next 50 exceed the origin's rate
+        await evil.publish(topic, codec.encode(good[4:60]))
+        await wait_until(lambda: b.gossip.verdicts[("ledger", Verdict.ACCEPT)] == 1, what="b accepts the batch")
+        await evil.publish(topic, codec.encode(ledger_blocks(50)))
+        await wait_until(lambda: b.gossip.verdicts[("ledger", Verdict.RATE_LIMITED)] == 1, what="b limits the rate")
+        assert [d.data for d in await collect(at_b, 56)] == good[4:60]
+        assert_empty(at_b)
