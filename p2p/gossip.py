@@ -13,6 +13,9 @@ Contract:
   rather than slowing the mesh: gossip is lossy and ads repeat;
 * :meth:`Gossip.publish` checks the envelope locally first and raises
   :class:`GossipPublishError` with the verdict instead of silently dropping;
+  :meth:`Gossip.publish_many` sends many envelopes in as few messages as the
+  topic's batch limits allow (ledger blocks), and a subscriber gets each
+  envelope of a batch as its own :class:`Delivery`, in order;
 * a peer whose score falls below :data:`p2p.scoring.DISCONNECT_THRESHOLD`
   (two invalid messages, a flood past the rate limit, or two malformed
   stream frames reported through :meth:`Gossip.penalize`) is blacklisted in
