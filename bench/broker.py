@@ -18,7 +18,7 @@ One run, the same prompt on every path, every answer checked:
       broker adds, c0x - rx what the query protocol adds to libp2p
   c   Broker.ask on host A with worker node B in another process (as deployed): (b)'s pipeline
       over libp2p. As deployed, the ledger gossips too (``--no-gossip`` turns it off): A announces
-      each payment block, B takes it into its own synced ledger and claims what it earns every
+      its payment blocks (batched as a node does), B takes them into its own synced ledger and claims what it earns every
       ``settle_quiet_s``, and A takes B's receive blocks in
   d   Broker.ask to a legacy HTTP worker in that other process: a minimal real server (POST /predict
       {prompt} → {"response": reversed}, GET /health) on 127.0.0.1:0, reached by the node's own legacy
@@ -80,7 +80,7 @@ from node.events import EventBus  # noqa: E402
 from node.health import HealthPolicy  # noqa: E402
 from node.identity import Identity  # noqa: E402
 from node.ledger_service import LedgerService  # noqa: E402
-from node.mesh_service import consume_in_batches  # noqa: E402
+from node.mesh_service import LEDGER_GOSSIP_QUEUE, consume_in_batches  # noqa: E402
 from node.pricing import PriceBook  # noqa: E402
 from node.queue_service import QueueService  # noqa: E402
 from node.registry import PeerRegistry  # noqa: E402
@@ -205,7 +205,8 @@ async def start_gossip(nursery: trio.Nursery, mesh: MeshHost, realm: bytes, serv
     service.publish_blocks = partial(gossip.publish_many, "ledger", signature_known=True)
     service.republish = gossip.republish
     await nursery.start(service.run_announcer)
-    nursery.start_soon(consume_in_batches, gossip.subscribe("ledger"), service.on_gossip_blocks)
+    nursery.start_soon(consume_in_batches, gossip.subscribe("ledger", queue_size=LEDGER_GOSSIP_QUEUE),
+                       service.on_gossip_blocks)
     return gossip
 
 
@@ -550,6 +551,9 @@ async def run(args: argparse.Namespace) -> list[dict]:
                                 "broker_failed": broker.failed + remote_broker.failed + other_broker.failed,
                                 "verify_ok": (await service.call(lambda led: led.verify())).ok,
                                 "mean_group": service.group_parts / max(1, service.group_commits),
+                                "gossip": None if gossip is None else {
+                                    "blocks": service.announced_blocks, "messages": service.announce_messages,
+                                    "dropped": gossip.dropped["ledger"], "received": service.gossip_verdicts.total()},
                                 "failures": failures})
             nursery.cancel_scope.cancel()
         ledger.close()
@@ -590,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
         if r["path"] == "check":
             print(f"check: {r['broker_completed']} completed, {r['broker_failed']} failed, verify ok={r['verify_ok']}, "
                   f"{r['mean_group']:.1f} settlements per ledger commit")
+            if r["gossip"] is not None:
+                g = r["gossip"]
+                print(f"gossip: broker announced {g['blocks']} blocks in {g['messages']} messages, took "
+                      f"{g['received']} blocks in, dropped {g['dropped']}")
             for what, count in r["failures"].items():
                 print(f"  {count:>5} × {what}")
             continue

@@ -107,6 +107,8 @@ class LedgerService:
         self.republish: Callable[[str, bytes], Any] | None = None
         self.gossip_verdicts: Counter[str] = Counter()
         self.gossip_writes = 0  #: ledger writes that took gossiped blocks (each takes a batch)
+        self.announced_blocks = 0  #: own blocks handed to gossip ...
+        self.announce_messages = 0  #: ... in this many messages (batches)
         #: Set by the runtime: the node's event bus, for ledger news the console shows
         #: (``payment_reverted``, :func:`node.sync_service.report_own_losses`).
         self.bus: EventBus | None = None
@@ -283,7 +285,9 @@ class LedgerService:
         if self.publish_blocks is None:
             return
         try:
-            await self.publish_blocks(raw_blocks)
+            messages = await self.publish_blocks(raw_blocks)
+            self.announced_blocks += len(raw_blocks)
+            self.announce_messages += messages if isinstance(messages, int) else len(raw_blocks)
         except P2PError as exc:
             log.warning("could not gossip %d new block(s): %s", len(raw_blocks), exc)
 
