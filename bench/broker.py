@@ -205,7 +205,7 @@ async def start_gossip(nursery: trio.Nursery, mesh: MeshHost, realm: bytes, serv
     service.publish_blocks = partial(gossip.publish_many, "ledger", signature_known=True)
     service.republish = gossip.republish
     await nursery.start(service.run_announcer)
-    nursery.start_soon(consume_in_batches, gossip.subscribe("ledger", queue_size=LEDGER_GOSSIP_QUEUE),
+    nursery.start_soon(consume_in_batches, gossip.subscribe("ledger", queue_size=LEDGER_GOSSIP_QUEUE, own=False),
                        service.on_gossip_blocks)
     return gossip
 

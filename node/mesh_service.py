@@ -191,7 +191,7 @@ class MeshService:
             ads = self.gossip.subscribe("announce")
             nursery.start_soon(self._consume_ads, ads)
             if self.on_blocks is not None:
-                nursery.start_soon(consume_in_batches, self.gossip.subscribe("ledger", queue_size=LEDGER_GOSSIP_QUEUE),
+                nursery.start_soon(consume_in_batches, self.gossip.subscribe("ledger", queue_size=LEDGER_GOSSIP_QUEUE, own=False),
                                    self.on_blocks)
             if self.bus is not None:
                 nursery.start_soon(self._consume_sysop, self.gossip.subscribe("sysop"))

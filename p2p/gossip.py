@@ -22,7 +22,8 @@ Contract:
   pubsub, disconnected and kept out for ``ban_s``: a banned peer that
   reconnects is hung up on at once.
 
-The node's own messages are delivered to its own subscribers too.
+The node's own messages are delivered to its own subscribers too, except to those that
+subscribed with ``own=False`` (the node's ledger: it stored its blocks before announcing them).
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ class Gossip:
         #: topic name -> messages a slow subscriber missed.
         self.dropped: Counter[str] = Counter()
         self._subscribers: dict[str, list[trio.MemorySendChannel[Delivery]]] = {n: [] for n in TOPIC_NAMES}
+        self._not_own: set[trio.MemorySendChannel[Delivery]] = set()  # subscribers that skip our own messages
         self.bans = BanList(ban_s=config.ban_s)
         self.rates = {name: OriginRateLimiter(rate_per_s=rate, burst=burst)
                       for name, rate, burst in config.origin_rates}
@@ -240,12 +242,18 @@ class Gossip:
         self._stuck_peers: set[ID] = set()  # outbound queues that stayed full (see _send)
 
     # ---- consumers -------------------------------------------------------
-    def subscribe(self, name: str, *, queue_size: int | None = None) -> trio.MemoryReceiveChannel[Delivery]:
-        """A bounded channel of validated messages on topic ``name``; close it to leave."""
+    def subscribe(self, name: str, *, queue_size: int | None = None,
+                  own: bool = True) -> trio.MemoryReceiveChannel[Delivery]:
+        """A bounded channel of validated messages on topic ``name``; close it to leave.
+
+        ``own=False``: not the messages this node published (its ledger stored its own blocks
+        before announcing them; taking them back cost a ledger write per batch for nothing)."""
         if name not in TOPIC_NAMES:
             raise GossipError(f"unknown topic {name!r}")
         send, receive = trio.open_memory_channel[Delivery](queue_size or self.config.subscriber_queue_size)
         self._subscribers[name].append(send)
+        if not own:
+            self._not_own.add(send)
         return receive
 
     async def publish(self, name: str, signed: dict | bytes, *, signature_known: bool = False) -> None:
@@ -389,6 +397,10 @@ class Gossip:
 
     def _deliver(self, name: str, msg: rpc_pb2.Message) -> None:
         """Hand a validated message to the topic's subscribers: a batch as one delivery per envelope, in order."""
+        own = msg.from_id == self.mesh.host.get_id().to_bytes()
+        senders = [send for send in self._subscribers[name] if not (own and send in self._not_own)]
+        if not senders:
+            return
         rules = self.rules[name]
         try:
             data = bytes(msg.data)
@@ -406,7 +418,7 @@ class Gossip:
         except Exception as exc:  # validated already; a failure here is our bug, not the peer's
             logger.error("validated %s message failed to decode: %r", name, exc)
             return
-        for send in list(self._subscribers[name]):
+        for send in senders:
             for delivery in deliveries:
                 try:
                     send.send_nowait(delivery)
@@ -414,6 +426,7 @@ class Gossip:
                     self.dropped[name] += 1
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._subscribers[name].remove(send)
+                    self._not_own.discard(send)
                     break
 
     # ---- policing --------------------------------------------------------
@@ -488,6 +501,7 @@ class Gossip:
                 for send in senders:
                     send.close()
                 senders.clear()
+            self._not_own.clear()
 
 
 def pack_batches(items: list[bytes], rules: EnvelopeRules) -> list[bytes]:

@@ -142,7 +142,7 @@ async def open_ledger_node(
                 if with_sync else None
             node = LedgerNode(name, mesh, ledger, service, gossip, sync)
             # the node's own gossip path (node/mesh_service.py): batches of blocks, fork evidence spread
-            nursery.start_soon(consume_in_batches, gossip.subscribe("ledger", queue_size=gossip_queue),
+            nursery.start_soon(consume_in_batches, gossip.subscribe("ledger", queue_size=gossip_queue, own=False),
                                service.on_gossip_blocks)
             if sync is not None:
                 await nursery.start(sync.run)

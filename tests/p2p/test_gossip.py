@@ -216,3 +216,16 @@ async def test_a_batch_with_one_forged_block_is_rejected_whole_and_counts_each_b
         await wait_until(lambda: b.gossip.verdicts[("ledger", Verdict.RATE_LIMITED)] == 1, what="b limits the rate")
         assert [d.data for d in await collect(at_b, 56)] == good[4:60]
         assert_empty(at_b)
+
+
+async def test_a_subscriber_may_leave_out_this_nodes_own_messages():
+    from tests.p2p.test_envelope import ledger_blocks
+
+    async with open_gossip_mesh(2) as (a, b):
+        everything, others_only = a.gossip.subscribe("ledger"), a.gossip.subscribe("ledger", own=False)
+        mine, theirs = ledger_blocks(1), ledger_blocks(1)
+        await a.gossip.publish_many("ledger", mine)
+        await b.gossip.publish_many("ledger", theirs)
+        assert [d.data for d in await collect(everything, 2)] == mine + theirs
+        assert [d.data for d in await collect(others_only, 1)] == theirs
+        assert_empty(others_only)
