@@ -147,17 +147,24 @@ def signer_key(value: Any) -> bytes | None:
         return None
 
 
+def _decoded(data: bytes, max_bytes: int, what: str = "") -> Any:
+    """``data`` decoded, or the verdict (a :class:`Checked`) on bytes too long or not canonical msgpack."""
+    if len(data) > max_bytes:
+        return Checked(Verdict.TOO_LARGE, detail=f"{what}{len(data)} > {max_bytes} bytes")
+    try:
+        return codec.decode(data, max_bytes=max_bytes)
+    except codec.CodecError as exc:
+        return Checked(Verdict.MALFORMED, detail=str(exc))
+
+
 def check_envelope(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: int, *,
                    signature_known: bool = False) -> Checked:
     """Stateless checks, cheapest first; the signature is verified last (not at all when
     ``signature_known``: these exact bytes passed this check in this process already, or are a
     block this node's ledger verified and stored)."""
-    if len(data) > rules.max_bytes:
-        return Checked(Verdict.TOO_LARGE, detail=f"{len(data)} > {rules.max_bytes} bytes")
-    try:
-        obj = codec.decode(data, max_bytes=rules.max_bytes)
-    except codec.CodecError as exc:
-        return Checked(Verdict.MALFORMED, detail=str(exc))
+    obj = _decoded(data, rules.max_bytes)
+    if isinstance(obj, Checked):
+        return obj
     try:
         body, sig = signing.split_signed(obj)
     except signing.SignatureError as exc:
@@ -216,12 +223,9 @@ def batch_length(data: bytes) -> int | None:
 
 def batch_items(data: bytes, rules: EnvelopeRules) -> list[bytes] | Checked:
     """The envelopes of a batch message, or the verdict on what makes it no valid batch."""
-    if len(data) > rules.batch_max_bytes:
-        return Checked(Verdict.TOO_LARGE, detail=f"batch of {len(data)} > {rules.batch_max_bytes} bytes")
-    try:
-        items = codec.decode(data, max_bytes=rules.batch_max_bytes)
-    except codec.CodecError as exc:
-        return Checked(Verdict.MALFORMED, detail=str(exc))
+    items = _decoded(data, rules.batch_max_bytes, "batch of ")
+    if isinstance(items, Checked):
+        return items
     if not (isinstance(items, list) and 2 <= len(items) <= rules.batch_max_items):
         return Checked(Verdict.BAD_ENVELOPE, detail=f"a batch is an array of 2 to {rules.batch_max_items} envelopes")
     if not all(isinstance(item, bytes) for item in items):
