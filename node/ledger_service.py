@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -101,9 +101,10 @@ class LedgerService:
         self._summary: dict = {}
         #: Set by the mesh once gossip runs: ``await publish_blocks([raw_block, ...])`` gossips blocks
         #: in order, only ever blocks this ledger stored (so their signatures hold: the node passes
-        #: ``Gossip.publish_many`` on ``ledger`` with ``signature_known=True``).
-        self.publish_blocks: Callable[[list[bytes]], Any] | None = None
-        #: Set with ``publish``: sends again what gossip already carried (fork evidence).
+        #: ``Gossip.publish_many`` on ``ledger`` with ``signature_known=True``), and says in how many
+        #: messages (None: the hook does not say).
+        self.publish_blocks: Callable[[list[bytes]], Awaitable[int | None]] | None = None
+        #: Set with ``publish_blocks``: sends again what gossip already carried (fork evidence).
         self.republish: Callable[[str, bytes], Any] | None = None
         self.gossip_verdicts: Counter[str] = Counter()
         self.gossip_writes = 0  #: ledger writes that took gossiped blocks (each takes a batch)
@@ -287,7 +288,7 @@ class LedgerService:
         try:
             messages = await self.publish_blocks(raw_blocks)
             self.announced_blocks += len(raw_blocks)
-            self.announce_messages += messages if isinstance(messages, int) else len(raw_blocks)
+            self.announce_messages += len(raw_blocks) if messages is None else messages
         except P2PError as exc:
             log.warning("could not gossip %d new block(s): %s", len(raw_blocks), exc)
 

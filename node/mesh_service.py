@@ -191,8 +191,8 @@ class MeshService:
             ads = self.gossip.subscribe("announce")
             nursery.start_soon(self._consume_ads, ads)
             if self.on_blocks is not None:
-                nursery.start_soon(consume_in_batches, self.gossip.subscribe("ledger", queue_size=LEDGER_GOSSIP_QUEUE, own=False),
-                                   self.on_blocks)
+                blocks = self.gossip.subscribe("ledger", queue_size=LEDGER_GOSSIP_QUEUE, own=False)
+                nursery.start_soon(consume_in_batches, blocks, self.on_blocks)
             if self.bus is not None:
                 nursery.start_soon(self._consume_sysop, self.gossip.subscribe("sysop"))
             await nursery.start(self.announcer.run)

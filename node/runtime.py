@@ -197,6 +197,9 @@ class Node:
             "ledger": self.ledger.summary() if self.ledger else None,
             # validated gossip this node had no room to take (its consumer was behind), by topic
             "gossip_dropped": dict(self.mesh_service.gossip.dropped) if self.mesh_service else {},
+            # this node's own ledger blocks gossiped, and in how many messages (batches)
+            "gossip_announced": {"blocks": self.ledger.announced_blocks,
+                                 "messages": self.ledger.announce_messages} if self.ledger else None,
             "watchdog": {"stalls": self.watchdog.stalls, "max_loop_lag_s": round(self.watchdog.max_lag_s, 4)},
             "python_allocated_blocks": sys.getallocatedblocks(),  # a leak of Python objects shows here first
         }
@@ -365,7 +368,8 @@ class Node:
                         await nursery.start(self.mesh_service.run)
                         if self.settings.p2p.mdns:
                             await self._start_mdns(nursery, mesh)
-                        self.ledger.publish_blocks = partial(self.mesh_service.gossip.publish_many, "ledger", signature_known=True)
+                        self.ledger.publish_blocks = partial(self.mesh_service.gossip.publish_many, "ledger",
+                                                             signature_known=True)
                         self.ledger.republish = self.mesh_service.gossip.republish
                         await nursery.start(self.ledger.run_announcer)
                         self.sync = SyncService(

@@ -84,9 +84,6 @@ class EnvelopeRules:
     batch_max_items: int = 0
     batch_max_bytes: int = 0
 
-    def max_message_bytes(self) -> int:
-        return max(self.max_bytes, self.batch_max_bytes) if self.batch_max_items else self.max_bytes
-
 
 def check_block_bytes(data: bytes) -> str | None:
     """What makes ``data`` no ledger block at all, judged without any other block; None if nothing.

@@ -31,6 +31,9 @@ def test_broker_pays_the_worker_by_receipt(tmp_path):
         history = cli_json(broker, "wallet", "history")
         payment = [e for e in history["entries"] if e.get("ref") == outcome["receipt_hash"]]
         assert len(payment) == 1, history
+        # The payment reached the worker by gossip: the broker's status counts what it announced.
+        announced = cli_json(broker, "status")["gossip_announced"]
+        assert 1 <= announced["messages"] <= announced["blocks"], announced
 
         # The broker keeps a record of the query, exportable as the payer's trail.
         trail = cli_json(broker, "wallet", "trail")
