@@ -255,6 +255,29 @@ class _QuietWindows(INotifee):
         pass
 
 
+async def _refuse_stream(stream: INetStream) -> None:
+    """The handler of a protocol whose server stopped while a peer was negotiating it: a reset."""
+    try:
+        await stream.reset()
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+class _ProtocolTable(dict):
+    """A host's protocol handlers, where one removed during a negotiation answers with a reset.
+
+    py-libp2p's ``Multiselect.negotiate`` checks that a protocol has a handler, awaits its
+    answer to the peer, then looks the handler up again: a server that stopped in between (a
+    node shutting down, a sync service cancelled) made that a ``KeyError`` in the connection's
+    stream task, which ended the host's service with a traceback (docs/p2p-notes.md, item 20;
+    tests/reliability/test_byzantine.py failed on it once). Membership tests are unchanged, so
+    a protocol no longer served is still refused as unsupported.
+    """
+
+    def __missing__(self, protocol):
+        return _refuse_stream
+
+
 def _build_host(identity: Identity, transport: ExclusiveTCP) -> IHost:
     key_pair = key_pair_for(identity)
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
@@ -304,6 +327,7 @@ async def open_mesh_host(
         parse_multiaddr(addr, what="bootstrap address")
     transport = ExclusiveTCP()
     host = _build_host(identity, transport)
+    host.multiselect.handlers = _ProtocolTable(host.multiselect.handlers)
     mesh = MeshHost(host)
     failure: str | None = None
     network = host.get_network()

@@ -136,3 +136,45 @@ async def test_a_closing_listener_reports_no_address_instead_of_failing():
         assert listener.get_addrs() == ()
         await listener.close()
         assert listener.get_addrs() == () and errors == {}
+
+
+async def test_a_protocol_removed_while_a_peer_negotiates_it_is_answered_with_a_reset():
+    """py-libp2p's multiselect checks for a handler, answers the peer, then looks the handler up
+    again; a server stopping in between raised KeyError in the connection's task (a CI failure of
+    tests/reliability/test_byzantine.py). The host's own negotiation runs here on a scripted peer
+    whose answer arrives just as the handler goes."""
+    from p2p import host as host_mod
+
+    protocol = "/mtor-test/stopping/1"
+
+    async def serve(stream) -> None:  # pragma: no cover - removed before any stream reaches it
+        raise AssertionError("the stopped server was called")
+
+    async with open_mesh_host(Identity.generate(), LOCAL) as mesh:
+        multiselect = mesh.host.multiselect
+        mesh.host.set_stream_handler(protocol, serve)
+
+        class PeerAskingFor:
+            def __init__(self) -> None:
+                self.said = ["/multistream/1.0.0", protocol]
+
+            async def read(self) -> str:
+                return self.said.pop(0)
+
+            async def write(self, message: str) -> None:
+                if message == protocol:  # our "yes" goes out; the server stops meanwhile
+                    mesh.host.remove_stream_handler(protocol)
+
+        chosen, handler = await multiselect.negotiate(PeerAskingFor())
+        assert chosen == protocol and handler is host_mod._refuse_stream
+        assert protocol not in multiselect.handlers  # still refused as unsupported afterwards
+
+        class Stream:
+            was_reset = False
+
+            async def reset(self) -> None:
+                self.was_reset = True
+
+        stream = Stream()
+        await handler(stream)
+        assert stream.was_reset
