@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import secrets
 import statistics
@@ -80,6 +79,7 @@ from node.events import EventBus  # noqa: E402
 from node.health import HealthPolicy  # noqa: E402
 from node.identity import Identity  # noqa: E402
 from node.ledger_service import LedgerService  # noqa: E402
+from node.logs import setup_logging  # noqa: E402
 from node.mesh_service import LEDGER_GOSSIP_QUEUE, consume_in_batches  # noqa: E402
 from node.pricing import PriceBook  # noqa: E402
 from node.queue_service import QueueService  # noqa: E402
@@ -562,6 +562,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["--serve-other-node"]:  # the child of other_node()
+        setup_logging("warning", None, max_bytes=0, backups=0)
         trio.run(serve_other_node, sys.argv[2], sys.argv[3], sys.argv[4] == "1")
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -578,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", type=lambda text: set(text.split(",")), default=set(),
                         help="only these paths, comma-separated (a1,a2,a3,b,r,rx,c0,c0x,c1,c,d,c-in,d-in,ledger:); default all")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    # as a node logs: py-libp2p's routine failures in one line (the in-process hosts run no pubsub)
+    setup_logging("warning", None, max_bytes=0, backups=0)
     results = trio.run(run, args)
     if args.json:
         print(json.dumps(results, indent=2))
