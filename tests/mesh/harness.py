@@ -136,7 +136,8 @@ async def open_ledger_node(
         async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
             gossip = Gossip(mesh, GENESIS.realm_id)
             await nursery.start(gossip.run)
-            service.publish_blocks = partial(gossip.publish_many, "ledger", signature_known=True)  # as node/runtime.py
+            # as node/runtime.py
+            service.publish_blocks = partial(gossip.publish_many, "ledger", signature_known=True)
             service.republish = gossip.republish
             sync = SyncService(mesh, GENESIS.realm_id, service, interval_s=interval_s, limits=limits) \
                 if with_sync else None

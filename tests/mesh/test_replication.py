@@ -43,11 +43,11 @@ async def test_a_burst_of_gossiped_blocks_is_taken_in_batches_without_drops(tmp_
     and older nodes send them), the publisher lets each peer's outbound queue drain (py-libp2p
     keeps 32 RPCs per peer and drops the rest: of 190 blocks, 32 arrived before), and the receiver
     hands the ledger what has arrived in one write (on synced ledgers, as a node's), so its
-    subscription queue does not fill (with one write per block, 9-31 of 190 were dropped). A
-    node's own blocks go out batched: 128 to a message. Every block arrives by gossip alone (no
-    sync runs here), none is dropped, and more than 200 a second is no offence: py-libp2p's
-    per-forwarder limit stopped the publisher's own messages past it and had its peer penalise it
-    (400 blocks with it on: no convergence)."""
+    subscription queue does not fill (with a 64-block queue and one write per block, 9-31 of 190
+    were dropped). A node's own blocks go out batched: 128 to a message. Every block arrives by
+    gossip alone (no sync runs here), none is dropped, and more than 200 a second is no offence:
+    py-libp2p's per-forwarder limit stopped the publisher's own messages past it and had its peer
+    penalise it (400 blocks with it on: no convergence)."""
     history = ring_history(600)
     singles, batched = history[:300], history[300:]
     async with open_ledger_node(tmp_path, "a", with_sync=False, ledger_sync=True) as a, \
