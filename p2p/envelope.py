@@ -218,6 +218,35 @@ def batch_length(data: bytes) -> int | None:
     return None
 
 
+def is_batch(data: bytes, rules: EnvelopeRules) -> bool:
+    """Whether ``data`` is (or claims to be) a batch on a topic that allows them."""
+    return bool(rules.batch_max_items) and batch_length(data) is not None
+
+
+def message_envelopes(data: bytes, rules: EnvelopeRules) -> list[bytes] | Checked:
+    """The envelopes a message carries: itself, or a batch's items (or the verdict on a bad batch)."""
+    return batch_items(data, rules) if is_batch(data, rules) else [data]
+
+
+def pack_batches(items: list[bytes], rules: EnvelopeRules) -> list[bytes]:
+    """``items`` (envelopes, in order) as the fewest messages the topic's rules allow: a batch of
+    up to ``batch_max_items`` within ``batch_max_bytes``; a lone envelope is sent as it is."""
+    if not rules.batch_max_items:
+        return list(items)
+    messages: list[bytes] = []
+    group: list[bytes] = []
+    size = 5  # a msgpack array header takes at most 5 bytes, each bytes item's header at most 5 more
+    for item in items:
+        if group and (len(group) == rules.batch_max_items or size + len(item) + 5 > rules.batch_max_bytes):
+            messages.append(group[0] if len(group) == 1 else codec.encode(group))
+            group, size = [], 5
+        group.append(item)
+        size += len(item) + 5
+    if group:
+        messages.append(group[0] if len(group) == 1 else codec.encode(group))
+    return messages
+
+
 def batch_items(data: bytes, rules: EnvelopeRules) -> list[bytes] | Checked:
     """The envelopes of a batch message, or the verdict on what makes it no valid batch."""
     items = _decoded(data, rules.batch_max_bytes, "batch of ")
@@ -238,7 +267,7 @@ def check_message(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: in
     accept, so one bad envelope makes the whole message provably bad (its verdict, with the
     item's index). Its replay key is the batch's content hash.
     """
-    if not rules.batch_max_items or batch_length(data) is None:
+    if not is_batch(data, rules):
         return check_envelope(data, rules, realm_id, now_ms, signature_known=signature_known)
     items = batch_items(data, rules)
     if isinstance(items, Checked):

@@ -46,8 +46,8 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from node import codec, signing
-from p2p.envelope import (Action, EnvelopeRules, TopicValidator, Verdict, batch_items, batch_length, default_rules,
-                          signer_key)
+from p2p.envelope import (Action, Checked, EnvelopeRules, TopicValidator, Verdict, batch_length, default_rules,
+                          is_batch, message_envelopes, pack_batches, signer_key)
 from p2p.errors import P2PError
 from p2p.host import MeshHost
 from p2p.scoring import DISCONNECT_THRESHOLD, FLOOD_PENALTY, BanList, MeshScorer, OriginRateLimiter, scoring_params
@@ -371,9 +371,9 @@ class Gossip:
         def message_cost(data: bytes) -> int:
             """What a message costs its origin's rate: a batch, one per envelope (bounded by the
             batch limit: a header claiming more is refused when it is checked)."""
-            if not rules.batch_max_items:
+            if not is_batch(data, rules):
                 return 1
-            return max(1, min(batch_length(data) or 1, rules.batch_max_items))
+            return max(1, min(batch_length(data), rules.batch_max_items))
 
         def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
             scorer.clear_pardon()
@@ -403,12 +403,9 @@ class Gossip:
             return
         rules = self.rules[name]
         try:
-            data = bytes(msg.data)
-            envelopes = [data]
-            if rules.batch_max_items and batch_length(data) is not None:
-                items = batch_items(data, rules)
-                assert isinstance(items, list), items
-                envelopes = items
+            envelopes = message_envelopes(bytes(msg.data), rules)
+            if isinstance(envelopes, Checked):
+                raise ValueError(envelopes.verdict.value)
             origin = ID(msg.from_id).to_base58()
             deliveries = []
             for envelope in envelopes:
@@ -502,25 +499,6 @@ class Gossip:
                     send.close()
                 senders.clear()
             self._not_own.clear()
-
-
-def pack_batches(items: list[bytes], rules: EnvelopeRules) -> list[bytes]:
-    """``items`` (envelopes, in order) as the fewest messages the topic's rules allow: a batch of
-    up to ``batch_max_items`` within ``batch_max_bytes``; a lone envelope is sent as it is."""
-    if not rules.batch_max_items:
-        return list(items)
-    messages: list[bytes] = []
-    group: list[bytes] = []
-    size = 5  # a msgpack array header takes at most 5 bytes, each bytes item's header at most 5 more
-    for item in items:
-        if group and (len(group) == rules.batch_max_items or size + len(item) + 5 > rules.batch_max_bytes):
-            messages.append(group[0] if len(group) == 1 else codec.encode(group))
-            group, size = [], 5
-        group.append(item)
-        size += len(item) + 5
-    if group:
-        messages.append(group[0] if len(group) == 1 else codec.encode(group))
-    return messages
 
 
 class _BanNotifee(INotifee):

@@ -5,7 +5,7 @@ import trio
 
 from node import codec, signing
 from p2p import gossip as gossip_mod
-from p2p.envelope import Verdict
+from p2p.envelope import Verdict, pack_batches
 from p2p.gossip import GossipConfig, GossipPublishError
 from tests.p2p.harness import assert_empty, collect, join_raw, open_gossip_mesh, open_raw_node, signed
 from tests.p2p.waiting import wait_until
@@ -170,15 +170,15 @@ def test_envelopes_are_packed_into_the_fewest_batches_the_limits_allow():
     from p2p.envelope import default_rules
 
     ledger = default_rules()["ledger"]
-    assert gossip_mod.pack_batches([b"\x81" * 10], ledger) == [b"\x81" * 10]  # one alone: as it is
+    assert pack_batches([b"\x81" * 10], ledger) == [b"\x81" * 10]  # one alone: as it is
     items = [n.to_bytes(2, "big") * 150 for n in range(300)]
-    messages = gossip_mod.pack_batches(items, ledger)
+    messages = pack_batches(items, ledger)
     assert [len(codec.decode(m)) for m in messages] == [128, 128, 44]
     assert [item for m in messages for item in codec.decode(m)] == items  # in order
     big = [bytes([n]) * 4000 for n in range(40)]  # 16 fit in 64 KiB
-    assert all(len(m) <= ledger.batch_max_bytes for m in gossip_mod.pack_batches(big, ledger))
-    assert [len(codec.decode(m)) for m in gossip_mod.pack_batches(big, ledger)] == [16, 16, 8]
-    assert gossip_mod.pack_batches(items[:3], default_rules()["announce"]) == items[:3]  # topics without batches
+    assert all(len(m) <= ledger.batch_max_bytes for m in pack_batches(big, ledger))
+    assert [len(codec.decode(m)) for m in pack_batches(big, ledger)] == [16, 16, 8]
+    assert pack_batches(items[:3], default_rules()["announce"]) == items[:3]  # topics without batches
 
 
 async def test_blocks_published_as_a_batch_arrive_one_by_one_in_order():
