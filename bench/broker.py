@@ -376,6 +376,8 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 # As deployed, the broker gossips its payment blocks and takes the worker's receive
                 # blocks in; the worker node starts from the payer's opening block.
                 gossip = await start_gossip(nursery, mesh_a, realm, service) if args.gossip else None
+                # ... and claims what it earns, (b)'s payments, every settle_quiet_s as a node does
+                await nursery.start(service.run_auto_receive, settings.ledger.settle_quiet_s)
                 await mesh_a.connect(mesh_b.listen_addrs[0])
                 await mesh_a.connect(other["p2p"])
                 if gossip is not None:

@@ -117,16 +117,19 @@ def send(ledger: Ledger, identity: Identity, address: str, amount_units: int, re
 def receive_all(ledger: Ledger, identity: Identity, *, now_ms: int | None = None,
                 only: set[bytes] | None = None) -> dict:
     """Receive every receivable send (or just those in ``only``) into the wallet's chain."""
-    received = []
     prev = _usable_frontier(ledger, identity)
+    blocks = []
     for source, amount in ledger.receivable(identity.public_key):
-        if only is not None and source not in only:
-            continue
-        block = B.make_credit(identity, ledger.facts.realm, prev, source, amount, now_ms or _now())
-        _submit(ledger, block)
-        prev = block
-        received.append({"hash": block.hash.hex(), "source": source.hex(), "amount": format_units(amount),
-                         "amount_units": amount})
+        if only is None or source in only:
+            prev = B.make_credit(identity, ledger.facts.realm, prev, source, amount, now_ms or _now())
+            blocks.append(prev)
+    results = ledger.submit_chain(blocks) if blocks else []  # one write, one fsync, however many
+    received = [{"hash": block.hash.hex(), "source": block.source.hex(), "amount": format_units(block.amount),
+                 "amount_units": block.amount} for block, result in zip(blocks, results)
+                if result.verdict is Verdict.ACCEPTED]
+    if len(received) < len(blocks):  # those before the refused one are stored, as one by one
+        refused = results[-1]
+        raise WalletError(f"ledger refused the block: {refused.verdict.value} {refused.detail}".strip(), 409)
     return {"address": identity.address, "received": received, **balance(ledger, identity.address)}
 
 

@@ -45,10 +45,21 @@ MAX_GROUP_PARTS = 64
 #: Writes whose new blocks may wait for :meth:`LedgerService.run_announcer` before writers publish their own.
 ANNOUNCE_BACKLOG = 1024
 #: How long the announcer lets a new block wait for others to share its gossip message. Each
-#: message costs the publisher about 1 ms of event loop whatever it carries (docs/p2p-notes.md,
-#: item 19); a broker answering a query every few ms then sends its payments in twos and threes,
-#: and one under load in dozens. Against ``settle_quiet_s`` (seconds) the delay is nothing.
-ANNOUNCE_LINGER_S = 0.01
+#: message costs the publisher about 1 ms of event loop whatever it carries, and each receiver a
+#: ledger write (docs/p2p-notes.md, items 19 and 21): a broker answering a query every 5 ms sends
+#: its payments in twenties, one under load in batches of ``ANNOUNCE_BATCH_BLOCKS``. Against
+#: ``settle_quiet_s`` (seconds) the delay is nothing.
+ANNOUNCE_LINGER_S = 0.1
+#: The most blocks the announcer puts in one message (the wire allows 128): a receiver checks a
+#: message's signatures on its event loop, ≈ 0.1 ms a block on a small VM, so a message of 32
+#: holds up its queries ≈ 3 ms, one of 128 over 10.
+ANNOUNCE_BATCH_BLOCKS = 32
+#: The most payments the node wallet claims in one write (one fsync). A claim holds the ledger
+#: and, signing in Python, mostly the interpreter, ≈ 0.1 ms a block on a small VM: a worker that
+#: earned thousands of payments since its last claim takes them in slices other writes (a
+#: broker's settlements) can come between. Smaller slices, or claims more often, spread the same
+#: work over more queries and raised bench/broker.py's (c) p99 (docs/p2p-notes.md, item 21).
+RECEIVE_CHUNK = 256
 
 
 class _Part:
@@ -78,6 +89,12 @@ class _RecordingLedger:
 
     def submit_many(self, items, **options):
         results = self._ledger.submit_many(items, **options)
+        for result in results:
+            self.applied.extend(result.applied)
+        return results
+
+    def submit_chain(self, blocks):
+        results = self._ledger.submit_chain(blocks)
         for result in results:
             self.applied.extend(result.applied)
         return results
@@ -264,7 +281,8 @@ class LedgerService:
                         pending.extend(self._announce_out.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                await self._publish_blocks(pending)
+                for start in range(0, len(pending), ANNOUNCE_BATCH_BLOCKS):
+                    await self._publish_blocks(pending[start:start + ANNOUNCE_BATCH_BLOCKS])
         finally:
             self._announcing = False
 
@@ -319,9 +337,12 @@ class LedgerService:
         cascade.
         """
 
-        def claim(ledger: Ledger) -> int:
-            ready = set()
-            for source, _amount in ledger.receivable(identity.public_key):
+        def owed(ledger: Ledger) -> list[bytes]:
+            return [source for source, _amount in ledger.receivable(identity.public_key)]
+
+        def claim(ledger: Ledger, candidates: set[bytes]) -> int:
+            ready = set()  # judged in the same ledger call that receives them
+            for source in candidates:
                 if ledger.get_block(source) is None:  # a genesis allocation: final by definition
                     ready.add(source)
                 elif ledger.settled(source, quiet_s) is Settlement.SETTLED:
@@ -330,7 +351,10 @@ class LedgerService:
                 return 0
             return len(receive_all(ledger, identity, only=ready)["received"])
 
-        claimed = await self.run_recorded(claim)
+        sources = await self.call(owed)
+        claimed = 0
+        for start in range(0, len(sources), RECEIVE_CHUNK):
+            claimed += await self.run_recorded(claim, set(sources[start:start + RECEIVE_CHUNK]))
         if claimed:
             log.info("received %d incoming payment(s) into %s", claimed, identity.address)
             await self.refresh_summary()

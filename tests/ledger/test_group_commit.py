@@ -189,3 +189,60 @@ async def test_blocks_are_gossiped_in_order_by_the_announcer_after_the_writers_h
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert [service.ledger.get_block(h).raw for h in acked] == published
+
+
+async def test_the_announcer_sends_at_most_a_batch_of_blocks_a_message(service, founder):
+    """A burst (a wallet's claim of hundreds of payments) goes out in messages receivers check in slices."""
+    from node import ledger_service
+
+    messages: list[list[bytes]] = []
+
+    async def publish(raws: list[bytes]) -> int:
+        messages.append(list(raws))
+        return 1
+
+    service.publish_blocks = publish
+    burst = [service.ledger.get_block(await service.write_grouped(settle(founder, n, UNIT))).raw for n in range(10)]
+    messages.clear()  # published by the writers themselves: the announcer was not running yet
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(service.run_announcer, linger_s=0.05))
+        cap = ledger_service.ANNOUNCE_BATCH_BLOCKS
+        blocks = burst * (2 * cap // len(burst) + 1)  # more than two messages' worth, as one announcement
+        await service.announce_blocks(blocks)
+        with trio.fail_after(10):
+            while sum(map(len, messages)) < len(blocks):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert [len(m) for m in messages] == [cap, cap, len(blocks) - 2 * cap]
+    assert [raw for m in messages for raw in m] == blocks
+
+
+async def test_auto_receive_claims_in_slices_of_one_write_each(tmp_path, genesis, builder, founder, clock, monkeypatch):
+    from ledger.txn import LedgerTxn
+    from node import ledger_service
+
+    bob = ident(2)
+    with Ledger.open(tmp_path / "ledger", genesis, sync=True, clock_ms=clock) as led:
+        led.submit(builder.claim(founder))
+        for n in range(10):
+            assert led.submit(builder.send(founder, bob, UNIT + n)).verdict is Verdict.ACCEPTED
+        service = LedgerService(led, DataDir(tmp_path), bob)
+        announced: list[bytes] = []
+
+        async def publish(raws: list[bytes]) -> int:
+            announced.extend(raws)
+            return 1
+
+        service.publish_blocks = publish
+        commits: list[bool] = []
+        commit = LedgerTxn.commit
+        monkeypatch.setattr(LedgerTxn, "commit", lambda txn, *, sync: (commits.append(sync), commit(txn, sync=sync))[1])
+        monkeypatch.setattr(ledger_service, "RECEIVE_CHUNK", 4)
+        assert await service.auto_receive(bob, 0) == 10
+        assert commits == [True, True, True]  # 4 + 4 + 2 receive blocks, each slice one synced write
+        assert led.balance(bob.public_key) == 10 * UNIT + sum(range(10))
+        assert led.receivable(bob.public_key) == []
+        chain = [entry.block.raw for entry in led.history(bob.public_key)]
+        assert announced == chain  # every receive block gossiped, in chain order
+        assert await service.auto_receive(bob, 0) == 0
+        assert led.verify().ok

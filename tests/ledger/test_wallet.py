@@ -14,6 +14,8 @@ from ledger import wallet_ops
 from ledger.control_ops import handle_control
 from ledger.custody import Custody, GrantRefused
 from ledger.ledger import Ledger
+from ledger.txn import LedgerTxn
+from ledger.verdicts import Verdict
 from ledger.wallet_ops import WalletError, format_units, parse_amount
 from tests.ledger.conftest import UNIT, ident
 
@@ -45,6 +47,38 @@ def test_send_receive_history(ledger, founder):
     rows = wallet_ops.history(ledger, founder.address)["entries"]
     assert [r["type"] for r in rows] == ["open", "send"] and rows[1]["counterparty"] == bob.address
     assert ledger.by_reference(b"receipt") == [bytes.fromhex(sent["hash"])]
+
+
+def test_receive_all_claims_many_payments_in_one_write(ledger, founder, monkeypatch):
+    """A busy worker earns hundreds of payments between two claims: one write (one fsync) takes them all."""
+    wallet_ops.receive_all(ledger, founder)
+    bob = ident(2)
+    for i in range(40):
+        wallet_ops.send(ledger, founder, bob.address, UNIT + i)
+    commits = []
+    commit = LedgerTxn.commit
+    monkeypatch.setattr(LedgerTxn, "commit", lambda txn, *, sync: (commits.append(sync), commit(txn, sync=sync))[1])
+    got = wallet_ops.receive_all(ledger, bob)
+    assert len(commits) == 1
+    assert len(got["received"]) == 40 and got["balance_units"] == 40 * UNIT + sum(range(40))
+    assert got["receivable_units"] == 0
+    assert [e["type"] for e in wallet_ops.history(ledger, bob.address)["entries"]] == ["open"] + ["receive"] * 39
+    assert ledger.verify().ok
+
+
+def test_submit_chain_stores_up_to_the_first_refusal(ledger, builder, founder):
+    bob = ident(2)
+    ledger.submit(builder.claim(founder))
+    pay = [builder.send(founder, bob, UNIT) for _ in range(2)]
+    for block in pay:
+        ledger.submit(block)
+    first = builder.receive(bob, pay[0])
+    again = builder.receive(bob, pay[0])  # the same payment twice: refused
+    after = builder.receive(bob, pay[1])  # builds on the refused block: never tried
+    results = ledger.submit_chain([first, again, after])
+    assert [r.verdict for r in results] == [Verdict.ACCEPTED, Verdict.ALREADY_RECEIVED]
+    assert ledger.balance(bob.public_key) == UNIT and ledger.get_block(after.hash) is None
+    assert ledger.verify().ok
 
 
 def test_custodial_grant_once_and_budget(tmp_path, genesis, founder, clock):
