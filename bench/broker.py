@@ -9,7 +9,8 @@ One run, the same prompt on every path, every answer checked:
   r   a raw libp2p stream round trip host C → host B (echo of a query-sized message on an open
       stream): the floor for c0
   b   Broker.ask through a local broker, this node as the worker: quote → hold → fair queue →
-      select → run locally → receipt → payment block (real Ledger on a temp dir)
+      select → run locally → receipt → payment block (real Ledger on a temp dir); as a node, this
+      broker claims what it earns (b's and d's payments) every ``settle_quiet_s``
   c0  QueryClient.call host C → QueryServer on host B (in-process libp2p over 127.0.0.1), no broker;
       streams are pooled, so after warm-up each query reuses an open stream
   c1  c0 with the worker's handler given no progress sink (as a2 runs it): c1 - a2 is the cost of
