@@ -53,8 +53,9 @@ def test_concurrent_payments_between_three_nodes_keep_the_bank(tmp_path):
 
         for addr in addresses[1:]:
             control(dirs[0], "wallet", "send", {"to": addr, "amount": str(FUNDING_UNITS / 1e6)}, post=True)
-        for i in (1, 2):
-            wait_for(lambda: balance(i, addresses[i])["balance_units"] == FUNDING_UNITS, 30, f"node {i}'s funding")
+        for i in (1, 2):  # received, and node 0 (whose view is the start) has the receive block
+            wait_for(lambda: balance(i, addresses[i])["balance_units"] == FUNDING_UNITS
+                     and balance(0, addresses[i])["balance_units"] == FUNDING_UNITS, 30, f"node {i}'s funding")
         start = {addr: balance(0, addr)["balance_units"] for addr in addresses}
 
         plans = [[(rng.choice([j for j in range(3) if j != i]), rng.randint(1, 500_000)) for _ in range(SENDS_PER_NODE)]
