@@ -172,14 +172,7 @@ class Ledger(RecordsMixin):
         the first record it lacks, and any later synced write flushes the earlier ones), and
         sync fetches them again; a process crash loses nothing (the OS has the write).
         """
-        with self._lock:
-            self._check_open()
-            txn = LedgerTxn(self._db, self.facts, self._accounts, self._blocks)
-            now = self._clock_ms()
-            results = [self._submit_one(txn, item, now, signatures_checked) for item in items]
-            txn.commit(sync=self.sync and durable)
-            self._trim_caches()
-            return results
+        return self._store_in_one_batch(items, signatures_checked=signatures_checked, durable=durable)
 
     def submit_chain(self, blocks: Iterable[Block]) -> list[Result]:
         """Store blocks of one chain, each on the one before, in ONE WriteBatch (one fsync).
@@ -189,16 +182,21 @@ class Ledger(RecordsMixin):
         Stops at the first block not ACCEPTED (the rest build on it): the
         results end with that one, and the blocks before it are stored.
         """
+        return self._store_in_one_batch(blocks, chain=True)
+
+    def _store_in_one_batch(self, items: Iterable[bytes | Block], *, signatures_checked: bool = False,
+                            durable: bool = True, chain: bool = False) -> list[Result]:
+        """:meth:`submit_many` and, with ``chain``, :meth:`submit_chain`."""
         with self._lock:
             self._check_open()
             txn = LedgerTxn(self._db, self.facts, self._accounts, self._blocks)
             now = self._clock_ms()
             results: list[Result] = []
-            for block in blocks:
-                results.append(self._submit_one(txn, block, now))
-                if results[-1].verdict is not Verdict.ACCEPTED:
+            for item in items:
+                results.append(self._submit_one(txn, item, now, signatures_checked))
+                if chain and results[-1].verdict is not Verdict.ACCEPTED:
                     break
-            txn.commit(sync=self.sync)
+            txn.commit(sync=self.sync and durable)
             self._trim_caches()
             return results
 
