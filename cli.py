@@ -71,7 +71,7 @@ def _leaf_errors(exc: BaseException) -> list[BaseException]:
 def _data_dir(args: argparse.Namespace) -> Path:
     from node.datadir import default_data_dir
 
-    raw = args.data_dir if args.data_dir is not None else default_data_dir()
+    raw = getattr(args, "data_dir", None) or default_data_dir()
     return Path(raw).expanduser().resolve()
 
 
@@ -313,10 +313,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: an option left out sets nothing. With a default, argparse lets a subcommand's
+    # parser overwrite what its parent parsed, so `wallet --data-dir D balance` (as the help
+    # shows it) ran on $MTOR_HOME instead of D.
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=None,
+        default=argparse.SUPPRESS,
         help="data directory (default: $MTOR_HOME or ~/.mtor)",
     )
 

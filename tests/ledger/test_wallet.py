@@ -178,6 +178,22 @@ def test_cli_wallet_flow(data_dir, capsys, tmp_path):
     assert json.loads(out)["blocks"] == 3
 
 
+def test_cli_data_dir_counts_wherever_the_help_shows_it(data_dir, capsys, tmp_path, monkeypatch):
+    """`wallet --data-dir D balance` once ran on $MTOR_HOME: the subcommand's default overwrote D."""
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("MTOR_HOME", str(elsewhere))  # a node that does not exist: using it fails
+    d = str(data_dir)
+    address = _cli(capsys, "wallet", "address", "--data-dir", d)[1].strip()
+    for argv in (("wallet", "--data-dir", d, "balance", "--json"), ("wallet", "balance", "--data-dir", d, "--json")):
+        code, out, err = _cli(capsys, *argv)
+        assert code == 0, err
+        assert json.loads(out)["address"] == address
+    code, out, err = _cli(capsys, "ledger", "--data-dir", d, "stats", "--json")
+    assert code == 0 and "blocks" in json.loads(out), err  # $MTOR_HOME would have failed: no genesis there
+    code, _, err = _cli(capsys, "wallet", "balance")  # no --data-dir at all: $MTOR_HOME, which has no node
+    assert code != 0 and str(elsewhere) in err and not elsewhere.exists()
+
+
 def test_cli_verify_reports_tampering(data_dir, capsys):
     d = str(data_dir)
     _cli(capsys, "wallet", "receive", "--data-dir", d)
