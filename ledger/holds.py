@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from ledger.errors import LedgerError
 from ledger.store import HOLD
 from node import codec
+from node.genesis import format_units
 QUERY_ID_BYTES = 16
 
 
@@ -44,7 +45,8 @@ class InsufficientFunds(LedgerError):
     def __init__(self, available: int, wanted: int) -> None:
         self.available = available
         self.wanted = wanted
-        super().__init__(f"insufficient funds: {available} units available (after holds), {wanted} needed")
+        super().__init__(f"insufficient funds: {format_units(available)} tokens available (after holds), "
+                         f"{format_units(wanted)} needed")
 
 
 class HoldError(LedgerError):

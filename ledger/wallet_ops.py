@@ -16,7 +16,7 @@ from ledger.blocks import MAX_REF_BYTES, MAX_UNITS
 from ledger.errors import LedgerError
 from ledger.ledger import Ledger
 from ledger.verdicts import Verdict
-from node.genesis import UNIT_DECIMALS, UNITS_PER_TOKEN
+from node.genesis import UNIT_DECIMALS, UNITS_PER_TOKEN, format_units
 from node.identity import Identity
 
 
@@ -44,12 +44,6 @@ def parse_amount(text: str | int) -> int:
     if units >= MAX_UNITS:
         raise WalletError("amount is too large")
     return int(units)
-
-
-def format_units(units: int) -> str:
-    """Units -> token text without trailing zeros ("1.5")."""
-    text = f"{Decimal(units) / UNITS_PER_TOKEN:.{UNIT_DECIMALS}f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def parse_ref(text: str | None) -> bytes | None:

@@ -45,6 +45,7 @@ from ledger.verdicts import Verdict
 from node import codec, signing
 from node.capabilities import LocalWorker, wire_type
 from node.fairqueue import QueueEntry, QueueRefused
+from node.genesis import format_units
 from node.health import Blame, Fault
 from node.identity import Identity
 from node.ledger_service import LedgerService
@@ -199,7 +200,8 @@ class Broker:
             # An unsynced put (Ledger.place_hold): quick enough for the event loop.
             await self.ledger.call_quick(lambda ledger: ledger.place_hold(ask.payer.public_key, query_id, quote.units))
         except InsufficientFunds as exc:
-            raise BrokerRefused("insufficient_funds", f"not enough tokens: {exc}", 402) from exc
+            raise BrokerRefused("insufficient_funds", f"not enough tokens: {format_units(exc.available)} available "
+                                f"(after running queries' holds), {format_units(exc.wanted)} needed", 402) from exc
         ticket = Ticket(query_id, ask, quote, trio.current_time(), load=self.queue.depth)
         self._tickets[query_id] = ticket
         try:

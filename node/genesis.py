@@ -8,6 +8,7 @@ the genesis of another realm notices at once.
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,12 @@ MAX_GENESIS_BYTES = 64 * 1024
 #: A fresh single-node realm starts its founder with this many tokens.
 DEFAULT_FOUNDER_SUPPLY_TOKENS = 1_000_000
 DEFAULT_DEMO_GRANT_TOKENS = 100
+
+
+def format_units(units: int) -> str:
+    """Units -> token text without trailing zeros ("1.5")."""
+    text = f"{Decimal(units) / UNITS_PER_TOKEN:.{UNIT_DECIMALS}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 class GenesisError(Exception):

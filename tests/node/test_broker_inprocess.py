@@ -7,13 +7,14 @@ worker is the broker itself.
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from inference.manager import ModelManager
 from inference.reverse import ReverseBackend
 from ledger import wallet_ops
 from ledger.ledger import Ledger
-from node.broker import Ask, Broker
+from node.broker import Ask, Broker, BrokerRefused
 from node.capabilities import LocalWorker
 from node.datadir import DataDir
 from node.events import EventBus
@@ -191,3 +192,19 @@ async def test_cancel_all_ends_running_and_queued_queries_with_its_message_and_r
         assert await ledger.call(lambda led: (led.balance(alice.public_key), led.holds())) == (before, [])
         assert broker.cancel_all("again") == []
         nursery.cancel_scope.cancel()
+
+
+async def test_a_payer_who_cannot_cover_the_price_is_told_in_tokens_and_nothing_is_held(tmp_path):
+    async with trio.open_nursery() as nursery:
+        broker, worker, ledger = await _broker(tmp_path, nursery, max_dispatch=2)
+        payer = Identity.generate()
+        await ledger.call(wallet_ops.send, worker, payer.address, UNITS_PER_TOKEN // 2)
+        await ledger.call(lambda led: wallet_ops.receive_all(led, payer))
+        with pytest.raises(BrokerRefused) as refused:
+            await broker.ask(Ask(payer=payer, type="chat", prompt="hello", model="reverse"))
+        nursery.cancel_scope.cancel()
+    assert refused.value.code == "insufficient_funds" and refused.value.status == 402
+    assert "0.5 available" in str(refused.value) and "1 needed" in str(refused.value)  # tokens, as users count
+    led = ledger.ledger
+    assert led.holds() == [] and led.balance(payer.public_key) == UNITS_PER_TOKEN // 2
+    assert broker.queue.depth == 0
