@@ -49,7 +49,7 @@ from node.genesis import format_units
 from node.health import Blame, Fault
 from node.identity import Identity
 from node.ledger_service import LedgerService
-from node.pricing import MESH_MODEL_TYPE, MODEL_TYPES, PriceBook, Quote, UnknownQueryType
+from node.pricing import CLAUDE_MODEL_TYPE, MESH_MODEL_TYPE, MODEL_TYPES, PriceBook, Quote, UnknownQueryType
 from node.progress_feed import ProgressFeed
 from node.queue_service import QueueService
 from node.registry import PeerRegistry
@@ -174,7 +174,8 @@ class Broker:
         try:
             return self.prices.quote(query_type, model_type, trio.current_time())
         except UnknownQueryType as exc:
-            raise BrokerRefused("unknown_type", str(exc)) from exc
+            raise BrokerRefused("unknown_type", f"unknown query type {query_type!r}; choose from "
+                                                f"{', '.join(sorted(self.prices.baselines_s))}") from exc
 
     def model_type_of(self, query_type: str, model: str) -> str:
         """What the workers advertise ``model`` as for ``query_type``: a query that names a Claude
@@ -322,7 +323,7 @@ class Broker:
                 selection = select(self.registry.candidates(trio.current_time(), ticket.ask.type), request)
                 attempt = next_attempt(selection, failed_workers, MAX_ATTEMPTS, unblamed=unblamed, avoid=busy)
                 if isinstance(attempt, Exhausted):
-                    reasons = "; ".join(a["message"] for a in ticket.attempts) or "no worker serves this query"
+                    reasons = "; ".join(a["message"] for a in ticket.attempts) or _nobody_serves(ticket.ask)
                     await self._finish(ticket, "failed", f"no worker could answer ({reasons})", wait_s=wait_s)
                     return
                 worker = attempt.candidate.worker_id
@@ -503,6 +504,11 @@ class Broker:
 
     def _custodial_lookup(self):
         return {self.identity.public_key: self.identity}
+
+
+def _nobody_serves(ask: Ask) -> str:
+    what = f"{ask.type} with model {ask.model!r}" if ask.model else ask.type
+    return f"no worker serves {what}" + (" through a Claude API adapter" if ask.model_type == CLAUDE_MODEL_TYPE else "")
 
 
 def _settle_write(ledger: Ledger | GroupWrite, ticket: Ticket, payment: tuple[bytes, bytes] | None,

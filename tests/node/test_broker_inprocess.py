@@ -208,3 +208,17 @@ async def test_a_payer_who_cannot_cover_the_price_is_told_in_tokens_and_nothing_
     led = ledger.ledger
     assert led.holds() == [] and led.balance(payer.public_key) == UNITS_PER_TOKEN // 2
     assert broker.queue.depth == 0
+
+
+async def test_an_unknown_type_or_model_is_named_in_the_refusal(tmp_path):
+    async with trio.open_nursery() as nursery:
+        broker, worker, ledger = await _broker(tmp_path, nursery, max_dispatch=2)
+        with pytest.raises(BrokerRefused) as refused:
+            await broker.ask(Ask(payer=worker, type="dance", prompt="hello"))
+        nobody = await broker.ask(Ask(payer=worker, type="chat", prompt="hello", model="nope"))
+        nursery.cancel_scope.cancel()
+    assert refused.value.code == "unknown_type"
+    assert str(refused.value) == "unknown query type 'dance'; choose from chat"  # this broker prices chat only
+    assert nobody["status"] == "failed" and nobody["cost_units"] == 0
+    assert nobody["message"] == "no worker could answer (no worker serves chat with model 'nope')"
+    assert ledger.ledger.holds() == []
