@@ -372,7 +372,14 @@ def run_ledger_verify(args) -> int:
 @_guard
 def run_ledger_stats(args) -> int:
     r = _run_op(args, "ledger/stats", {})
-    return _emit(args, r, [f"{k:<16}{v}" for k, v in sorted(r.items())])
+    flat: dict = {}
+    for key, value in r.items():  # one line per value: a nested map's keys as parent.child
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": sub_value for sub, sub_value in value.items()})
+        else:
+            flat[key] = value
+    width = max(map(len, flat), default=0) + 2
+    return _emit(args, r, [f"{k:<{width}}{v}" for k, v in sorted(flat.items())])
 
 
 @_guard

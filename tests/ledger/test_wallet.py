@@ -176,6 +176,9 @@ def test_cli_wallet_flow(data_dir, capsys, tmp_path):
     assert code == 0 and out.startswith("ok:")
     code, out, _ = _cli(capsys, "ledger", "stats", "--data-dir", d, "--json")
     assert json.loads(out)["blocks"] == 3
+    code, out, _ = _cli(capsys, "ledger", "stats", "--data-dir", d)  # for people: one line a value, no dicts
+    lines = dict(line.split(None, 1) for line in out.splitlines())
+    assert lines["blocks"] == "3" and "memory.leveldb_bytes" in lines and "{" not in out
 
 
 def test_cli_data_dir_counts_wherever_the_help_shows_it(data_dir, capsys, tmp_path, monkeypatch):
