@@ -151,6 +151,8 @@ def initialise(
     ``explicit=False`` and only fills gaps. Joining with a genesis whose realm
     differs from the one already here is refused, never overwritten.
     """
+    # The genesis to join is read first: an unreadable or foreign file must leave nothing behind.
+    joined = genesis_mod.load(join_genesis) if join_genesis is not None else None
     data.ensure_writable()
     if explicit and data.key_file.exists() and join_genesis is None:
         raise DataDirError(
@@ -167,8 +169,7 @@ def initialise(
         _write_secret(data.admin_secret_file)
 
     created_genesis = False
-    if join_genesis is not None:
-        joined = genesis_mod.load(join_genesis)
+    if joined is not None:
         if data.genesis_file.exists():
             current = data.load_genesis()
             if current.realm_id != joined.realm_id:

@@ -95,6 +95,10 @@ def test_garbage_genesis(tmp_path):
     bad = tmp_path / "bad.mtor"
     bad.write_bytes(b"\x93\x01\x02")
     _fails_with(run_cli("init", "--data-dir", str(tmp_path / "n"), "--join", str(bad)), "genesis")
+    assert not (tmp_path / "n").exists()  # nothing made: no key, secret or logs left from a failed join
+    _fails_with(run_cli("init", "--data-dir", str(tmp_path / "m"), "--join", str(tmp_path / "none.mtor")),
+                "does not exist")
+    assert not (tmp_path / "m").exists()
 
 
 def test_gpu_without_cuda(tmp_path):
