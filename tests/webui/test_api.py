@@ -58,6 +58,9 @@ def test_rest_errors_say_what_is_wrong(http, api_key):
     assert http.post("/api/chat", json={"prompt": 5}, headers=auth).json()["code"] == "bad_field"
     vision = http.post("/api/vision", json={"prompt": "x", "image": "%%%"}, headers=auth)
     assert vision.status_code == 400 and vision.json()["code"] == "bad_media"
+    nothing = http.get("/api/quote", params={"type": "dance"})
+    assert nothing.status_code == 400 and nothing.json()["code"] == "no_quote"
+    assert nothing.json()["error"].startswith("unknown query type 'dance'; choose from bark, chat")
     nobody = http.post("/api/imagine", json={"prompt": "a red cat"}, headers=auth)
     assert nobody.status_code == 502 and nobody.json()["code"] == "query_failed"
     unknown = http.post("/api/chat", json={"prompt": "x"}, headers={"Authorization": "Bearer mtor-unknown"})
