@@ -228,7 +228,10 @@ def control_request(data_dir: Path, path: str, payload: dict | None = None, time
             body = json.loads(exc.read())
             message = body.get("error") or body.get("message") or exc.reason
         except ValueError:
-            message = exc.reason
+            body, message = {}, exc.reason
+        if body.get("status") in ("failed", "cancelled", "expired"):  # a query that ran and ended badly
+            charged = "" if body.get("cost_units") else "; nothing was charged"
+            raise CommandError(f"query {body['status']}: {message}{charged}") from exc
         raise CommandError(f"node refused: {message}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise CommandError(

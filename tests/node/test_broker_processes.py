@@ -89,7 +89,9 @@ def test_claude_queries_go_to_a_claude_adapter_at_the_claude_price(tmp_path):
         # ... unless the asker insists on the mesh, where no worker serves that model.
         insisted = run_cli("ask", "chat", "by name", "--model", "claude-test", "--model-type", "mesh",
                            "--data-dir", str(broker_dir), "--json")
-        assert insisted.returncode != 0 and "no worker" in insisted.stdout + insisted.stderr
+        assert insisted.returncode != 0
+        assert "query failed: no worker could answer (no worker serves chat with model 'claude-test')" \
+            "; nothing was charged" in insisted.stderr
 
         after = cli_json(broker, "wallet", "balance")["balance_units"]
         assert after == before - 3_600_000
