@@ -10,14 +10,16 @@ Contract:
   rule), not after every read as py-libp2p does (:class:`_QuietWindows`);
 * every listen address is bound exclusively before ``open_mesh_host`` yields;
   one that cannot be bound raises :class:`P2PListenError` naming it;
-* bootstrap peers are dialled in the background with bounded, backed-off
-  retries; a bootstrap peer that stays unreachable is logged, never fatal;
+* bootstrap peers are dialled in the background, and dialled again whenever
+  their connection drops (the peer restarted, the network failed), with
+  backed-off retries that never give up; a bootstrap peer that stays
+  unreachable is logged, never fatal;
 * leaving the ``async with`` block (or cancelling it) closes listeners and
   connections promptly.
 
-It does not: keep bootstrap peers connected forever (gossip and the DHT
-rediscover peers), or discover peers by itself (mDNS and the DHT live
-elsewhere).
+It does not discover peers by itself (mDNS and the DHT live elsewhere): a
+node that loses every connection finds the mesh again through its bootstrap
+peers, which is why they are kept.
 """
 
 from __future__ import annotations
@@ -66,16 +68,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BootstrapPolicy:
-    """How hard to try each bootstrap address before giving up on it."""
+    """How each bootstrap address is kept: retries back off up to ``max_backoff_s`` and go on for
+    as long as the host runs; after ``warn_after_attempts`` failures in a row a warning says so."""
 
-    max_attempts: int = 6
+    warn_after_attempts: int = 6
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     dial_timeout_s: float = 10.0
+    #: How often a connected bootstrap peer is checked for a dropped connection.
+    check_interval_s: float = 5.0
 
     def backoff_s(self, attempt: int) -> float:
         """Delay after failed attempt number ``attempt`` (1-based): doubling, capped."""
-        return min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
+        return min(self.max_backoff_s, self.initial_backoff_s * 2.0 ** min(attempt - 1, 60))  # retries never end
 
 
 def key_pair_for(identity: Identity) -> KeyPair:
@@ -135,6 +140,17 @@ class MeshHost:
             return [str(addr) for addr in self.host.get_peerstore().addrs(pid)]
         except Exception:  # noqa: BLE001 - peerstore raises for unknown peers
             return []
+
+    def forget_failed_dials(self, peer_id: str) -> None:
+        """Let the next dial of ``peer_id`` go out even if one failed lately.
+
+        py-libp2p's swarm refuses to dial a peer for 60 s after all its addresses failed (its
+        "negative cache"); a caller with its own back-off (the bootstrap keeper) must not wait
+        that out: a restarted bootstrap peer would stay unreached for a minute after it is back.
+        """
+        unblock = getattr(self.host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(ID.from_base58(peer_id))
 
     async def connect(self, addr: str, *, timeout_s: float = 10.0) -> str:
         """Dial ``addr`` (must end in ``/p2p/<peer id>``); return the peer id.
@@ -289,20 +305,45 @@ def _build_host(identity: Identity, transport: ExclusiveTCP) -> IHost:
     )
 
 
-async def _bootstrap_one(mesh: MeshHost, addr: str, policy: BootstrapPolicy) -> None:
-    for attempt in range(1, policy.max_attempts + 1):
+async def _keep_bootstrap_peer(mesh: MeshHost, addr: str, policy: BootstrapPolicy) -> None:
+    """Connect to the bootstrap peer at ``addr``, and again each time the connection drops.
+
+    Without this a node whose bootstrap peer restarted stayed cut off from it for good, and a
+    small realm (or a node that lost every connection) from the whole mesh. A connection that
+    drops soon after it was made (a peer that hangs up on us, e.g. one that banned us, or one
+    our own gossip bans) counts as a failed attempt, so such a peer is dialled at most once per
+    ``max_backoff_s``, not once per check.
+    """
+    peer = _peer_of(addr)
+    failures = 0
+    connected_at: float | None = None
+    ever_connected = False
+    while True:
+        if mesh.is_connected(peer):
+            if connected_at is not None and trio.current_time() - connected_at >= policy.max_backoff_s:
+                failures = 0  # it held: the next drop starts the back-off afresh
+            await trio.sleep(policy.check_interval_s)
+            continue
+        if connected_at is not None:
+            if trio.current_time() - connected_at < policy.max_backoff_s:
+                failures += 1
+                await trio.sleep(policy.backoff_s(failures))
+            connected_at = None
+        mesh.forget_failed_dials(peer)  # our back-off decides when to dial, not py-libp2p's 60 s cache
         try:
-            peer = await mesh.connect(addr, timeout_s=policy.dial_timeout_s)
+            await mesh.connect(addr, timeout_s=policy.dial_timeout_s)
         except P2PDialError as exc:
-            if attempt == policy.max_attempts:
-                logger.warning("bootstrap peer unreachable, giving up after %d attempts: %s", attempt, exc)
-                return
-            delay = policy.backoff_s(attempt)
-            logger.info("bootstrap attempt %d failed (%s); retrying in %.1f s", attempt, exc, delay)
+            failures += 1
+            delay = policy.backoff_s(failures)
+            if failures == policy.warn_after_attempts:
+                logger.warning("bootstrap peer unreachable after %d attempts, still trying every %.0f s or less: %s",
+                               failures, policy.max_backoff_s, exc)
+            elif failures < policy.warn_after_attempts:
+                logger.info("bootstrap attempt %d failed (%s); retrying in %.1f s", failures, exc, delay)
             await trio.sleep(delay)
         else:
-            logger.info("connected to bootstrap peer %s", peer)
-            return
+            logger.info("connected to bootstrap peer %s%s", peer, " again" if ever_connected else "")
+            connected_at, ever_connected = trio.current_time(), True
 
 
 @asynccontextmanager
@@ -325,6 +366,8 @@ async def open_mesh_host(
     boot = [a for a in bootstrap]
     for addr in boot:
         parse_multiaddr(addr, what="bootstrap address")
+        if _peer_of(addr) is None:
+            raise P2PAddressError(f"bootstrap address {addr} must end in /p2p/<peer id>")
     transport = ExclusiveTCP()
     host = _build_host(identity, transport)
     host.multiselect.handlers = _ProtocolTable(host.multiselect.handlers)
@@ -344,7 +387,7 @@ async def open_mesh_host(
             own = [a for a in boot if _peer_of(a) != mesh.peer_id]
             async with trio.open_nursery() as nursery:
                 for addr in own:
-                    nursery.start_soon(_bootstrap_one, mesh, addr, bootstrap_policy)
+                    nursery.start_soon(_keep_bootstrap_peer, mesh, addr, bootstrap_policy)
                 try:
                     yield mesh
                 finally:

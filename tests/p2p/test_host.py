@@ -1,3 +1,4 @@
+import logging
 import socket
 
 import pytest
@@ -86,17 +87,57 @@ async def test_bootstrap_connects_in_background():
             await wait_until(lambda: joiner.is_connected(seed.peer_id), what="bootstrap connection")
 
 
-async def test_unreachable_bootstrap_is_not_fatal(caplog):
+async def test_unreachable_bootstrap_is_not_fatal_and_is_tried_again(caplog):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"/ip4/127.0.0.1/tcp/{s.getsockname()[1]}/p2p/{peer_id_for(Identity.generate())}"
-        policy = BootstrapPolicy(max_attempts=2, initial_backoff_s=0.01, dial_timeout_s=2)
+        policy = BootstrapPolicy(warn_after_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.05, dial_timeout_s=2)
         async with open_mesh_host(Identity.generate(), LOCAL, bootstrap=[dead], bootstrap_policy=policy) as a:
             await wait_until(
-                lambda: any("giving up after 2 attempts" in r.getMessage() for r in caplog.records),
-                what="bootstrap give-up log",
+                lambda: any("unreachable after 2 attempts, still trying" in r.getMessage() for r in caplog.records),
+                what="bootstrap warning",
             )
             assert a.connected_peers() == []
+            await wait_until(lambda: sum(dead in r.getMessage() for r in caplog.records) >= 1, what="the address named")
+
+
+async def test_a_bootstrap_address_without_a_peer_id_is_refused_at_once():
+    with pytest.raises(P2PAddressError, match="must end in /p2p/"):
+        async with open_mesh_host(Identity.generate(), LOCAL, bootstrap=["/ip4/127.0.0.1/tcp/4001"]):
+            pytest.fail("must not yield")
+
+
+async def test_a_bootstrap_peer_that_restarts_is_connected_again(caplog):
+    """The peer goes away and comes back on the same address and key: the joiner dials it again by itself
+    (not a minute later, when py-libp2p's cache of failed peers would have let it)."""
+    caplog.set_level(logging.INFO, logger="p2p.host")
+    seed_id = Identity.generate()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seed_peer = peer_id_for(seed_id)
+    boot = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{seed_peer}"]
+    policy = BootstrapPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, check_interval_s=0.05, dial_timeout_s=2)
+
+    async def run_seed(stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED):
+        async with open_mesh_host(seed_id, [f"/ip4/127.0.0.1/tcp/{port}"]) as seed:
+            task_status.started(seed)
+            await stop.wait()
+
+    async with open_mesh_host(Identity.generate(), LOCAL, bootstrap=boot, bootstrap_policy=policy) as joiner:
+        async with trio.open_nursery() as nursery:
+            first_stop = trio.Event()
+            await nursery.start(run_seed, first_stop)
+            await wait_until(lambda: joiner.is_connected(seed_peer), what="first bootstrap connection")
+            first_stop.set()
+            await wait_until(lambda: not joiner.is_connected(seed_peer), what="the joiner to see the seed go")
+            await wait_until(lambda: any("bootstrap attempt" in r.getMessage() for r in caplog.records),
+                             what="a dial of the stopped seed to fail (py-libp2p then refuses it for 60 s)")
+            again_stop = trio.Event()
+            again = await nursery.start(run_seed, again_stop)
+            await wait_until(lambda: joiner.is_connected(seed_peer), what="the bootstrap connection again")
+            await wait_until(lambda: again.is_connected(joiner.peer_id), what="the seed to see the joiner back")
+            again_stop.set()
 
 
 async def test_host_closes_within_a_second_when_its_nursery_is_cancelled():
