@@ -308,8 +308,9 @@ def _build_host(identity: Identity, transport: ExclusiveTCP) -> IHost:
 async def _keep_bootstrap_peer(mesh: MeshHost, addr: str, policy: BootstrapPolicy) -> None:
     """Connect to the bootstrap peer at ``addr``, and again each time the connection drops.
 
-    Without this a node whose bootstrap peer restarted stayed cut off from it for good, and a
-    small realm (or a node that lost every connection) from the whole mesh. A connection that
+    Without this a node whose bootstrap peer restarted stayed cut off from it for minutes (until
+    py-libp2p's auto-connector, with its 60 s and growing back-offs, dialled it), and a small
+    realm, or a node that lost every connection, from the whole mesh. A connection that
     drops soon after it was made (a peer that hangs up on us, e.g. one that banned us, or one
     our own gossip bans) counts as a failed attempt, so such a peer is dialled at most once per
     ``max_backoff_s``, not once per check.
