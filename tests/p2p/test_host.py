@@ -224,3 +224,42 @@ async def test_a_protocol_removed_while_a_peer_negotiates_it_is_answered_with_a_
         stream = Stream()
         await handler(stream)
         assert stream.was_reset
+
+
+class _PeerThatHangsUp:
+    """The network side of a bootstrap peer that accepts every dial and hangs up 1 s later (one
+    that banned us): a stand-in for MeshHost, so the keeper itself runs unchanged on a mock clock."""
+
+    def __init__(self) -> None:
+        self.dials = 0
+        self._up_until = -1.0
+
+    def is_connected(self, peer_id: str) -> bool:
+        return trio.current_time() < self._up_until
+
+    def forget_failed_dials(self, peer_id: str) -> None:
+        pass
+
+    async def connect(self, addr: str, *, timeout_s: float) -> str:
+        self.dials += 1
+        self._up_until = trio.current_time() + 1.0
+        return addr.rsplit("/", 1)[-1]
+
+
+async def test_a_bootstrap_peer_that_keeps_hanging_up_is_dialled_at_most_every_max_backoff(autojump_clock):
+    """Checked every 5 s, it would be dialled every 5 s; a drop within max_backoff_s counts as a failure."""
+    from p2p.host import _keep_bootstrap_peer
+
+    peer = _PeerThatHangsUp()
+    policy = BootstrapPolicy(initial_backoff_s=0.5, max_backoff_s=30.0, check_interval_s=5.0)
+    addr = f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id_for(Identity.generate())}"
+    with trio.move_on_after(600):
+        await _keep_bootstrap_peer(peer, addr, policy)
+    # back-off 0.5, 1, 2 ... 30 s between dials, each connection lasting 1 s and checked every 5 s:
+    # 6 dials in the first minute, then one every ≈ 35 s
+    assert 15 <= peer.dials <= 25, peer.dials
+
+
+@pytest.fixture
+def autojump_clock():
+    return trio.testing.MockClock(autojump_threshold=0)
