@@ -88,13 +88,12 @@ class _RecordingLedger:
         return self.submit_many([data])[0]
 
     def submit_many(self, items, **options):
-        results = self._ledger.submit_many(items, **options)
-        for result in results:
-            self.applied.extend(result.applied)
-        return results
+        return self._recorded(self._ledger.submit_many(items, **options))
 
     def submit_chain(self, blocks):
-        results = self._ledger.submit_chain(blocks)
+        return self._recorded(self._ledger.submit_chain(blocks))
+
+    def _recorded(self, results):
         for result in results:
             self.applied.extend(result.applied)
         return results
