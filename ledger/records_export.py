@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Iterable
 
 from ledger.records import QueryRecord
-from ledger.wallet_ops import format_units
+from node.genesis import format_units
 
 COLUMNS = (
     "time", "ts_ms", "query_id", "type", "model", "outcome", "payer", "worker_address", "price", "price_units",

@@ -24,8 +24,9 @@ from ledger.ledger import Ledger, LedgerError, LedgerLocked
 from ledger.records import QueryRecord
 from ledger.records_export import trail_csv, trail_json
 from ledger.wallet_files import create_wallet, is_encrypted, load_wallet, wallet_path
-from ledger.wallet_ops import WalletError, format_units
+from ledger.wallet_ops import WalletError
 from node import genesis as genesis_mod
+from node.genesis import format_units
 from node.identity import Identity, IdentityError, from_pem, to_pem
 
 REMOTE_TIMEOUT_S = 30.0

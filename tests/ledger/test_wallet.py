@@ -16,7 +16,8 @@ from ledger.custody import Custody, GrantRefused
 from ledger.ledger import Ledger
 from ledger.txn import LedgerTxn
 from ledger.verdicts import Verdict
-from ledger.wallet_ops import WalletError, format_units, parse_amount
+from ledger.wallet_ops import WalletError, parse_amount
+from node.genesis import format_units
 from tests.ledger.conftest import UNIT, ident
 
 
