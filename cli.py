@@ -285,6 +285,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     import base64
     import mimetypes
 
+    from node.genesis import tokens_phrase
+
     payload = {"type": args.type, "prompt": args.prompt, "model": args.model or "", "model_type": args.model_type}
     if args.media:
         try:
@@ -305,7 +307,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     else:
         print(outcome["result"])
     print(
-        f"-- {outcome['cost']:g} tokens to {outcome['worker_address']} "
+        f"-- {tokens_phrase(outcome['cost'])} to {outcome['worker_address']} "
         f"({outcome['processing_time']:.2f} s, waited {outcome['queue_wait']:.2f} s)",
         file=sys.stderr,
     )

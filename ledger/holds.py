@@ -45,7 +45,7 @@ class InsufficientFunds(LedgerError):
     def __init__(self, available: int, wanted: int) -> None:
         self.available = available
         self.wanted = wanted
-        super().__init__(f"insufficient funds: {format_units(available)} tokens available (after holds), "
+        super().__init__(f"not enough tokens: {format_units(available)} available (after running queries' holds), "
                          f"{format_units(wanted)} needed")
 
 

@@ -26,7 +26,7 @@ from ledger.records_export import trail_csv, trail_json
 from ledger.wallet_files import create_wallet, is_encrypted, load_wallet, wallet_path
 from ledger.wallet_ops import WalletError
 from node import genesis as genesis_mod
-from node.genesis import format_units
+from node.genesis import format_units, tokens_phrase
 from node.identity import Identity, IdentityError, from_pem, to_pem
 
 REMOTE_TIMEOUT_S = 30.0
@@ -262,8 +262,8 @@ def run_wallet_address(args) -> int:
 def run_wallet_balance(args) -> int:
     payload = {"address": args.address} if args.address else _payload(args)
     r = _run_op(args, "wallet/balance", payload)
-    lines = [f"address     {r['address']}", f"balance     {r['balance']} tokens",
-             f"receivable  {r['receivable']} tokens" + ("  (run `mtor-node wallet receive`)" if r["receivable_units"] else "")]
+    lines = [f"address     {r['address']}", f"balance     {tokens_phrase(r['balance'])}",
+             f"receivable  {tokens_phrase(r['receivable'])}" + ("  (run `mtor-node wallet receive`)" if r["receivable_units"] else "")]
     if r.get("frozen"):
         lines.append("FROZEN: this account signed conflicting blocks")
     return _emit(args, r, lines)
@@ -272,15 +272,15 @@ def run_wallet_balance(args) -> int:
 @_guard
 def run_wallet_send(args) -> int:
     r = _run_op(args, "wallet/send", _payload(args, to=args.address, amount=args.amount, ref=args.ref))
-    return _emit(args, r, [f"sent {r['amount']} tokens to {r['to']}", f"block {r['hash']}",
-                           f"balance {r['balance']} tokens"])
+    return _emit(args, r, [f"sent {tokens_phrase(r['amount'])} to {r['to']}", f"block {r['hash']}",
+                           f"balance {tokens_phrase(r['balance'])}"])
 
 
 @_guard
 def run_wallet_receive(args) -> int:
     r = _run_op(args, "wallet/receive", _payload(args))
-    lines = [f"received {x['amount']} tokens (block {x['hash'][:16]}...)" for x in r["received"]]
-    return _emit(args, r, (lines or ["nothing to receive"]) + [f"balance {r['balance']} tokens"])
+    lines = [f"received {tokens_phrase(x['amount'])} (block {x['hash'][:16]}...)" for x in r["received"]]
+    return _emit(args, r, (lines or ["nothing to receive"]) + [f"balance {tokens_phrase(r['balance'])}"])
 
 
 @_guard
@@ -312,7 +312,7 @@ def run_wallet_trail(args) -> int:
     rows = [[rec.query_id.hex()[:12], rec.type, rec.outcome.value, format_units(rec.price_units),
              rec.queue_wait_ms, rec.processing_ms, rec.worker_address[:16] or "-"] for rec in records]
     lines = [f"trail of {r['address']}: {t['queries']} queries, {t['done']} done, "
-             f"{format_units(t['lifetime_units'])} tokens spent"]
+             f"{tokens_phrase(format_units(t['lifetime_units']))} spent"]
     lines += _table(rows, ["query", "type", "outcome", "price", "wait ms", "run ms", "paid to"]) if rows else \
         ["no queries yet"]
     return _emit(args, r, lines)

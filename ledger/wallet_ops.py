@@ -98,8 +98,8 @@ def send(ledger: Ledger, identity: Identity, address: str, amount_units: int, re
     held = ledger.held_units(identity.public_key)
     if prev is None or amount_units > balance - held:
         on_hold = f" ({format_units(held)} of it on hold for running queries)" if held else ""
-        raise WalletError(f"insufficient funds: balance is {format_units(balance)}{on_hold}, "
-                          f"sending {format_units(amount_units)}", 402)
+        raise WalletError(f"not enough tokens: the balance is {format_units(balance)}{on_hold}, "
+                          f"the payment {format_units(amount_units)}", 402)
     block = B.make_send(identity, prev, to, amount_units, now_ms or _now(), ref)
     _submit(ledger, block)
     return {"hash": block.hash.hex(), "from": identity.address, "to": encode_address(to),

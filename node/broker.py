@@ -45,7 +45,7 @@ from ledger.verdicts import Verdict
 from node import codec, signing
 from node.capabilities import LocalWorker, wire_type
 from node.fairqueue import QueueEntry, QueueRefused
-from node.genesis import format_units
+from node.genesis import format_units, tokens_phrase
 from node.health import Blame, Fault
 from node.identity import Identity
 from node.ledger_service import LedgerService
@@ -195,14 +195,13 @@ class Broker:
             ask = replace(ask, model_type=self.model_type_of(ask.type, ask.model))
         quote = self.quote(ask.type, ask.model_type)
         if ask.max_price_units is not None and quote.units > ask.max_price_units:
-            raise BrokerRefused("price_over_max", f"the price is {quote.tokens} tokens, over your maximum", 402)
+            raise BrokerRefused("price_over_max", f"the price is {tokens_phrase(format_units(quote.units))}, over your maximum", 402)
         query_id = secrets.token_bytes(16)
         try:
             # An unsynced put (Ledger.place_hold): quick enough for the event loop.
             await self.ledger.call_quick(lambda ledger: ledger.place_hold(ask.payer.public_key, query_id, quote.units))
         except InsufficientFunds as exc:
-            raise BrokerRefused("insufficient_funds", f"not enough tokens: {format_units(exc.available)} available "
-                                f"(after running queries' holds), {format_units(exc.wanted)} needed", 402) from exc
+            raise BrokerRefused("insufficient_funds", str(exc), 402) from exc  # in tokens, as users count
         ticket = Ticket(query_id, ask, quote, trio.current_time(), load=self.queue.depth)
         self._tickets[query_id] = ticket
         try:

@@ -32,6 +32,12 @@ def format_units(units: int) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def tokens_phrase(amount: str | float) -> str:
+    """An amount with its noun, "1 token" or "2.5 tokens": token text (:func:`format_units`) or a number."""
+    text = amount if isinstance(amount, str) else f"{amount:g}"
+    return f"{text} token{'' if text == '1' else 's'}"
+
+
 class GenesisError(Exception):
     """A genesis file is unreadable, malformed, unsigned or from another realm."""
 

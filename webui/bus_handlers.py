@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from node.genesis import tokens_phrase
 from webui import protocol, sysop
 from webui.bridge import WalletUnavailable
 from webui.media import MediaError, decode
@@ -49,7 +50,7 @@ def welcome_text(nickname: str, recent: list[dict], balance_tokens: float, onlin
     if done:
         avg = sum(q.get("processing_time", 0.0) for q in done) / len(done)
         parts.append(f"Your last {len(done)} quer{'y' if len(done) == 1 else 'ies'} ran at {avg:.2f}s average.")
-    parts.append(f"You have {balance_tokens:g} token{'' if balance_tokens == 1 else 's'} remaining.")
+    parts.append(f"You have {tokens_phrase(balance_tokens)} remaining.")
     if online == 0:
         parts.append("No workers are online right now.")
     else:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from node.genesis import tokens_phrase
 from webui import protocol
 from webui.auth import host_refusal, origin_names_host
 from webui.bridge import tokens
@@ -391,7 +392,7 @@ class Hub:
 
 def reverted_warning(loss: Mapping[str, Any]) -> str:
     """The sysop's line for a ``payment_reverted`` event (node.sync_service.report_own_losses)."""
-    return (f"a payment of {tokens(loss.get('amount_units', 0)):g} tokens from {loss.get('payer', '?')} "
+    return (f"a payment of {tokens_phrase(tokens(loss.get('amount_units', 0)))} from {loss.get('payer', '?')} "
             f"to this node's wallet was reverted: the payer signed two conflicting blocks and the other one "
             f"won. The wallet is stalled from height {loss.get('height', '?')} and cannot send (docs/ledger.md)")
 

@@ -28,7 +28,7 @@ def test_hold_reserves_and_blocks_spending(funded, founder):
     with pytest.raises(InsufficientFunds) as refused:
         funded.place_hold(founder.public_key, QID2, 500 * UNIT)
     assert refused.value.available == 400 * UNIT
-    assert "400 tokens available (after holds), 500 needed" in str(refused.value)  # what the user reads
+    assert str(refused.value) == "not enough tokens: 400 available (after running queries' holds), 500 needed"  # what the user reads
     with pytest.raises(wallet_ops.WalletError, match="on hold"):
         wallet_ops.send(funded, founder, worker.address, 500 * UNIT)
     assert funded.balance(founder.public_key) == 1_000 * UNIT

@@ -17,7 +17,7 @@ from ledger.ledger import Ledger
 from ledger.txn import LedgerTxn
 from ledger.verdicts import Verdict
 from ledger.wallet_ops import WalletError, parse_amount
-from node.genesis import format_units
+from node.genesis import format_units, tokens_phrase
 from tests.ledger.conftest import UNIT, ident
 
 
@@ -25,6 +25,12 @@ from tests.ledger.conftest import UNIT, ident
 def test_parse_amount(text, units):
     assert parse_amount(text) == units
     assert parse_amount(format_units(units)) == units
+
+
+@pytest.mark.parametrize("amount,phrase", [("1", "1 token"), (1.0, "1 token"), ("1.5", "1.5 tokens"),
+                                           (0.0, "0 tokens"), ("0.000001", "0.000001 tokens"), (2, "2 tokens")])
+def test_tokens_phrase(amount, phrase):
+    assert tokens_phrase(amount) == phrase
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "1.0000001", "abc", "nan", "inf", "9223372036854.775808", ""])
@@ -38,7 +44,7 @@ def test_send_receive_history(ledger, founder):
     bob = ident(2)
     with pytest.raises(WalletError, match="checksum"):
         wallet_ops.send(ledger, founder, bob.address[:-1] + ("q" if bob.address[-1] != "q" else "p"), UNIT)
-    with pytest.raises(WalletError, match="insufficient"):
+    with pytest.raises(WalletError, match="^not enough tokens: the balance is 1000, the payment 2000$"):
         wallet_ops.send(ledger, founder, bob.address, 2000 * UNIT)
     sent = wallet_ops.send(ledger, founder, bob.address, 3 * UNIT, b"receipt")
     assert sent["balance"] == "997"
@@ -255,7 +261,7 @@ def test_cli_uses_running_node_when_locked(data_dir, capsys):
                                 "--json")
             assert code == 0 and json.loads(out)["type"] == "send"
             code, out, err = _cli(capsys, "wallet", "send", ident(5).address, "10000000", "--data-dir", str(data_dir))
-            assert code == 1 and "insufficient" in err
+            assert code == 1 and "not enough tokens" in err
         finally:
             server.shutdown()
             server.server_close()

@@ -210,6 +210,18 @@ async def test_a_payer_who_cannot_cover_the_price_is_told_in_tokens_and_nothing_
     assert broker.queue.depth == 0
 
 
+async def test_a_price_over_the_askers_maximum_is_refused_in_tokens_and_nothing_is_held(tmp_path):
+    async with trio.open_nursery() as nursery:
+        broker, worker, ledger = await _broker(tmp_path, nursery, max_dispatch=2)
+        with pytest.raises(BrokerRefused) as refused:
+            await broker.ask(Ask(payer=worker, type="chat", prompt="hello", model="reverse",
+                                 max_price_units=UNITS_PER_TOKEN // 2))
+        nursery.cancel_scope.cancel()
+    assert refused.value.code == "price_over_max" and refused.value.status == 402
+    assert str(refused.value) == "the price is 1 token, over your maximum"  # not a fraction, not "1 tokens"
+    assert ledger.ledger.holds() == [] and broker.queue.depth == 0
+
+
 async def test_an_unknown_type_or_model_is_named_in_the_refusal(tmp_path):
     async with trio.open_nursery() as nursery:
         broker, worker, ledger = await _broker(tmp_path, nursery, max_dispatch=2)
