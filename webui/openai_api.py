@@ -83,9 +83,9 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
         known = state.bridge.models_by_type().get(query_type, [])
         return requested if isinstance(requested, str) and requested in known else ""
 
-    async def paid(query_type: str, prompt: str, model: object, media: bytes | None = None,
+    async def paid(user: tuple, query_type: str, prompt: str, model: object, media: bytes | None = None,
                    media_type: str | None = None) -> Answer:
-        guid, identity = await resolve_user(state, key_only=True)
+        guid, identity = user
         return await state.runner.run(guid, identity, query_type, prompt, model_name=mesh_model(query_type, model),
                                       media=media, media_type=media_type)
 
@@ -96,9 +96,11 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
         return body
 
     def guarded(view):
+        """``view(user)`` for a caller with a valid API key: the key is checked before any of the
+        request's body is read, so an unauthenticated client learns nothing and uploads nothing."""
         async def wrapper():
             try:
-                return await view()
+                return await view(await resolve_user(state, key_only=True))
             except AuthError as exc:
                 return openai_error(str(exc), exc.code, exc.status)
             except QueryError as exc:
@@ -119,22 +121,22 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
         return jsonify({"object": "list", "data": data})
 
     @guarded
-    async def v1_chat_completions():
+    async def v1_chat_completions(user: tuple):
         body = await body_json()
         prompt = flatten(body.get("messages"))
         model = body.get("model") or "mtor"
         if body.get("stream"):
-            return await streamed_chat(prompt, model)
-        answer = await paid("chat", prompt, model)
+            return await streamed_chat(user, prompt, model)
+        answer = await paid(user, "chat", prompt, model)
         text = answer_text(answer)
         return jsonify({"id": "chatcmpl-" + (answer.query_id or "0"), "object": "chat.completion",
                         "created": int(time.time()), "model": model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "finish_reason": "stop"}], "usage": usage_of(prompt, text), "mtor": mtor_of(answer)})
 
-    async def streamed_chat(prompt: str, model: str):
+    async def streamed_chat(user: tuple, prompt: str, model: str):
         """Queue the query, then answer with a stream that follows it (see the module docstring)."""
-        guid, identity = await resolve_user(state, key_only=True)
+        guid, identity = user
         live = LiveQuery()
         state.spawn(live.follow, partial(state.runner.run, guid, identity, "chat", prompt,
                                          model_name=mesh_model("chat", model), live=live))
@@ -151,7 +153,7 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
         return response
 
     @guarded
-    async def v1_audio_transcriptions():
+    async def v1_audio_transcriptions(user: tuple):
         files = await request.files
         form = await request.form
         upload = files.get("file")
@@ -162,7 +164,7 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
             raise QueryError("file_too_large", f"the audio is over {MAX_MEDIA_BYTES} bytes", 413)
         if not audio:
             raise QueryError("empty_file", "the audio file is empty", 400)
-        answer = await paid("whisper", form.get("prompt", ""), form.get("model"), audio,
+        answer = await paid(user, "whisper", form.get("prompt", ""), form.get("model"), audio,
                             sniff(audio) or upload.mimetype or "audio/wav")
         text = answer.data if isinstance(answer.data, str) else answer.data.decode("utf-8", "replace")
         if form.get("response_format") == "text":
@@ -170,18 +172,18 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
         return jsonify({"text": text})
 
     @guarded
-    async def v1_audio_speech():
+    async def v1_audio_speech(user: tuple):
         body = await body_json()
         text = body.get("input")
         if not isinstance(text, str) or not text.strip():
             raise QueryError("invalid_input", "'input' must be non-empty text", 400)
-        answer = await paid("bark", text, body.get("model"))
+        answer = await paid(user, "bark", text, body.get("model"))
         if isinstance(answer.data, str):
             raise QueryError("bad_worker_answer", "the speech worker answered with text, not audio", 502)
         return Response(answer.data, mimetype=sniff(answer.data) or "application/octet-stream")
 
     @guarded
-    async def v1_images_generations():
+    async def v1_images_generations(user: tuple):
         body = await body_json()
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -193,7 +195,7 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
             raise QueryError("invalid_n", f"'n' must be 1 to {MAX_IMAGES}", 400)
         data = []
         for _ in range(n):
-            answer = await paid("imagine", prompt, body.get("model"))
+            answer = await paid(user, "imagine", prompt, body.get("model"))
             raw = answer.data.encode() if isinstance(answer.data, str) else answer.data
             data.append({"b64_json": answer.wire()["result"] if isinstance(answer.data, bytes) else raw.decode()})
         return jsonify({"created": int(time.time()), "data": data})

@@ -89,11 +89,16 @@ def test_openai_streaming_chat(client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_openai_errors_have_openai_shape(node, client):
+def test_openai_errors_have_openai_shape(node, client, http):
     bad = openai.OpenAI(base_url=node.console_url.rstrip("/") + "/v1", api_key="mtor-nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
         bad.chat.completions.create(model="reverse", messages=[{"role": "user", "content": "x"}])
     assert err.value.body["code"] == "invalid_api_key"
+    # The key is checked before the body is read: without one, a bad body or an upload is still a 401.
+    for path, request in (("chat/completions", {"content": b"not json"}),
+                          ("audio/transcriptions", {"files": {"file": ("a.wav", bytes(1000), "audio/wav")}})):
+        anonymous = http.post("/v1/" + path, **request)
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key", path
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="reverse", messages=[])
     assert err.value.body["type"] == "invalid_request_error"
