@@ -9,3 +9,7 @@ class LedgerError(Exception):
 
 class LedgerLocked(LedgerError):
     """The LevelDB directory is locked by another process (normally the running node)."""
+
+
+class LedgerWriteFailed(LedgerError):
+    """A write to the LevelDB failed (a full or failing disk); the message says what the disk said."""

@@ -98,7 +98,7 @@ class Ledger(RecordsMixin):
         :class:`LedgerError` for any other problem.
         """
         try:
-            db = store.open_db(Path(path))
+            db = store.GuardedDB.open(Path(path))
         except store.StoreLocked as exc:
             raise LedgerLocked(str(exc)) from exc
         except store.StoreError as exc:
@@ -278,6 +278,17 @@ class Ledger(RecordsMixin):
     def _check_open(self) -> None:
         if self._closed:
             raise LedgerError("ledger is closed")
+        if self._db.failure is not None:
+            self._recover()
+
+    def _recover(self) -> None:
+        """Reopen the store after a failed write (store.GuardedDB says why), forgetting the caches:
+        they hold nothing uncommitted, but the write that failed may or may not have landed."""
+        if not self._db.recover():
+            return  # not yet: reads go on, writes are refused
+        self._accounts.clear()
+        self._blocks.clear()
+        self._held.clear()
 
     # ------------------------------------------------------------------ reading
     def _account(self, account: bytes) -> AccountState:

@@ -28,11 +28,16 @@ and commits them in one ``WriteBatch`` (``sync`` = fsync before returning).
 
 from __future__ import annotations
 
+import shutil
 import struct
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import plyvel
+
+from ledger.errors import LedgerWriteFailed
 
 SCHEMA_VERSION = 1
 _U64 = struct.Struct(">Q")
@@ -96,9 +101,130 @@ def open_db(path: Path, *, create: bool = True) -> plyvel.DB:
     except plyvel.IOError as exc:
         if "lock" in str(exc).lower():
             raise StoreLocked(f"ledger {path} is in use by another process (is the node running?)") from exc
-        raise StoreError(f"cannot open ledger {path}: {exc}") from exc
+        raise StoreError(f"cannot open ledger {path}: {_disk_says(exc)}") from exc
     except plyvel.Error as exc:
-        raise StoreError(f"cannot open ledger {path}: {exc}") from exc
+        raise StoreError(f"cannot open ledger {path}: {_disk_says(exc)}") from exc
+
+
+#: After a failed write, the DB is reopened once this much disk is free (and at most once per
+#: REOPEN_RETRY_S): its recovery writes a new log, a level-0 table of the replayed log and a manifest.
+REOPEN_ROOM_BYTES = 2 * LEVELDB_WRITE_BUFFER_BYTES
+REOPEN_RETRY_S = 1.0
+
+
+class GuardedDB:
+    """A plyvel DB whose writes stop at the first failure until the DB has been reopened.
+
+    Why: when an append to LevelDB's log fails (a full disk), LevelDB reports the error but goes
+    on appending later writes to the same log, whose record framing the failed append has left
+    torn; on the next open, its recovery drops what follows the tear, acknowledged and fsync'd
+    writes included (seen on a full tmpfs: a send made after space was freed was gone after a
+    restart). Reopening, before anything else is written, replays the log up to the tear and
+    starts a new one. An fsync that fails leaves LevelDB refusing every write until reopened,
+    which the same reopen mends.
+
+    Reads go straight to plyvel (bound methods); after a failure the owner calls
+    :meth:`recover` before using the DB again (:class:`ledger.ledger.Ledger` does, first thing in
+    every call). Every write batch is transactional: nothing is written if its block raises.
+    """
+
+    def __init__(self, path: Path, db: plyvel.DB) -> None:
+        self.path = path
+        self.failure: str | None = None  #: what the disk said, while writes are stopped
+        self._reopen_after = 0.0
+        self._bind(db)
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True) -> "GuardedDB":
+        return cls(path, open_db(path, create=create))
+
+    def _bind(self, db: plyvel.DB) -> None:
+        self._db = db
+        self.get = db.get
+        self.iterator = db.iterator
+        self.get_property = db.get_property
+
+    def put(self, key: bytes, value: bytes, *, sync: bool = False) -> None:
+        self._check_writable()
+        try:
+            self._db.put(key, value, sync=sync)
+        except plyvel.Error as exc:
+            raise self._failed(exc) from exc
+
+    def delete(self, key: bytes, *, sync: bool = False) -> None:
+        self._check_writable()
+        try:
+            self._db.delete(key, sync=sync)
+        except plyvel.Error as exc:
+            raise self._failed(exc) from exc
+
+    @contextmanager
+    def write_batch(self, *, sync: bool = False, transaction: bool = True) -> Iterator[plyvel.WriteBatch]:
+        """Like plyvel's, always transactional (``transaction`` is accepted for its callers)."""
+        self._check_writable()
+        batch = self._db.write_batch(sync=sync)
+        yield batch
+        try:
+            batch.write()
+        except plyvel.Error as exc:
+            raise self._failed(exc) from exc
+
+    def recover(self) -> bool:
+        """Reopen after a failed write, once the disk has room for it; True when it reopened.
+
+        Until then reads go on from the open DB (the failed write reached neither LevelDB's
+        memory nor, whole, its log) and writes are refused. A reopen needs room for a new log,
+        table and manifest; one that fails anyway leaves the store closed, reads refused too,
+        and is tried again after :data:`REOPEN_RETRY_S`.
+        """
+        if self.failure is None:
+            return False
+        if time.monotonic() < self._reopen_after:
+            if self._db.closed:
+                raise LedgerWriteFailed(f"the ledger is unavailable until it can write again: {self.failure}")
+            return False
+        if not self._db.closed:
+            if not _has_room(self.path):  # one statvfs: cheap enough to ask at every call
+                return False
+            self._db.close()
+        try:
+            db = open_db(self.path, create=False)
+        except StoreError as exc:
+            self._reopen_after = time.monotonic() + REOPEN_RETRY_S
+            raise LedgerWriteFailed(f"the ledger is unavailable until it can write again: {self.failure} "
+                                    f"(reopening it: {exc})") from exc
+        self._bind(db)
+        self.failure = None
+        return True
+
+    def close(self) -> None:
+        if not self._db.closed:
+            self._db.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._db.closed
+
+    def _check_writable(self) -> None:
+        if self.failure is not None:
+            raise LedgerWriteFailed(f"the ledger cannot be written: {self.failure}")
+
+    def _failed(self, exc: plyvel.Error) -> LedgerWriteFailed:
+        self.failure = _disk_says(exc)
+        return LedgerWriteFailed(f"the ledger could not write ({self.failure}); free disk space or check the "
+                                 "disk, the node carries on once it can write")
+
+
+def _has_room(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free >= REOPEN_ROOM_BYTES
+    except OSError:
+        return True  # cannot tell: try, and let the reopen say
+
+
+def _disk_says(exc: plyvel.Error) -> str:
+    text = exc.args[0] if exc.args else exc
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
 
 class Txn:

@@ -37,6 +37,7 @@ import trio
 from ledger.address import encode_address
 from ledger.blocks import make_send
 from ledger.custody import custodial_identities
+from ledger.errors import LedgerError
 from ledger.group import GroupWrite
 from ledger.holds import Hold, HoldState, InsufficientFunds
 from ledger.ledger import Ledger
@@ -202,6 +203,8 @@ class Broker:
             await self.ledger.call_quick(lambda ledger: ledger.place_hold(ask.payer.public_key, query_id, quote.units))
         except InsufficientFunds as exc:
             raise BrokerRefused("insufficient_funds", str(exc), 402) from exc  # in tokens, as users count
+        except LedgerError as exc:  # a full or failing disk: nothing was held
+            raise BrokerRefused("ledger_unavailable", f"this node cannot take paid queries now: {exc}", 503) from exc
         ticket = Ticket(query_id, ask, quote, trio.current_time(), load=self.queue.depth)
         self._tickets[query_id] = ticket
         try:

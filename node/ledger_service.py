@@ -316,8 +316,12 @@ class LedgerService:
         block's own signature in this process, so the ledger does not verify it again; and they
         are other nodes' blocks, written without fsync (``Ledger.submit_many``, ``durable``).
         """
-        results = await self.call(lambda ledger: ledger.submit_many([d.data for d in deliveries],
-                                                                    signatures_checked=True, durable=False))
+        try:
+            results = await self.call(lambda ledger: ledger.submit_many([d.data for d in deliveries],
+                                                                        signatures_checked=True, durable=False))
+        except LedgerError as exc:  # a full or failing disk: sync fetches these again once it can write
+            log.warning("could not store %d gossiped block(s): %s", len(deliveries), exc)
+            return
         self.gossip_writes += 1
         for delivery, result in zip(deliveries, results):
             self.gossip_verdicts[result.verdict.value] += 1

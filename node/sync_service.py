@@ -38,6 +38,7 @@ from libp2p.abc import INotifee
 from libp2p.peer.id import ID
 
 from ledger.address import encode_address
+from ledger.errors import LedgerError
 from ledger.replication import blocks_at
 from p2p.errors import P2PError
 from p2p.host import MeshHost, dialable
@@ -279,6 +280,11 @@ class SyncService:
             log.info("%s", exc)
             if exc.code in REDIAL_ON:
                 await self._redial(peer_id)
+            return None
+        except LedgerError as exc:  # our own store (a full disk): the next sync tries again
+            st.failures += 1
+            st.last_error, st.last_error_code = str(exc), "ledger_unavailable"
+            log.warning("sync with %s: %s", peer_id, exc)
             return None
         st.last_sync_unix_s = time.time()
         st.last_duration_s = report.duration_s

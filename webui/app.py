@@ -20,6 +20,7 @@ import trio
 from quart import Response, jsonify, redirect, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
+from ledger.errors import LedgerError
 from webui import openai_api, rest, ws
 from webui.auth import COOKIE_NAME
 from webui.state import MAX_MEDIA_BYTES, ConsoleState
@@ -64,6 +65,12 @@ def create_app(node: "Node") -> QuartTrio:
     raise_open_file_limit(node.settings.console.max_connections + FD_HEADROOM)
     state = ConsoleState.build(node)
     app.extensions["mtor_console"] = state
+
+    @app.errorhandler(LedgerError)
+    async def ledger_unavailable(exc: LedgerError):
+        """Whatever route met it: a full or failing disk is said as such, not as a bare 500."""
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return jsonify({"error": f"the node's ledger is unavailable: {exc}", "code": "ledger_unavailable"}), 503
     stop = trio.CancelScope()
 
     async def run_console(*, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ledger.custody import Custody, CustodyError
+from ledger.errors import LedgerError
 from node.genesis import UNITS_PER_TOKEN
 from node.identity import Identity
 from node.pricing import MESH_MODEL_TYPE
@@ -63,7 +64,7 @@ class Bridge:
 
         try:
             info, identity = await self.node.ledger.run_recorded(open_it)
-        except CustodyError as exc:
+        except (CustodyError, LedgerError) as exc:  # LedgerError: e.g. a full disk stopped the grant's write
             raise WalletUnavailable(str(exc)) from exc
         self._wallets[guid] = identity
         self._wallets.move_to_end(guid)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ledger.errors import LedgerError
 from node.genesis import tokens_phrase
 from webui import protocol, sysop
 from webui.bridge import WalletUnavailable
@@ -140,7 +141,11 @@ async def handle(state: "ConsoleState", conn: "Connection", raw: Any) -> None:
                   retry_after_s=round(state.work_limiter.retry_after_s(conn.guid), 2), **_request_id(msg.data))
         return
     handler = HANDLERS[msg.type]
-    await handler(state, conn, msg.data)
+    try:
+        await handler(state, conn, msg.data)
+    except LedgerError as exc:  # a full or failing disk: said to the user, the connection goes on
+        conn.send("error", message=f"the node's ledger is unavailable: {exc}", code="ledger_unavailable",
+                  in_reply_to=msg.type, **_request_id(msg.data))
 
 
 def _request_id(data: dict) -> dict:

@@ -109,20 +109,20 @@ def test_record_index_and_totals_are_one_write_batch(ledger, monkeypatch):
 
         class Dying:
             def __enter__(self):
-                batch.__enter__()
+                self.inner = batch.__enter__()
                 return self
 
             def put(self, key, value):
-                batch.put(key, value)
+                self.inner.put(key, value)
                 if key.startswith(PAYER_TOTALS):
                     raise Boom()
 
             def __exit__(self, *exc):
-                return batch.__exit__(*exc)  # plyvel drops the batch when the block raised
+                return batch.__exit__(*exc)  # the store drops the batch when the block raised
 
         return Dying()
 
-    monkeypatch.setattr(ledger, "_db", SimpleNamespace(get=ledger._db.get, write_batch=dying_batch))
+    monkeypatch.setattr(ledger, "_db", SimpleNamespace(get=ledger._db.get, write_batch=dying_batch, failure=None))
     with pytest.raises(Boom):
         ledger.put_record(rec(2))
     monkeypatch.undo()

@@ -12,7 +12,7 @@ import trio
 
 from inference.manager import ModelManager
 from inference.reverse import ReverseBackend
-from ledger import wallet_ops
+from ledger import store, wallet_ops
 from ledger.ledger import Ledger
 from node.broker import Ask, Broker, BrokerRefused
 from node.capabilities import LocalWorker
@@ -220,6 +220,26 @@ async def test_a_price_over_the_askers_maximum_is_refused_in_tokens_and_nothing_
     assert refused.value.code == "price_over_max" and refused.value.status == 402
     assert str(refused.value) == "the price is 1 token, over your maximum"  # not a fraction, not "1 tokens"
     assert ledger.ledger.holds() == [] and broker.queue.depth == 0
+
+
+async def test_a_ledger_that_cannot_write_refuses_queries_clearly_and_takes_them_again_after(tmp_path, monkeypatch):
+    """A full disk (ledger.store.GuardedDB after a failed write; the free-space probe says "no
+    room"): the ask is refused with what the disk said, nothing is held; with room again, it runs."""
+    room = [False]
+    monkeypatch.setattr(store, "_has_room", lambda path: room[0])
+    async with trio.open_nursery() as nursery:
+        broker, founder, ledger = await _broker(tmp_path, nursery, max_dispatch=2)
+        ledger.ledger._db.failure = "IO error: 000003.log: No space left on device"
+        with pytest.raises(BrokerRefused) as refused:
+            await broker.ask(Ask(payer=founder, type="chat", prompt="hello", model="reverse"))
+        assert refused.value.code == "ledger_unavailable" and refused.value.status == 503
+        assert str(refused.value) == ("this node cannot take paid queries now: the ledger cannot be written: "
+                                      "IO error: 000003.log: No space left on device")
+        assert await ledger.call(lambda led: led.holds()) == []  # reads go on meanwhile
+        room[0] = True
+        outcome = await broker.ask(Ask(payer=founder, type="chat", prompt="hello", model="reverse"))
+        nursery.cancel_scope.cancel()
+    assert outcome["status"] == "done" and outcome["result"] == "olleh"
 
 
 async def test_an_unknown_type_or_model_is_named_in_the_refusal(tmp_path):
