@@ -106,8 +106,9 @@ def open_db(path: Path, *, create: bool = True) -> plyvel.DB:
         raise StoreError(f"cannot open ledger {path}: {_disk_says(exc)}") from exc
 
 
-#: After a failed write, the DB is reopened once this much disk is free (and at most once per
-#: REOPEN_RETRY_S): its recovery writes a new log, a level-0 table of the replayed log and a manifest.
+#: After a failed write, the DB is reopened once this much disk is free (its recovery writes a new
+#: log, a level-0 table of the replayed log and a manifest); a reopen that fails is tried again
+#: REOPEN_RETRY_S later.
 REOPEN_ROOM_BYTES = 2 * LEVELDB_WRITE_BUFFER_BYTES
 REOPEN_RETRY_S = 1.0
 
@@ -179,13 +180,12 @@ class GuardedDB:
         """
         if self.failure is None:
             return False
-        if time.monotonic() < self._reopen_after:
-            if self._db.closed:
+        if self._db.closed:  # a reopen failed
+            if time.monotonic() < self._reopen_after:
                 raise LedgerWriteFailed(f"the ledger is unavailable until it can write again: {self.failure}")
+        elif not _has_room(self.path):  # one statvfs: cheap enough to ask at every call
             return False
-        if not self._db.closed:
-            if not _has_room(self.path):  # one statvfs: cheap enough to ask at every call
-                return False
+        else:
             self._db.close()
         try:
             db = open_db(self.path, create=False)
