@@ -20,6 +20,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import plyvel
+
 from ledger import state_sum, store
 from ledger.blocks import Block, BlockError, alloc_id, parse_block
 from ledger.errors import LedgerError, LedgerLocked
@@ -107,6 +109,10 @@ class Ledger(RecordsMixin):
         ledger = cls(db, genesis, sync=sync, pool=PendingPool(pool_max_blocks), clock_ms=clock)
         try:
             ledger._init_or_check(check)
+        except plyvel.Error as exc:  # LevelDB's own checksums: a damaged disk or file
+            db.close()
+            raise LedgerError(f"the ledger store at {path} is damaged: {store.leveldb_says(exc)} "
+                              "(stop the node and run `mtor-node ledger repair`)") from exc
         except Exception:
             db.close()
             raise

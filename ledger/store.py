@@ -101,9 +101,9 @@ def open_db(path: Path, *, create: bool = True) -> plyvel.DB:
     except plyvel.IOError as exc:
         if "lock" in str(exc).lower():
             raise StoreLocked(f"ledger {path} is in use by another process (is the node running?)") from exc
-        raise StoreError(f"cannot open ledger {path}: {_disk_says(exc)}") from exc
+        raise StoreError(f"cannot open ledger {path}: {leveldb_says(exc)}") from exc
     except plyvel.Error as exc:
-        raise StoreError(f"cannot open ledger {path}: {_disk_says(exc)}") from exc
+        raise StoreError(f"cannot open ledger {path}: {leveldb_says(exc)}") from exc
 
 
 #: After a failed write, the DB is reopened once this much disk is free (its recovery writes a new
@@ -210,7 +210,7 @@ class GuardedDB:
             raise LedgerWriteFailed(f"the ledger cannot be written: {self.failure}")
 
     def _failed(self, exc: plyvel.Error) -> LedgerWriteFailed:
-        self.failure = _disk_says(exc)
+        self.failure = leveldb_says(exc)
         return LedgerWriteFailed(f"the ledger could not write ({self.failure}); free disk space or check the "
                                  "disk, the node carries on once it can write")
 
@@ -222,7 +222,7 @@ def _has_room(path: Path) -> bool:
         return True  # cannot tell: try, and let the reopen say
 
 
-def _disk_says(exc: plyvel.Error) -> str:
+def leveldb_says(exc: plyvel.Error) -> str:
     text = exc.args[0] if exc.args else exc
     return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 

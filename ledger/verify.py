@@ -87,8 +87,17 @@ class _DictView:
 
 
 def verify_store(db: plyvel.DB, facts) -> VerifyReport:
-    """Full check of ``db`` against the realm ``facts``; never raises on bad data."""
+    """Full check of ``db`` against the realm ``facts``; never raises on bad data, a store LevelDB
+    itself finds corrupt (a checksum that fails) included."""
     report = VerifyReport()
+    try:
+        _verify_into(db, facts, report)
+    except plyvel.Error as exc:
+        report.add(f"LevelDB cannot read the store: {store.leveldb_says(exc)} (run `mtor-node ledger repair`)")
+    return report
+
+
+def _verify_into(db: plyvel.DB, facts, report: VerifyReport) -> None:
     if db.get(store.META + b"realm") != facts.realm:
         report.add("meta: realm id does not match the genesis")
     blocks: dict[bytes, Block] = {}
@@ -116,7 +125,6 @@ def verify_store(db: plyvel.DB, facts) -> VerifyReport:
         if finding.verdict is not Verdict.ACCEPTED:
             report.add(f"block {block.hash.hex()[:16]}: {finding.verdict.value}: {finding.detail}")
     _compare_indexes(db, blocks, facts, report)
-    return report
 
 
 def _expected_indexes(blocks: dict[bytes, Block], facts) -> tuple[dict[bytes, dict[bytes, bytes]], object]:

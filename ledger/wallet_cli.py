@@ -19,10 +19,13 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import plyvel
+
 from ledger import control_ops
 from ledger.ledger import Ledger, LedgerError, LedgerLocked
 from ledger.records import QueryRecord
 from ledger.records_export import trail_csv, trail_json
+from ledger.store import leveldb_says
 from ledger.wallet_files import create_wallet, is_encrypted, load_wallet, wallet_path
 from ledger.wallet_ops import WalletError
 from node import genesis as genesis_mod
@@ -112,6 +115,9 @@ def add_ledger_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("sync-status", help="how this running node's ledger compares with each peer's")
     _common(p, wallet=False)
     p.set_defaults(func=run_ledger_sync_status)
+    p = sub.add_parser("repair", help="salvage a damaged store and rebuild its indexes (node stopped)")
+    _common(p, wallet=False)
+    p.set_defaults(func=run_ledger_repair)
     return led
 
 
@@ -124,6 +130,10 @@ def _guard(fn):
             return fn(args)
         except (CliError, WalletError, IdentityError, LedgerError, genesis_mod.GenesisError) as exc:
             print(f"mtor-node: error: {exc}", file=sys.stderr)
+            return 1
+        except plyvel.Error as exc:  # LevelDB's checksums, met by a read after the store opened
+            print(f"mtor-node: error: the ledger store is damaged: {leveldb_says(exc)} (stop the node and run "
+                  "`mtor-node ledger repair`)", file=sys.stderr)
             return 1
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
@@ -368,6 +378,26 @@ def run_ledger_verify(args) -> int:
     else:
         print(f"ledger verify FAILED ({r['problem_count']} problems); first: {r['problems'][0]}")
     return 1
+
+
+@_guard
+def run_ledger_repair(args) -> int:
+    """Offline only: a running node holds the store, and repairing it under the node would race its writes."""
+    from ledger.repair import repair
+
+    data_dir = Path(args.data_dir)
+    r = repair(data_dir / "ledger", genesis_mod.load(data_dir / "genesis.mtor")).to_json()
+    lines = [f"repaired {data_dir / 'ledger'}: {r['blocks_stored']} of {r['blocks_salvaged']} readable blocks stored"
+             + (f" (the store said it held {r['blocks_before']})" if r["blocks_before"] is not None else ""),
+             "node-local entries kept: " + (", ".join(f"{n} {k}" for k, n in sorted(r["node_local"].items())) or "none"),
+             f"state hash {r['state_hash']}",
+             f"the store as it was: {r['backup']} (remove it once the node runs well)"]
+    if r["unreadable"]:
+        lines.append(f"{r['unreadable']} salvaged entries were damaged (a block, hold or record) and were left out")
+    if r["unplaced"]:
+        lines.append(f"{r['unplaced']} blocks wait for a block that was lost; they are kept in {r['unplaced_file']}, "
+                     "and sync fetches them, and what they wait for, from peers")
+    return _emit(args, r, lines)
 
 
 @_guard

@@ -16,11 +16,13 @@ import resource
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import plyvel
 import trio
 from quart import Response, jsonify, redirect, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
 from ledger.errors import LedgerError
+from ledger.store import leveldb_says
 from webui import openai_api, rest, ws
 from webui.auth import COOKIE_NAME
 from webui.state import MAX_MEDIA_BYTES, ConsoleState
@@ -71,6 +73,12 @@ def create_app(node: "Node") -> QuartTrio:
         """Whatever route met it: a full or failing disk is said as such, not as a bare 500."""
         log.warning("%s %s: %s", request.method, request.path, exc)
         return jsonify({"error": f"the node's ledger is unavailable: {exc}", "code": "ledger_unavailable"}), 503
+
+    @app.errorhandler(plyvel.Error)
+    async def ledger_damaged(exc: plyvel.Error):
+        log.error("%s %s: the ledger store is damaged: %s", request.method, request.path, leveldb_says(exc))
+        return jsonify({"error": f"the node's ledger store is damaged: {leveldb_says(exc)} (the operator should "
+                                 "stop the node and run `mtor-node ledger repair`)", "code": "ledger_damaged"}), 503
     stop = trio.CancelScope()
 
     async def run_console(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
