@@ -179,7 +179,7 @@ def check_envelope(data: bytes, rules: EnvelopeRules, realm_id: bytes, now_ms: i
         if not _is_int(ts):
             return Checked(Verdict.BAD_BODY, detail="body.ts_ms must be an integer")
         if abs(ts - now_ms) > rules.ts_window_s * 1000:
-            return Checked(Verdict.TS_OUT_OF_WINDOW, detail=f"ts_ms off by {(ts - now_ms) // 1000} s")
+            return Checked(Verdict.TS_OUT_OF_WINDOW, body=body, detail=f"ts_ms off by {(ts - now_ms) // 1000} s")
     if rules.signer_field not in body:
         return Checked(Verdict.BAD_BODY, detail=f"body.{rules.signer_field} is missing")
     signer = signer_key(body[rules.signer_field])

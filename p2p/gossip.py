@@ -46,6 +46,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from node import codec, signing
+from p2p.clock_skew import ClockSkewNotes
 from p2p.envelope import (Action, Checked, EnvelopeRules, TopicValidator, Verdict, batch_length, default_rules,
                           is_batch, message_envelopes, pack_batches, signer_key)
 from p2p.errors import P2PError
@@ -236,6 +237,8 @@ class Gossip:
                       for name, rate, burst in config.origin_rates}
         #: Connections closed because the peer was (or became) banned.
         self.disconnects = 0
+        #: Peers whose ads or sysop messages came stamped outside the time window, and by how much.
+        self.clock_skews = ClockSkewNotes()
         self._pubsub: Pubsub | None = None
         self._router: GossipSub | None = None
         self._nursery: trio.Nursery | None = None
@@ -384,8 +387,11 @@ class Gossip:
                 if forwarder.to_bytes() == msg.from_id:
                     scorer.penalize_behavior(forwarder, FLOOD_PENALTY)
             else:
-                checked = validator.validate(msg.data, self._now_ms())
+                now_ms = self._now_ms()
+                checked = validator.validate(msg.data, now_ms)
                 verdict, detail = checked.verdict, checked.detail
+                if verdict is Verdict.TS_OUT_OF_WINDOW and checked.body is not None:
+                    self._note_skew(name, msg.from_id, (checked.body["ts_ms"] - now_ms) / 1000, rules)
             self.verdicts[(name, verdict)] += 1
             if verdict.action is Action.IGNORE:
                 scorer.pardon(forwarder)
@@ -394,6 +400,15 @@ class Gossip:
             return verdict is Verdict.ACCEPT
 
         return validate
+
+    def _note_skew(self, name: str, origin: bytes, offset_s: float, rules: EnvelopeRules) -> None:
+        try:
+            peer = ID(origin).to_base58()
+        except Exception:  # noqa: BLE001 - a malformed origin: its message is refused anyway
+            return
+        warning = self.clock_skews.note(peer, offset_s, rules.ts_window_s or 0, name, trio.current_time())
+        if warning is not None:
+            logger.warning("%s", warning)
 
     def _deliver(self, name: str, msg: rpc_pb2.Message) -> None:
         """Hand a validated message to the topic's subscribers: a batch as one delivery per envelope, in order."""

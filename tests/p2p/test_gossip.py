@@ -85,6 +85,29 @@ async def test_timestamp_window():
         assert info.value.verdict is Verdict.TS_OUT_OF_WINDOW
 
 
+async def test_a_peer_with_a_wrong_clock_is_named_on_both_sides_once(caplog):
+    """Its ads are ignored by the realm (the window keeps old ones from being replayed), and it
+    ignores everyone's: both ends say whose clock disagrees and by how much, once per interval."""
+    async with open_gossip_mesh(2) as (a, b):
+        b.gossip._now_ms = lambda: now_ms() + 10 * 60 * 1000  # b's clock is ten minutes fast
+        at_a, at_b = a.gossip.subscribe("announce", own=False), b.gossip.subscribe("announce", own=False)
+        with caplog.at_level("WARNING", logger="p2p.gossip"):
+            for seq in (1, 2):
+                await a.gossip.publish("announce", signed(a.identity, "ad", seq=seq, ts_ms=a.gossip._now_ms()))
+                await b.gossip.publish("announce", signed(b.identity, "ad", seq=seq, ts_ms=b.gossip._now_ms()))
+            await wait_until(lambda: b.gossip.verdicts[("announce", Verdict.TS_OUT_OF_WINDOW)] == 2
+                             and a.gossip.verdicts[("announce", Verdict.TS_OUT_OF_WINDOW)] == 2,
+                             what="both to ignore the other's two ads")
+        assert_empty(at_a)
+        assert_empty(at_b)
+        warnings = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+        assert len(warnings) == 2, warnings  # one per peer, not one per ad
+        assert any(f"from {b.mesh.peer_id} are stamped 600 s ahead of this node's clock" in w for w in warnings)
+        assert any(f"from {a.mesh.peer_id} are stamped 600 s behind this node's clock" in w for w in warnings)
+        assert round(a.gossip.clock_skews.offsets[b.mesh.peer_id]) == 600
+        assert a.gossip.peer_score(b.mesh.peer_id) >= 0  # a wrong clock is no offence
+
+
 async def test_heartbeat_keeps_its_interval_in_a_mesh_smaller_than_the_degree():
     """py-libp2p's adaptive gossip would rate this mesh unhealthy and slow the heartbeat to 30-60 s
     (score decay and message-cache trimming with it); build_router turns it off."""
