@@ -103,3 +103,29 @@ def test_broker_restart_pays_a_receipted_hold_of_a_browser_wallet(funded, builde
     (payment,) = funded.by_reference(signing.digest("receipt", receipt["body"]))
     assert funded.get_block(payment).to == worker.public_key
     assert _recover_holds(funded, {founder.public_key: founder}, founder) == {"paid": 0, "released": 0}
+
+
+def test_recovery_pays_once_and_only_the_payers_own_send_counts_as_paid(funded, founder):
+    """At restart a receipted hold is paid unless the payer already paid it (a store from before a
+    payment dropped its hold in the same write); a send by anyone else naming the receipt pays nothing."""
+    from node import codec, signing
+    from node.broker import _recover_holds
+
+    worker = ident(7)
+    wallet_ops.send(funded, founder, worker.address, 5 * UNIT)
+    wallet_ops.receive_all(funded, worker)
+    receipts = [{"body": {"query": name}, "sig": b"\x00" * 64} for name in ("q1", "q2")]
+    hashes = [signing.digest("receipt", r["body"]) for r in receipts]
+    for qid, receipt in zip((QID, QID2), receipts):
+        hold = funded.place_hold(founder.public_key, qid, 2 * UNIT)
+        funded.update_hold(hold.receipted(worker.public_key, codec.encode(receipt)))
+    wallet_ops.send(funded, worker, founder.address, 1, hashes[0])  # the worker names the first receipt
+    wallet_ops.send(funded, founder, worker.address, 2 * UNIT, hashes[1])  # the payer paid the second, then crashed
+    before = funded.balance(founder.public_key)
+
+    assert _recover_holds(funded, {founder.public_key: founder}, founder) == {"paid": 2, "released": 0}
+    assert funded.holds() == []
+    assert funded.balance(founder.public_key) == before - 2 * UNIT  # the first paid now, the second not again
+    payers = sorted(funded.get_block(h).account == founder.public_key for h in funded.by_reference(hashes[0]))
+    assert payers == [False, True]
+    assert len(funded.by_reference(hashes[1])) == 1
