@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import sys
 from pathlib import Path
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -35,6 +36,34 @@ class OneLineRoutineFailures(logging.Filter):
         return True
 
 
+class LogFile(logging.handlers.RotatingFileHandler):
+    """The data dir's rotating log, quiet when it cannot be written (a full disk).
+
+    Python's handlers print a "--- Logging error ---" traceback to stderr for every line that
+    fails, which on a full disk buried the terminal in tracebacks for a problem the node already
+    reports (docs/ledger.md, "A full or failing disk"). This says it once on the terminal, drops
+    the lines meanwhile, and says when the file takes lines again.
+    """
+
+    failing: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if self.failing is not None and not self._failed_now:
+            self.failing = None
+            logging.getLogger(__name__).warning("the log file %s takes lines again", self.baseFilename)
+        self._failed_now = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed_now = True
+        if self.failing is None:
+            self.failing = str(sys.exc_info()[1])
+            sys.stderr.write(f"cannot write the log file {self.baseFilename} ({self.failing}); "
+                             "its lines go to the terminal only until it can\n")
+
+    _failed_now = False
+
+
 def setup_logging(level: str, log_dir: Path | None, *, max_bytes: int, backups: int) -> None:
     """Configure the root logger once per process; safe to call again (replaces handlers)."""
     if level.lower() not in LEVELS:
@@ -49,9 +78,7 @@ def setup_logging(level: str, log_dir: Path | None, *, max_bytes: int, backups: 
     root.addHandler(terminal)
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.RotatingFileHandler(
-            log_dir / "node.log", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-        )
+        file_handler = LogFile(log_dir / "node.log", maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(file_handler)
     # py-libp2p cuts its loggers off at import (no handler, no propagation) unless LIBP2P_DEBUG

@@ -70,3 +70,33 @@ def test_setup_logging_routes_libp2p_through_our_handlers_and_filters_once_not_f
         for logger, level in zip(touched, levels):
             logger.setLevel(level)
         libp2p.propagate = propagate
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once_not_a_traceback_a_line(tmp_path, capsys):
+    """A full disk: Python's handler printed a "--- Logging error ---" traceback for every line."""
+    from node.logs import LogFile
+
+    class FullDisk:
+        def seek(self, *_args):
+            return 0
+
+        def tell(self):
+            return 0
+
+        def write(self, _text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    handler = LogFile(tmp_path / "node.log", maxBytes=1 << 20, backupCount=1, encoding="utf-8")
+    real, handler.stream = handler.stream, FullDisk()
+    for n in range(5):
+        handler.handle(_record("line %d", (n,), "mtor"))
+    err = capsys.readouterr().err
+    assert err.count("cannot write the log file") == 1 and "No space left on device" in err
+    assert "Traceback" not in err and "Logging error" not in err
+    handler.stream = real  # room again
+    handler.handle(_record("line %d", (5,), "mtor"))
+    handler.close()
+    assert handler.failing is None and "line 5" in (tmp_path / "node.log").read_text()
