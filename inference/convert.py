@@ -75,6 +75,9 @@ def convert(source: Path, out_dir: Path, quantization: str = "int8", *, force: b
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     if not source.exists():
         raise ModelNotFound("convert", source)
+    problem = source_problem(source)
+    if problem is not None:
+        raise ConversionError("convert", problem)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists (use force to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,16 @@ def convert(source: Path, out_dir: Path, quantization: str = "int8", *, force: b
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def source_problem(source: Path) -> str | None:
+    """Why ``source`` cannot be a checkpoint, before transformers is asked (its own errors on a
+    directory that holds no model name tokenizer internals); None when it may be one."""
+    if source.is_file():
+        return None if source.suffix == ".gguf" else f"{source} is neither a .gguf file nor a model directory"
+    if not (source / "config.json").is_file():
+        return f"{source} is not a transformers model directory (it has no config.json)"
+    return None
 
 
 def _convert_into(source: Path, out: Path, staging: Path, quantization: str) -> None:

@@ -28,3 +28,11 @@ def test_models_list_remove_and_bad_convert(tmp_path):
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1].startswith("mtor-node: error:")
     assert "Traceback" not in failed.stderr
+    not_a_model = tmp_path / "photos"
+    not_a_model.mkdir()
+    (not_a_model / "cat.jpg").write_bytes(b"\xff\xd8")
+    for source, why in ((not_a_model, "is not a transformers model directory (it has no config.json)"),
+                        (not_a_model / "cat.jpg", "is neither a .gguf file nor a model directory")):
+        refused = run_cli("models", "convert", str(source), "--data-dir", str(data))
+        assert refused.returncode == 1 and refused.stderr.strip().endswith(f"{source} {why}"), refused.stderr
+    assert not any((data / "models").glob("photos*"))  # nothing half-made left behind
