@@ -272,8 +272,9 @@ def run_wallet_address(args) -> int:
 def run_wallet_balance(args) -> int:
     payload = {"address": args.address} if args.address else _payload(args)
     r = _run_op(args, "wallet/balance", payload)
+    hint = "  (run `mtor-node wallet receive`)" if r["receivable_units"] else ""
     lines = [f"address     {r['address']}", f"balance     {tokens_phrase(r['balance'])}",
-             f"receivable  {tokens_phrase(r['receivable'])}" + ("  (run `mtor-node wallet receive`)" if r["receivable_units"] else "")]
+             f"receivable  {tokens_phrase(r['receivable'])}{hint}"]
     if r.get("frozen"):
         lines.append("FROZEN: this account signed conflicting blocks")
     return _emit(args, r, lines)
@@ -389,7 +390,8 @@ def run_ledger_repair(args) -> int:
     r = repair(data_dir / "ledger", genesis_mod.load(data_dir / "genesis.mtor")).to_json()
     lines = [f"repaired {data_dir / 'ledger'}: {r['blocks_stored']} of {r['blocks_salvaged']} readable blocks stored"
              + (f" (the store said it held {r['blocks_before']})" if r["blocks_before"] is not None else ""),
-             "node-local entries kept: " + (", ".join(f"{n} {k}" for k, n in sorted(r["node_local"].items())) or "none"),
+             "node-local entries kept: "
+             + (", ".join(f"{n} {k}" for k, n in sorted(r["node_local"].items())) or "none"),
              f"state hash {r['state_hash']}",
              f"the store as it was: {r['backup']} (remove it once the node runs well)"]
     if r["unreadable"]:

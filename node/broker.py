@@ -196,7 +196,8 @@ class Broker:
             ask = replace(ask, model_type=self.model_type_of(ask.type, ask.model))
         quote = self.quote(ask.type, ask.model_type)
         if ask.max_price_units is not None and quote.units > ask.max_price_units:
-            raise BrokerRefused("price_over_max", f"the price is {tokens_phrase(format_units(quote.units))}, over your maximum", 402)
+            raise BrokerRefused("price_over_max",
+                                f"the price is {tokens_phrase(format_units(quote.units))}, over your maximum", 402)
         query_id = secrets.token_bytes(16)
         try:
             # An unsynced put (Ledger.place_hold): quick enough for the event loop.
