@@ -298,8 +298,8 @@ class RecordsMixin:
             writes = record_writes(record, self._db.get)
             if not writes:
                 return False
-            # transaction=True: plyvel writes nothing if anything in the block raises
-            with self._db.write_batch(sync=self.sync if sync is None else sync, transaction=True) as batch:
+            # the store's batches are transactional: nothing is written if anything in the block raises
+            with self._db.write_batch(sync=self.sync if sync is None else sync) as batch:
                 for key, data in writes:
                     batch.put(key, data)
             return True

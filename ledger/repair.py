@@ -124,7 +124,10 @@ def _salvage(path: Path) -> _Salvage:
     decodes. Record indexes and totals are not copied but rebuilt from the records.
     """
     out = _Salvage()
-    db = plyvel.DB(str(path), create_if_missing=False)
+    try:
+        db = store.open_db(path, create=False)
+    except store.StoreError as exc:
+        raise LedgerError(f"the store cannot be opened after LevelDB's repair: {exc}") from exc
     try:
         count = db.get(store.META + b"count")
         out.blocks_before = store.from_u64(count) if count and len(count) == 8 else None

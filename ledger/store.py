@@ -160,8 +160,8 @@ class GuardedDB:
             raise self._failed(exc) from exc
 
     @contextmanager
-    def write_batch(self, *, sync: bool = False, transaction: bool = True) -> Iterator[plyvel.WriteBatch]:
-        """Like plyvel's, always transactional (``transaction`` is accepted for its callers)."""
+    def write_batch(self, *, sync: bool = False) -> Iterator[plyvel.WriteBatch]:
+        """Like plyvel's with ``transaction=True``: nothing is written if the block raises."""
         self._check_writable()
         batch = self._db.write_batch(sync=sync)
         yield batch

@@ -45,7 +45,8 @@ class LogFile(logging.handlers.RotatingFileHandler):
     the lines meanwhile, and says when the file takes lines again.
     """
 
-    failing: str | None = None
+    failing: str | None = None  #: why the file cannot be written, while it cannot
+    _failed_now = False  #: the line being emitted failed
 
     def emit(self, record: logging.LogRecord) -> None:
         super().emit(record)
@@ -60,8 +61,6 @@ class LogFile(logging.handlers.RotatingFileHandler):
             self.failing = str(sys.exc_info()[1])
             sys.stderr.write(f"cannot write the log file {self.baseFilename} ({self.failing}); "
                              "its lines go to the terminal only until it can\n")
-
-    _failed_now = False
 
 
 def setup_logging(level: str, log_dir: Path | None, *, max_bytes: int, backups: int) -> None:
