@@ -255,6 +255,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"Peers:     {len(status['peers'])}" + "".join(f"\n  {p}" for p in status["peers"]))
     print(f"Queue:     {status['queue']['depth']} queued, {status['queue']['running']} running")
     print(f"Models:    {', '.join(status['loaded_models']) or 'none loaded'}")
+    refused = (status.get("ledger") or {}).get("signing_refused")
+    if refused:  # node.key_watch: the node key signs on another node too
+        print(f"WARNING:   {refused}")
     return 0
 
 

@@ -79,6 +79,13 @@ class Ledger(RecordsMixin):
         self._blocks: dict[bytes, Block] = {}
         self._held: dict[bytes, int] = {}  # account -> units on hold, for accounts looked at since open
         self._closed = False
+        #: Accounts whose key must sign nothing here, with the reason the user is told: set by the
+        #: node when its key turns out to sign on another node too (node.key_watch). Every signing
+        #: path (ledger.wallet_ops, the broker's payments) looks here first.
+        self.signing_refused: dict[bytes, str] = {}
+        #: Set by the node: ``foreign_watch(ledger, blocks, via)`` sees every block another node sent
+        #: (``submit_many(..., via=...)``) once it is stored, under the ledger's lock (node.key_watch).
+        self.foreign_watch: Callable[["Ledger", list[Block], str], None] | None = None
 
     @classmethod
     def open(
@@ -166,7 +173,7 @@ class Ledger(RecordsMixin):
         return self.submit_many([data])[0]
 
     def submit_many(self, items: Iterable[bytes | Block], *, signatures_checked: bool = False,
-                    durable: bool = True) -> list[Result]:
+                    durable: bool = True, via: str | None = None) -> list[Result]:
         """Submit blocks in order, committing everything stored in ONE WriteBatch.
 
         Results are exactly what one-by-one ``submit`` calls would return.
@@ -177,8 +184,16 @@ class Ledger(RecordsMixin):
         A machine crash can lose only the newest unsynced writes (LevelDB replays its log up to
         the first record it lacks, and any later synced write flushes the earlier ones), and
         sync fetches them again; a process crash loses nothing (the OS has the write).
+        ``via`` says which other node the blocks came from ("gossip from …", "sync with …"): the
+        blocks stored are then shown to :attr:`foreign_watch`.
         """
-        return self._store_in_one_batch(items, signatures_checked=signatures_checked, durable=durable)
+        results = self._store_in_one_batch(items, signatures_checked=signatures_checked, durable=durable)
+        watch = self.foreign_watch
+        if via is not None and watch is not None:
+            with self._lock:
+                stored = [self.get_block(h) for r in results for h in r.applied]
+                watch(self, [b for b in stored if b is not None], via)
+        return results
 
     def submit_chain(self, blocks: Iterable[Block]) -> list[Result]:
         """Store blocks of one chain, each on the one before, in ONE WriteBatch (one fsync).
@@ -221,7 +236,7 @@ class Ledger(RecordsMixin):
             held: dict[bytes, int] = {}
             for part in parts:
                 mark = txn.savepoint()
-                view = GroupWrite(txn, self._submit_one, now)
+                view = GroupWrite(txn, self._submit_one, now, self.signing_refused)
                 try:
                     value = part(view)
                 except Exception as exc:  # noqa: BLE001 - the part's own failure, handed to its caller

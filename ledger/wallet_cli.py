@@ -29,6 +29,7 @@ from ledger.store import leveldb_says
 from ledger.wallet_files import create_wallet, is_encrypted, load_wallet, wallet_path
 from ledger.wallet_ops import WalletError
 from node import genesis as genesis_mod
+from node import key_watch
 from node.genesis import format_units, tokens_phrase
 from node.identity import Identity, IdentityError, from_pem, to_pem
 
@@ -197,6 +198,8 @@ def _run_op(args, op: str, payload: dict) -> dict:
         return _remote(data_dir, op, payload)
     try:
         identity = _node_identity(data_dir)
+        if identity is not None:  # a node that found its key signing elsewhere left a marker: keep refusing
+            key_watch.apply_marker(ledger, data_dir, identity.public_key)
         if identity is None and op.startswith("wallet/") and "wallet" not in payload and "address" not in payload:
             raise CliError(f"no node wallet at {wallet_path(data_dir, None)}; run `mtor-node init` first")
         return control_ops.dispatch(ledger, identity, data_dir, op, payload)

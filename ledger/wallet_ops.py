@@ -73,6 +73,9 @@ def _now() -> int:
 
 
 def _usable_frontier(ledger: Ledger, identity: Identity) -> B.Block | None:
+    refused = ledger.signing_refused.get(identity.public_key)
+    if refused is not None:
+        raise WalletError(refused, 409)
     st = ledger.account_state(identity.public_key)
     if st.fork_height is not None:
         raise WalletError("this wallet signed two conflicting blocks and is frozen", 409)

@@ -198,6 +198,9 @@ class Broker:
         if ask.max_price_units is not None and quote.units > ask.max_price_units:
             raise BrokerRefused("price_over_max",
                                 f"the price is {tokens_phrase(format_units(quote.units))}, over your maximum", 402)
+        refused = self.ledger.signing_refused.get(ask.payer.public_key)
+        if refused is not None:  # its key signs on another node too (node.key_watch): it could not pay
+            raise BrokerRefused("signing_refused", refused, 503)
         query_id = secrets.token_bytes(16)
         try:
             # An unsynced put (Ledger.place_hold): quick enough for the event loop.
@@ -503,6 +506,9 @@ class Broker:
         result = await self.ledger.run_recorded(_recover_holds, self._custodial_lookup(), self.identity)
         if result["paid"] or result["released"]:
             log.info("recovered holds: %d paid, %d released", result["paid"], result["released"])
+        if result["kept"]:
+            log.warning("%d receipted hold(s) kept unpaid: %s", result["kept"],
+                        self.ledger.signing_refused.get(self.identity.public_key, "signing is refused"))
         return result
 
     def _custodial_lookup(self):
@@ -552,6 +558,9 @@ def _send_for_hold(ledger: Ledger | GroupWrite, payer: Identity, hold: Hold, wor
                    receipt_hash: bytes, *, paid_before_possible: bool = True) -> None:
     """``paid_before_possible``: the hold may come from a store written before payments dropped
     their holds in the same write (recovery at start), so a payment may exist already."""
+    refused = ledger.signing_refused.get(payer.public_key)
+    if refused is not None:  # the payer's key signs elsewhere too (node.key_watch): no block of ours
+        raise RuntimeError(refused)
     if paid_before_possible and _paid_by(ledger, payer.public_key, receipt_hash):
         ledger.release_hold(payer.public_key, hold.query_id)  # paid before a crash: only the hold is left
         return
@@ -578,9 +587,12 @@ def _recover_holds(ledger: Ledger, identities: dict[bytes, Identity], node: Iden
     holds = ledger.holds()
     owed = {h.account for h in holds if h.state is HoldState.RECEIPTED} - set(identities)
     identities = {**identities, **custodial_identities(ledger, node, owed)}  # browser wallets pay too
-    paid = released = 0
+    paid = released = kept = 0
     for hold in holds:
         payer = identities.get(hold.account)
+        if hold.state is HoldState.RECEIPTED and hold.account in ledger.signing_refused:
+            kept += 1  # owed, but this key must not sign now (node.key_watch): paid at a later start
+            continue
         if hold.state is HoldState.RECEIPTED and payer is not None and hold.receipt and hold.worker:
             receipt = codec.decode(hold.receipt)
             _send_for_hold(ledger, payer, hold, hold.worker, signing.digest("receipt", receipt["body"]))
@@ -588,4 +600,4 @@ def _recover_holds(ledger: Ledger, identities: dict[bytes, Identity], node: Iden
         else:
             ledger.release_hold(hold.account, hold.query_id)
             released += 1
-    return {"paid": paid, "released": released}
+    return {"paid": paid, "released": released, "kept": kept}

@@ -17,8 +17,10 @@ acknowledged can be lost; one caller's failure is rolled back alone.
 from __future__ import annotations
 
 import logging
-from functools import partial
+import time
 from collections import Counter
+from dataclasses import asdict
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -34,11 +36,15 @@ from node.datadir import DataDir
 from node.events import EventBus
 from node.genesis import Genesis
 from node.identity import Identity
+from node.key_watch import KeyWatch, Sighting, apply_marker
 from node.thread_lane import ThreadLane
 from p2p.errors import P2PError
 from p2p.quick_lock import QuickLock
 
 log = logging.getLogger(__name__)
+
+#: How long a node with peers waits for its first sync before it claims payments anyway.
+FIRST_SYNC_WAIT_S = 15.0
 
 #: The most parts one group commit takes; the rest go in the next one.
 MAX_GROUP_PARTS = 64
@@ -133,6 +139,7 @@ class LedgerService:
         self._group_committing = False
         self._announce_in, self._announce_out = trio.open_memory_channel[list[bytes]](ANNOUNCE_BACKLOG)
         self._announcing = False
+        self.key_watch: KeyWatch | None = None  #: set by :meth:`watch_own_key`
         self.group_commits = 0  #: commits made by write_grouped (parts / commits = mean group size)
         self.group_parts = 0
 
@@ -142,8 +149,30 @@ class LedgerService:
             partial(Ledger.open, data.ledger_dir, genesis, sync=settings.ledger.sync_writes)
         )
         service = cls(ledger, data, identity)
+        service.watch_own_key()
         await service.refresh_summary()
         return service
+
+    def watch_own_key(self) -> None:
+        """Stop signing with the node key once it turns out to sign on another node too (node.key_watch).
+
+        A marker left by an earlier run refuses at once; otherwise every block another node sends
+        is watched from now on. Call from the event loop.
+        """
+        refusal = apply_marker(self.ledger, self.data.path, self.identity.public_key)
+        if refusal is not None:
+            log.error("%s", refusal)
+        token = trio.lowlevel.current_trio_token()
+
+        def notify(sighting: Sighting, message: str) -> None:  # the ledger's thread: over to the loop
+            token.run_sync_soon(self._tell_sysops, {**asdict(sighting), "message": message})
+
+        self.key_watch = KeyWatch(self.data.path, self.identity.public_key, int(time.time() * 1000), notify)
+        self.ledger.foreign_watch = self.key_watch
+
+    def _tell_sysops(self, data: dict) -> None:
+        if self.bus is not None:
+            self.bus.publish("key_in_use_elsewhere", data)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(ledger, *args)`` on the ledger's own thread, holding its slot."""
@@ -221,6 +250,11 @@ class LedgerService:
             if self._group_line:
                 self._group_line[0].wake.set()  # the next in line leads the next commit
 
+    @property
+    def signing_refused(self) -> dict[bytes, str]:
+        """Keys that must sign nothing here, with why (``Ledger.signing_refused``, node.key_watch)."""
+        return self.ledger.signing_refused
+
     async def refresh_summary(self) -> dict:
         def summarise(ledger: Ledger) -> dict:
             return {"state_hash": ledger.state_hash().hex(), **ledger.stats()}
@@ -229,8 +263,8 @@ class LedgerService:
         return self._summary
 
     def summary(self) -> dict:
-        """The last computed summary (cheap; safe to call from the event loop)."""
-        return dict(self._summary)
+        """The last computed summary, and whether the node key may sign (cheap; safe on the event loop)."""
+        return {**self._summary, "signing_refused": self.ledger.signing_refused.get(self.identity.public_key)}
 
     async def control(self, area: str, op: str, payload: dict) -> tuple[int, dict]:
         def run(ledger: Ledger) -> tuple[int, dict, list[bytes]]:
@@ -317,7 +351,8 @@ class LedgerService:
         are other nodes' blocks, written without fsync (``Ledger.submit_many``, ``durable``).
         """
         try:
-            results = await self.call(lambda ledger: ledger.submit_many([d.data for d in deliveries],
+            via = "gossip from " + ", ".join(sorted({d.origin_peer for d in deliveries}))
+            results = await self.call(lambda ledger: ledger.submit_many([d.data for d in deliveries], via=via,
                                                                         signatures_checked=True, durable=False))
         except LedgerError as exc:  # a full or failing disk: sync fetches these again once it can write
             log.warning("could not store %d gossiped block(s): %s", len(deliveries), exc)
@@ -354,6 +389,8 @@ class LedgerService:
                 return 0
             return len(receive_all(ledger, identity, only=ready)["received"])
 
+        if identity.public_key in self.ledger.signing_refused:
+            return 0  # the key signs on another node too (node.key_watch): said once, when it was found
         sources = await self.call(owed)
         claimed = 0
         for start in range(0, len(sources), RECEIVE_CHUNK):
@@ -363,10 +400,27 @@ class LedgerService:
             await self.refresh_summary()
         return claimed
 
-    async def run_auto_receive(self, quiet_s: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the node wallet's incoming payments claimed, every ``quiet_s`` (min 1 s)."""
-        await self.auto_receive(self.identity, quiet_s)
-        task_status.started()
+    async def run_auto_receive(self, quiet_s: float, *, synced: trio.Event | None = None,
+                               task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the node wallet's incoming payments claimed, every ``quiet_s`` (min 1 s).
+
+        ``synced``: a node with peers to sync with signs its first claim only once a sync has
+        brought in what the mesh knows of its chain (at most :data:`FIRST_SYNC_WAIT_S`): a store
+        restored from a backup, or copied, may lack blocks its key signed since, and claiming at
+        a height already used would freeze the wallet (node.key_watch). Without it, the first
+        claim is made before ``started()``, as a lone node's genesis allocation must be.
+        """
+        if synced is None:
+            await self.auto_receive(self.identity, quiet_s)
+            task_status.started()
+        else:
+            task_status.started()
+            with trio.move_on_after(FIRST_SYNC_WAIT_S):
+                await synced.wait()
+            try:
+                await self.auto_receive(self.identity, quiet_s)
+            except LedgerError as exc:
+                log.warning("could not receive incoming payments: %s", exc)
         while True:
             await trio.sleep(max(1.0, quiet_s))
             try:

@@ -377,7 +377,9 @@ class Node:
                             on_peer_fault=self.mesh_service.gossip.penalize,
                         )
                         await nursery.start(self.sync.run)
-                        await nursery.start(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s)
+                        # with peers to sync with, the first claim waits for what they know of our chain
+                        await nursery.start(partial(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s,
+                                                    synced=self.sync.synced if self.options.bootstrap else None))
                         await self._start_queries(nursery, mesh, self.mesh_service.gossip)
                         await self._serve_console(nursery, sock)
                         self.data.write_runtime(self._runtime_info())

@@ -242,6 +242,8 @@ class SyncService:
         self._next = 0
         self._notifee: _ConnectNotifee | None = None
         self._nursery: trio.Nursery | None = None
+        #: Set once a sync with any peer has finished: this node holds what that peer knew.
+        self.synced = trio.Event()
 
     # -- what the CLI sees -------------------------------------------------
     def status(self) -> dict:
@@ -286,6 +288,7 @@ class SyncService:
             st.last_error, st.last_error_code = str(exc), "ledger_unavailable"
             log.warning("sync with %s: %s", peer_id, exc)
             return None
+        self.synced.set()
         st.last_sync_unix_s = time.time()
         st.last_duration_s = report.duration_s
         st.remote_state_hash = report.remote_state_hash.hex()

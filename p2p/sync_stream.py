@@ -252,8 +252,9 @@ class SyncReport:
     truncated: bool = False
 
 
-def _submit(ledger, batch: list[bytes]):
-    results = ledger.submit_many(batch, durable=False)  # other nodes' blocks: see Ledger.submit_many
+def _submit(ledger, batch: list[bytes], peer: str):
+    # other nodes' blocks: see Ledger.submit_many
+    results = ledger.submit_many(batch, durable=False, via=f"sync with {peer}")
     return [(r.verdict, r.hash, len(r.applied)) for r in results]
 
 
@@ -341,7 +342,7 @@ class SyncClient:
             if batch.more:
                 await frames.write(wire.to_obj(NextRequest()))  # the next batch travels while we ingest this one
             if batch.blocks:
-                for verdict, block_hash, applied in await self.ledger_call(_submit, batch.blocks):
+                for verdict, block_hash, applied in await self.ledger_call(_submit, batch.blocks, report.peer):
                     report.verdicts[verdict.value] += 1
                     report.accepted += applied
                     if verdict is Verdict.FORK and block_hash is not None:

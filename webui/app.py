@@ -207,6 +207,9 @@ async def _gauges(node: "Node", state: ConsoleState) -> dict[str, tuple[str, flo
         summary = node.ledger.summary()
         gauges["mtor_ledger_blocks"] = ("Blocks in this node's ledger.", summary.get("blocks", 0) or 0)
         gauges["mtor_ledger_accounts"] = ("Accounts in this node's ledger.", summary.get("accounts", 0) or 0)
+        gauges["mtor_node_key_signs_elsewhere"] = (
+            "1 when this node's key was found signing on another node too and it stopped signing (node.key_watch).",
+            int(summary.get("signing_refused") is not None))
         key = node.identity.public_key
         balance = await node.ledger.call(lambda ledger: ledger.balance(key))
         gauges["mtor_node_wallet_tokens"] = ("Balance of this node's own wallet.", balance / 1_000_000)

@@ -358,7 +358,7 @@ class Hub:
         """Turn node events into broadcasts until cancelled; resubscribe if the bus drops us."""
         bus = state.node.bus
         kinds = ("queue_depth", "worker_update", "worker_health", "sysop_message", "model_loading", "model_loaded",
-                 "dispatcher_restarted", "payment_reverted")
+                 "dispatcher_restarted", "payment_reverted", "key_in_use_elsewhere")
         since = None
         started = False
         while True:
@@ -376,6 +376,8 @@ class Hub:
                                                        f"was restarted ({event.data['queued']} queued)"))
                     elif event.kind == "payment_reverted":  # a fork took back a credit of the node wallet
                         self.to_sysops(protocol.encode("sysop_warning", message=reverted_warning(event.data)))
+                    elif event.kind == "key_in_use_elsewhere":  # node.key_watch: the node stopped signing
+                        self.to_sysops(protocol.encode("sysop_warning", message=event.data["message"]))
                     elif event.kind in ("model_loading", "model_loaded"):  # first use of a model can take a minute
                         self.broadcast(protocol.encode("model_status", state=event.kind[len("model_"):],
                                                        **dict(event.data)))

@@ -97,12 +97,12 @@ def test_broker_restart_pays_a_receipted_hold_of_a_browser_wallet(funded, builde
     stale = funded.place_hold(browser.public_key, QID2, 3 * UNIT)  # still running at the crash
 
     result = _recover_holds(funded, {founder.public_key: founder}, founder)
-    assert result == {"paid": 1, "released": 1}
+    assert result == {"paid": 1, "released": 1, "kept": 0}
     assert funded.holds() == [] and stale.state.value == "held"
     assert funded.balance(browser.public_key) == 98 * UNIT
     (payment,) = funded.by_reference(signing.digest("receipt", receipt["body"]))
     assert funded.get_block(payment).to == worker.public_key
-    assert _recover_holds(funded, {founder.public_key: founder}, founder) == {"paid": 0, "released": 0}
+    assert _recover_holds(funded, {founder.public_key: founder}, founder) == {"paid": 0, "released": 0, "kept": 0}
 
 
 def test_recovery_pays_once_and_only_the_payers_own_send_counts_as_paid(funded, founder):
@@ -123,7 +123,7 @@ def test_recovery_pays_once_and_only_the_payers_own_send_counts_as_paid(funded, 
     wallet_ops.send(funded, founder, worker.address, 2 * UNIT, hashes[1])  # the payer paid the second, then crashed
     before = funded.balance(founder.public_key)
 
-    assert _recover_holds(funded, {founder.public_key: founder}, founder) == {"paid": 2, "released": 0}
+    assert _recover_holds(funded, {founder.public_key: founder}, founder) == {"paid": 2, "released": 0, "kept": 0}
     assert funded.holds() == []
     assert funded.balance(founder.public_key) == before - 2 * UNIT  # the first paid now, the second not again
     payers = sorted(funded.get_block(h).account == founder.public_key for h in funded.by_reference(hashes[0]))

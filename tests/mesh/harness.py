@@ -126,13 +126,18 @@ async def open_ledger_node(
     limits: SyncLimits = SyncLimits(),
     gossip_queue: int = 1024,
     ledger_sync: bool = False,
+    identity: Identity | None = None,
+    watch_own_key: bool = False,
 ) -> AsyncIterator[LedgerNode]:
-    identity = Identity.generate()
+    """``watch_own_key``: as a started node, stop signing with ``identity`` once another node does."""
+    identity = identity or Identity.generate()
     data = DataDir(root / name)
-    data.path.mkdir(parents=True)
+    data.path.mkdir(parents=True, exist_ok=True)
     ledger = Ledger.open(data.path / "ledger", GENESIS, sync=ledger_sync)
     try:
         service = LedgerService(ledger, data, identity)
+        if watch_own_key:
+            service.watch_own_key()
         async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
             gossip = Gossip(mesh, GENESIS.realm_id)
             await nursery.start(gossip.run)

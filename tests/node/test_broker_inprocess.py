@@ -7,11 +7,14 @@ worker is the broker itself.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
 from inference.manager import ModelManager
 from inference.reverse import ReverseBackend
+from ledger import blocks as B
 from ledger import store, wallet_ops
 from ledger.ledger import Ledger
 from node.broker import Ask, Broker, BrokerRefused
@@ -254,3 +257,27 @@ async def test_an_unknown_type_or_model_is_named_in_the_refusal(tmp_path):
     assert nobody["status"] == "failed" and nobody["cost_units"] == 0
     assert nobody["message"] == "no worker could answer (no worker serves chat with model 'nope')"
     assert ledger.ledger.holds() == []
+
+
+async def test_a_payer_whose_key_signs_elsewhere_is_refused_and_others_are_served(tmp_path):
+    """node.key_watch stopped the node key signing (a copy of this data dir runs elsewhere): the
+    operator's own queries are refused before anything is held; a browser user's wallet pays on."""
+    async with trio.open_nursery() as nursery:
+        broker, founder, ledger = await _broker(tmp_path, nursery, max_dispatch=2)
+        bob = Identity.generate()
+        await ledger.call(wallet_ops.send, founder, bob.address, 10 * UNITS_PER_TOKEN)
+        await ledger.call(lambda led: wallet_ops.receive_all(led, bob))
+        ledger.watch_own_key()
+        twin = await ledger.call(lambda led: B.make_send(founder, led.frontier_block(founder.public_key),
+                                                         bob.public_key, UNITS_PER_TOKEN, int(time.time() * 1000)))
+        await ledger.call(lambda led: led.submit_many([twin.raw], via="sync with a twin's peer"))
+        with pytest.raises(BrokerRefused) as refused:
+            await broker.ask(Ask(payer=founder, type="chat", prompt="hello", model="reverse"))
+        assert refused.value.code == "signing_refused" and refused.value.status == 503
+        assert "signs on another node too" in str(refused.value)
+        assert await ledger.call(lambda led: led.holds()) == []
+        served = await broker.ask(Ask(payer=bob, type="chat", prompt="hello", model="reverse"))
+        nursery.cancel_scope.cancel()
+    assert served["status"] == "done" and served["cost_units"] == UNITS_PER_TOKEN
+    assert await ledger.call(lambda led: led.balance(bob.public_key)) == 9 * UNITS_PER_TOKEN  # paid the query
+    assert await ledger.call(lambda led: led.receivable(founder.public_key))  # paid; claimed once allowed

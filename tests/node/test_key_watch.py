@@ -1,0 +1,197 @@
+"""A node whose key signs on another node too (a copy of its data dir) stops signing with it.
+
+Real libp2p hosts on loopback, real LevelDB ledgers, real sync: node A runs with key X; node C
+holds blocks that another holder of X signed (the twin's), and A pulls them by sync. The twin
+itself is never connected: two hosts with one peer id cannot both talk to one peer, which is why
+a node has to find its twin through the ledger (node/key_watch.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import AsyncExitStack
+from functools import partial
+
+import pytest
+import trio
+
+from ledger import blocks as B
+from ledger import wallet_ops
+from ledger.ledger import Ledger
+from ledger.wallet_files import load_wallet
+from node import genesis as genesis_mod
+from node.datadir import DataDir
+from node.events import EventBus
+from node.identity import Identity
+from node.key_watch import MARKER_NAME, KeyWatch, read_marker
+from node.ledger_service import LedgerService
+from tests.harness import run_cli
+from tests.mesh.harness import FOUNDER, GENESIS, UNIT, Chains, connect, open_ledger_node
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def _funded_pair(tmp_path, nursery_stack, x: Identity):
+    """A (key X, watching) and C (holding the founder's claim and X's funding, which A has too)."""
+    a = await nursery_stack.enter_async_context(open_ledger_node(tmp_path, "a", identity=x, watch_own_key=True))
+    c = await nursery_stack.enter_async_context(open_ledger_node(tmp_path, "c"))
+    chains = Chains()
+    history = [chains.claim(), *chains.pay(FOUNDER, x, 100 * UNIT)]  # X's open: signed long before A started
+    await a.submit_quietly([b.raw for b in history])
+    await c.submit_quietly([b.raw for b in history])
+    await connect(a, c)
+    return a, c, chains
+
+
+async def test_a_block_of_the_node_key_signed_elsewhere_stops_its_signing(tmp_path):
+    x = Identity.generate()
+    async with AsyncExitStack() as stack:
+        a, c, chains = await _funded_pair(tmp_path, stack, x)
+        a.service.bus = EventBus()
+        events = a.service.bus.subscribe(["key_in_use_elsewhere"])
+
+        # X's own block from before this start, fetched back (a restored store): taken back, no alarm
+        old = chains.send(x, FOUNDER, UNIT)
+        await c.submit_quietly([old.raw])
+        await a.sync.sync_now(c.peer_id)
+        assert await a.service.call(lambda led: led.get_block(old.hash)) is not None
+        assert a.service.key_watch.taken_back == 1 and a.service.signing_refused == {}
+
+        # the twin signs with X now; C has it, A syncs
+        twin = B.make_send(x, old, FOUNDER.public_key, 2 * UNIT, _now_ms())
+        await c.submit_quietly([twin.raw])
+        await a.sync.sync_now(c.peer_id)
+
+        refusal = a.service.signing_refused.get(x.public_key)
+        assert refusal is not None and "signs on another node too" in refusal and twin.hash.hex()[:16] in refusal
+        assert f"sync with {c.peer_id}" in refusal and "before the two copies fork the wallet" in refusal
+        with trio.fail_after(5):
+            event = await events.receive()
+        assert event.data["block"] == twin.hash.hex() and event.data["frozen"] is False
+        assert a.service.summary()["signing_refused"] == refusal
+
+        # nothing is signed with X here any more: sends, claims
+        with pytest.raises(wallet_ops.WalletError) as refused:
+            await a.service.call(wallet_ops.send, x, FOUNDER.address, UNIT)
+        assert str(refused.value) == refusal and refused.value.status == 409
+        pay_x = chains.send(FOUNDER, x, 5 * UNIT)
+        await a.submit_quietly([pay_x.raw])
+        assert await a.service.auto_receive(x, 0) == 0
+        assert await a.service.call(lambda led: led.receivable(x.public_key)) == [(pay_x.hash, 5 * UNIT)]
+
+        marker = a.service.data.path / MARKER_NAME
+        saved = json.loads(marker.read_text())
+        assert saved["block"] == twin.hash.hex() and saved["via"] == f"sync with {c.peer_id}"
+
+    # a restart keeps refusing while the marker is there; without it, the key signs again
+    service = _restarted(tmp_path / "a", x)
+    try:
+        assert service.signing_refused[x.public_key] == refusal
+        with pytest.raises(wallet_ops.WalletError):
+            await service.call(wallet_ops.send, x, FOUNDER.address, UNIT)
+    finally:
+        service.ledger.close()
+    marker.unlink()
+    service = _restarted(tmp_path / "a", x)
+    try:
+        sent = await service.call(wallet_ops.send, x, FOUNDER.address, UNIT)
+        assert sent["balance_units"] == (100 - 1 - 2 - 1) * UNIT  # built on the twin's block
+    finally:
+        service.ledger.close()
+
+
+def _restarted(path, identity: Identity) -> LedgerService:
+    """The node's ledger service as a new process opens it (call inside trio)."""
+    service = LedgerService(Ledger.open(path / "ledger", GENESIS, sync=False), DataDir(path), identity)
+    service.watch_own_key()
+    return service
+
+
+async def test_the_twins_conflicting_block_says_the_wallet_is_frozen(tmp_path):
+    x = Identity.generate()
+    async with AsyncExitStack() as stack:
+        a, c, chains = await _funded_pair(tmp_path, stack, x)
+        opened = chains.tip[x.public_key]
+        mine = await a.service.call(wallet_ops.send, x, FOUNDER.address, UNIT)  # A signs height 1 ...
+        twin = B.make_send(x, opened, FOUNDER.public_key, 7 * UNIT, _now_ms())  # ... and so does the twin
+        await c.submit_quietly([twin.raw])
+        await a.sync.sync_now(c.peer_id)
+        refusal = a.service.signing_refused[x.public_key]
+        assert "the wallet is now frozen" in refusal and mine["hash"] != twin.hash.hex()
+        assert (await a.service.call(lambda led: led.account_state(x.public_key))).fork_height == 1
+
+
+async def test_other_accounts_and_gossip_of_others_do_not_trip_it(tmp_path):
+    """Blocks of other accounts, however new, are nobody's twin."""
+    x = Identity.generate()
+    async with AsyncExitStack() as stack:
+        a, c, chains = await _funded_pair(tmp_path, stack, x)
+        someone = Identity.generate()
+        fresh = [B.make_send(FOUNDER, chains.tip[FOUNDER.public_key], someone.public_key, UNIT, _now_ms())]
+        await c.submit_and_gossip([b.raw for b in fresh])
+        await a.sync.sync_now(c.peer_id)
+        assert await a.service.call(lambda led: led.get_block(fresh[0].hash)) is not None
+        assert a.service.signing_refused == {} and a.service.key_watch.sighting is None
+        assert not (a.service.data.path / MARKER_NAME).exists()
+
+
+def test_the_wallet_cli_refuses_to_sign_while_the_marker_is_there(tmp_path):
+    data = tmp_path / "node"
+    assert run_cli("init", "--data-dir", str(data), "--realm", "twins").returncode == 0
+    identity = load_wallet(data, None)
+    ledger = Ledger.open(data / "ledger", genesis_mod.load(data / "genesis.mtor"), sync=True)
+    try:  # what a running node does when a block of its key, signed after it started, comes by sync
+        ledger.foreign_watch = KeyWatch(data, identity.public_key, since_ms=_now_ms() - 1000)
+        realm = ledger.facts.realm
+        twin = B.make_open(identity, realm, B.alloc_id(realm, 0), ledger.genesis.allocations[0][1], _now_ms())
+        ledger.submit_many([twin.raw], via="sync with a test peer")
+    finally:
+        ledger.close()
+    refusal = read_marker(data)
+    assert refusal is not None and str(data / MARKER_NAME) in refusal and "sync with a test peer" in refusal
+
+    sent = run_cli("wallet", "--data-dir", str(data), "send", Identity.generate().address, "1")
+    assert sent.returncode != 0 and "signs on another node too" in sent.stderr, sent.stderr
+    assert "Traceback" not in sent.stderr
+    (data / MARKER_NAME).unlink()
+    sent = run_cli("wallet", "--data-dir", str(data), "send", Identity.generate().address, "1")
+    assert sent.returncode == 0, sent.stderr
+
+
+async def test_a_block_of_the_node_key_relayed_by_gossip_trips_it_too(tmp_path):
+    """The twin's own gossip never reaches A (its origin is A's peer id), but another node's can:
+    fork evidence is republished by whoever finds the fork."""
+    x = Identity.generate()
+    async with AsyncExitStack() as stack:
+        a, c, chains = await _funded_pair(tmp_path, stack, x)
+        twin = B.make_send(x, chains.tip[x.public_key], FOUNDER.public_key, UNIT, _now_ms())
+        await c.submit_and_gossip([twin.raw])
+        with trio.fail_after(10):
+            while x.public_key not in a.service.signing_refused:
+                await trio.sleep(0.02)
+        assert f"gossip from {c.peer_id}" in a.service.signing_refused[x.public_key]
+
+
+async def test_a_node_with_peers_claims_only_after_its_first_sync(tmp_path):
+    """A restored or copied store may lack blocks its key signed since: the first claim waits for
+    a sync (node/runtime.py passes the sync service's ``synced`` when the node has bootstrap peers)."""
+    x = Identity.generate()
+    async with AsyncExitStack() as stack:
+        a, c, chains = await _funded_pair(tmp_path, stack, x)
+        pay = chains.send(FOUNDER, x, 5 * UNIT)
+        await a.submit_quietly([pay.raw])
+        synced = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(a.service.run_auto_receive, 0, synced=synced))
+            await trio.sleep(0.5)
+            assert await a.service.call(lambda led: led.receivable(x.public_key)) == [(pay.hash, 5 * UNIT)]
+            synced.set()
+            with trio.fail_after(10):
+                while await a.service.call(lambda led: led.receivable(x.public_key)):
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        with trio.fail_after(10):  # what the node waits on: the sync a new connection starts sets it
+            await a.sync.synced.wait()
