@@ -103,19 +103,26 @@ class KeyWatch:
         self.taken_back = 0  #: own blocks from before this start fetched from the mesh
 
     def __call__(self, ledger: Ledger, blocks: list[Block], via: str) -> None:
+        older: list[Block] = []
         for block in blocks:
             if block.account != self.account:
                 continue
             state = ledger.account_state(self.account)
             frozen = state.fork_height is not None and state.fork_height <= block.height
             if block.timestamp_ms < self.since_ms and not frozen:
-                self.taken_back += 1
-                log.info("took back block %s at height %d of this node's wallet from %s (signed before this "
-                         "start: a store restored from a backup, or writes lost in a crash)",
-                         block.hash.hex()[:16], block.height, via)
+                older.append(block)
                 continue
             self._trip(ledger, Sighting(encode_address(self.account), block.hash.hex(), block.height,
                                         block.timestamp_ms, via, int(time.time() * 1000), frozen))
+        if older:
+            self.taken_back += len(older)
+            newest = max(older, key=lambda b: b.timestamp_ms)
+            log.warning("took back %d block(s) of this node's wallet that its store lacked, by %s, up to height "
+                        "%d signed %s: this store was restored from a backup, lost writes in a crash, or is a "
+                        "copy of another node's data dir; if that node still runs, stop one of the two (one "
+                        "key, one node: docs/operator-guide.md)", len(older), via,
+                        max(b.height for b in older),
+                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(newest.timestamp_ms / 1000)))
 
     def _trip(self, ledger: Ledger, sighting: Sighting) -> None:
         if self.account in ledger.signing_refused and self.sighting is not None:
