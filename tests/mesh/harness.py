@@ -23,7 +23,7 @@ from node import genesis as genesis_mod
 from node.datadir import DataDir
 from node.identity import Identity
 from node.ledger_service import LedgerService
-from node.mesh_service import consume_in_batches
+from node.mesh_service import consume_in_batches, guard_rpc_decoding
 from node.sync_service import SyncService
 from p2p.gossip import Gossip
 from p2p.host import MeshHost, open_mesh_host
@@ -138,6 +138,7 @@ async def open_ledger_node(
         service = LedgerService(ledger, data, identity)
         if watch_own_key:
             service.watch_own_key()
+        guard_rpc_decoding()  # as the node's MeshService: gossip arriving while pubsub stops ends quietly
         async with open_mesh_host(identity, LOCAL) as mesh, trio.open_nursery() as nursery:
             gossip = Gossip(mesh, GENESIS.realm_id)
             await nursery.start(gossip.run)
