@@ -169,6 +169,10 @@ class Bridge:
         """The sysop's warnings (SPEC.md §9)."""
         rows = self.workers()
         out = []
+        ledger = self.node.ledger
+        refused = ledger.signing_refused.get(self.node.identity.public_key) if ledger is not None else None
+        if refused is not None:  # node.key_watch: until the operator deals with the other copy
+            out.append(refused)
         for query_type in ("chat", "imagine"):
             if not any(query_type in w["types"] and not w["blacklisted"] and (w["health"] or 0) > 0 for w in rows):
                 out.append(f"no healthy {query_type} worker in the mesh")

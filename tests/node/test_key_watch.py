@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from contextlib import AsyncExitStack
 from functools import partial
 
@@ -26,8 +27,9 @@ from node.events import EventBus
 from node.identity import Identity
 from node.key_watch import MARKER_NAME, KeyWatch, read_marker
 from node.ledger_service import LedgerService
-from tests.harness import run_cli
+from tests.harness import NodeProcess, run_cli
 from tests.mesh.harness import FOUNDER, GENESIS, UNIT, Chains, connect, open_ledger_node
+from tests.webui.client import bus
 
 
 def _now_ms() -> int:
@@ -138,8 +140,8 @@ async def test_other_accounts_and_gossip_of_others_do_not_trip_it(tmp_path):
         assert not (a.service.data.path / MARKER_NAME).exists()
 
 
-def test_the_wallet_cli_refuses_to_sign_while_the_marker_is_there(tmp_path):
-    data = tmp_path / "node"
+def _tripped_data_dir(data) -> Identity:
+    """An initialised data dir whose node found its key signing elsewhere: the marker, as a node leaves it."""
     assert run_cli("init", "--data-dir", str(data), "--realm", "twins").returncode == 0
     identity = load_wallet(data, None)
     ledger = Ledger.open(data / "ledger", genesis_mod.load(data / "genesis.mtor"), sync=True)
@@ -150,6 +152,12 @@ def test_the_wallet_cli_refuses_to_sign_while_the_marker_is_there(tmp_path):
         ledger.submit_many([twin.raw], via="sync with a test peer")
     finally:
         ledger.close()
+    return identity
+
+
+def test_the_wallet_cli_refuses_to_sign_while_the_marker_is_there(tmp_path):
+    data = tmp_path / "node"
+    _tripped_data_dir(data)
     refusal = read_marker(data)
     assert refusal is not None and str(data / MARKER_NAME) in refusal and "sync with a test peer" in refusal
 
@@ -159,6 +167,31 @@ def test_the_wallet_cli_refuses_to_sign_while_the_marker_is_there(tmp_path):
     (data / MARKER_NAME).unlink()
     sent = run_cli("wallet", "--data-dir", str(data), "send", Identity.generate().address, "1")
     assert sent.returncode == 0, sent.stderr
+
+
+async def test_a_started_node_with_the_marker_says_so_everywhere_and_refuses_its_own_queries(tmp_path):
+    """The operator meets it at start, in ``status``, in ``/metrics``, in the sysop panel, on ``ask``."""
+    data = tmp_path / "node"
+    _tripped_data_dir(data)
+    node = NodeProcess(data, extra_args=("--capabilities", "chat:reverse")).start()
+    try:
+        assert "signs on another node too" in node.output.split("9000 ready.")[0]
+        status = run_cli("status", "--data-dir", str(data))
+        assert status.returncode == 0 and "WARNING:   this node's key" in status.stdout, status.stdout
+        with urllib.request.urlopen(node.console_url.rstrip("/") + "/metrics", timeout=10) as response:
+            assert "mtor_node_key_signs_elsewhere 1" in response.read().decode()
+        admin = [("Authorization", "Bearer " + DataDir(data).admin_secret())]
+        async with bus(node.console_url, headers=admin) as sysop:
+            await sysop.expect("user_info")
+            await sysop.send(type="get_stats")
+            stats = await sysop.expect("system_stats")
+        assert any("signs on another node too" in w for w in stats["warnings"]), stats["warnings"]
+        asked = run_cli("ask", "--data-dir", str(data), "chat", "hello", "--model", "reverse")
+        assert asked.returncode != 0 and "signs on another node too" in asked.stderr, asked.stderr
+    finally:
+        node.stop()
+        node.kill()
+    assert "Traceback" not in node.output, node.output
 
 
 async def test_a_block_of_the_node_key_relayed_by_gossip_trips_it_too(tmp_path):
