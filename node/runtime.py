@@ -378,8 +378,9 @@ class Node:
                         )
                         await nursery.start(self.sync.run)
                         # with peers to sync with, the first claim waits for what they know of our chain
+                        first_claim_after_sync = await self._has_peers_to_sync_first()
                         await nursery.start(partial(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s,
-                                                    synced=self.sync.synced if self.options.bootstrap else None))
+                                                    synced=self.sync.synced if first_claim_after_sync else None))
                         await self._start_queries(nursery, mesh, self.mesh_service.gossip)
                         await self._serve_console(nursery, sock)
                         self.data.write_runtime(self._runtime_info())
@@ -395,6 +396,18 @@ class Node:
                         await self.ledger.close()
         finally:
             sock.close()
+
+    async def _has_peers_to_sync_first(self) -> bool:
+        """Whether the node's first claim should wait for its first sync (node.key_watch): with bootstrap
+        peers always; with only mDNS when its wallet has signed before (a restored or copied store
+        may lack what it signed since), not for a fresh wallet, whose lone founder needs its
+        genesis allocation at once."""
+        if self.options.bootstrap:
+            return True
+        if not self.settings.p2p.mdns:
+            return False
+        key = self.identity.public_key
+        return await self.ledger.call(lambda ledger: ledger.account_state(key).tip_height >= 0)
 
     async def _end_queries_in_flight(self) -> None:
         """Queries still queued or running end as "cancelled: the node is shutting down", holds released,
