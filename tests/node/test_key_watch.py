@@ -13,6 +13,7 @@ import time
 import urllib.request
 from contextlib import AsyncExitStack
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -228,3 +229,27 @@ async def test_a_node_with_peers_claims_only_after_its_first_sync(tmp_path):
             nursery.cancel_scope.cancel()
         with trio.fail_after(10):  # what the node waits on: the sync a new connection starts sets it
             await a.sync.synced.wait()
+
+
+async def test_which_nodes_wait_for_a_sync_before_their_first_claim(tmp_path):
+    """With bootstrap peers always; on mDNS alone only once the wallet has signed (a fresh founder
+    needs its genesis allocation at once); with neither, never."""
+    from node.runtime import Node
+
+    x = Identity.generate()
+    service = LedgerService(Ledger.open(tmp_path / "ledger", GENESIS, sync=False), DataDir(tmp_path), x)
+    try:
+        def node(bootstrap: tuple[str, ...], mdns: bool):
+            return SimpleNamespace(options=SimpleNamespace(bootstrap=bootstrap), identity=x, ledger=service,
+                                   settings=SimpleNamespace(p2p=SimpleNamespace(mdns=mdns)))
+
+        waits = Node._has_peers_to_sync_first
+        assert await waits(node(("/ip4/127.0.0.1/tcp/1",), False)) is True
+        assert await waits(node((), True)) is False  # a wallet that never signed
+        assert await waits(node((), False)) is False
+        chains = Chains()
+        await service.call(lambda led: led.submit_many([b.raw for b in [chains.claim(), *chains.pay(FOUNDER, x, UNIT)]]))
+        assert await waits(node((), True)) is True  # it has signed (its open): a copy may lack what came since
+        assert await waits(node((), False)) is False
+    finally:
+        service.ledger.close()
