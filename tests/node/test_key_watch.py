@@ -248,7 +248,8 @@ async def test_which_nodes_wait_for_a_sync_before_their_first_claim(tmp_path):
         assert await waits(node((), True)) is False  # a wallet that never signed
         assert await waits(node((), False)) is False
         chains = Chains()
-        await service.call(lambda led: led.submit_many([b.raw for b in [chains.claim(), *chains.pay(FOUNDER, x, UNIT)]]))
+        history = [chains.claim(), *chains.pay(FOUNDER, x, UNIT)]
+        await service.call(lambda led: led.submit_many([b.raw for b in history]))
         assert await waits(node((), True)) is True  # it has signed (its open): a copy may lack what came since
         assert await waits(node((), False)) is False
     finally:
