@@ -96,14 +96,14 @@ async def test_a_block_of_the_node_key_signed_elsewhere_stops_its_signing(tmp_pa
         with pytest.raises(wallet_ops.WalletError):
             await service.call(wallet_ops.send, x, FOUNDER.address, UNIT)
     finally:
-        service.ledger.close()
+        await service.close()
     marker.unlink()
     service = _restarted(tmp_path / "a", x)
     try:
         sent = await service.call(wallet_ops.send, x, FOUNDER.address, UNIT)
         assert sent["balance_units"] == (100 - 1 - 2 - 1) * UNIT  # built on the twin's block
     finally:
-        service.ledger.close()
+        await service.close()
 
 
 def _restarted(path, identity: Identity) -> LedgerService:
@@ -253,4 +253,4 @@ async def test_which_nodes_wait_for_a_sync_before_their_first_claim(tmp_path):
         assert await waits(node((), True)) is True  # it has signed (its open): a copy may lack what came since
         assert await waits(node((), False)) is False
     finally:
-        service.ledger.close()
+        await service.close()
