@@ -13,6 +13,7 @@ in the same batch. ``submit_many`` puts a whole batch of blocks in one
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from ledger.validate import validate
 from ledger.verdicts import Result, Verdict
 from ledger.verify import VerifyReport, quick_check, verify_store
 from node.genesis import Genesis
+
+log = logging.getLogger(__name__)
 
 _CACHE_BLOCKS = 4_096  # ~2 KB of RSS per parsed block in a node: ~8 MB at most (docs/reliability.md, soak)
 _CACHE_ACCOUNTS = 50_000
@@ -192,7 +195,10 @@ class Ledger(RecordsMixin):
         if via is not None and watch is not None:
             with self._lock:
                 stored = [self.get_block(h) for r in results for h in r.applied]
-                watch(self, [b for b in stored if b is not None], via)
+                try:
+                    watch(self, [b for b in stored if b is not None], via)
+                except Exception:  # noqa: BLE001 - the blocks are stored: a watcher's failure is its own
+                    log.exception("the foreign-block watch failed on %d block(s) %s", len(stored), via)
         return results
 
     def submit_chain(self, blocks: Iterable[Block]) -> list[Result]:

@@ -165,7 +165,10 @@ class LedgerService:
         token = trio.lowlevel.current_trio_token()
 
         def notify(sighting: Sighting, message: str) -> None:  # the ledger's thread: over to the loop
-            token.run_sync_soon(self._tell_sysops, {**asdict(sighting), "message": message})
+            try:
+                token.run_sync_soon(self._tell_sysops, {**asdict(sighting), "message": message})
+            except trio.RunFinishedError:  # the node is stopping: the log line and the marker stand
+                pass
 
         self.key_watch = KeyWatch(self.data.path, self.identity.public_key, int(time.time() * 1000), notify)
         self.ledger.foreign_watch = self.key_watch

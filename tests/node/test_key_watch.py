@@ -254,3 +254,19 @@ async def test_which_nodes_wait_for_a_sync_before_their_first_claim(tmp_path):
         assert await waits(node((), False)) is False
     finally:
         await service.close()
+
+
+def test_a_failing_watch_loses_no_block(tmp_path, caplog):
+    """The blocks are stored before the watch sees them; its failure is logged, not the ingest's."""
+    ledger = Ledger.open(tmp_path / "ledger", GENESIS, sync=False)
+    try:
+        def broken(_ledger, _blocks, _via):
+            raise RuntimeError("watch bug")
+
+        ledger.foreign_watch = broken
+        claim = Chains().claim()
+        results = ledger.submit_many([claim.raw], via="sync with a test peer")
+        assert [r.verdict.value for r in results] == ["accepted"] and ledger.get_block(claim.hash) is not None
+        assert "the foreign-block watch failed on 1 block(s) sync with a test peer" in caplog.text
+    finally:
+        ledger.close()
