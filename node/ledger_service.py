@@ -370,8 +370,9 @@ class LedgerService:
             if result.verdict.value not in ("accepted", "duplicate", "pending_previous", "pending_source"):
                 log.info("gossiped block from %s: %s %s", delivery.origin_peer, result.verdict.value, result.detail)
 
-    async def auto_receive(self, identity: Identity, quiet_s: float) -> int:
-        """Claim what is owed to ``identity``: genesis allocations, and sends that have settled.
+    async def auto_receive(self, identity: Identity, quiet_s: float, *, allocations_only: bool = False) -> int:
+        """Claim what is owed to ``identity``: genesis allocations, and sends that have settled
+        (only the allocations with ``allocations_only``).
 
         Only settled sends (seen with no conflicting block for ``quiet_s``) are
         received, so an equivocating payer cannot drag this chain into a fork
@@ -386,7 +387,7 @@ class LedgerService:
             for source in candidates:
                 if ledger.get_block(source) is None:  # a genesis allocation: final by definition
                     ready.add(source)
-                elif ledger.settled(source, quiet_s) is Settlement.SETTLED:
+                elif not allocations_only and ledger.settled(source, quiet_s) is Settlement.SETTLED:
                     ready.add(source)
             if not ready:
                 return 0
@@ -407,16 +408,18 @@ class LedgerService:
                                task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep the node wallet's incoming payments claimed, every ``quiet_s`` (min 1 s).
 
-        ``synced``: a node with peers to sync with signs its first claim only once a sync has
-        brought in what the mesh knows of its chain (at most :data:`FIRST_SYNC_WAIT_S`): a store
-        restored from a backup, or copied, may lack blocks its key signed since, and claiming at
-        a height already used would freeze the wallet (node.key_watch). Without it, the first
-        claim is made before ``started()``, as a lone node's genesis allocation must be.
+        ``synced``: a node with peers to sync with claims payments only once a sync has brought in
+        what the mesh knows of its chain (at most :data:`FIRST_SYNC_WAIT_S`): a store restored
+        from a backup, or copied, may lack blocks its key signed since, and claiming at a height
+        already used would freeze the wallet (node.key_watch). Genesis allocations are claimed
+        before ``started()`` either way: a founder pays from its allocation as soon as it is up,
+        and only a copy of a founder's data dir made before its first start could claim one twice.
         """
         if synced is None:
             await self.auto_receive(self.identity, quiet_s)
             task_status.started()
         else:
+            await self.auto_receive(self.identity, quiet_s, allocations_only=True)
             task_status.started()
             with trio.move_on_after(FIRST_SYNC_WAIT_S):
                 await synced.wait()

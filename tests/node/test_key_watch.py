@@ -231,6 +231,16 @@ async def test_a_node_with_peers_claims_only_after_its_first_sync(tmp_path):
             await a.sync.synced.wait()
 
 
+async def test_a_founder_claims_its_genesis_allocation_at_once_whatever_it_waits_for(tmp_path):
+    """A founder started with bootstrap peers pays from its allocation as soon as it is up."""
+    async with open_ledger_node(tmp_path, "founder", identity=FOUNDER, with_sync=False) as founder:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(founder.service.run_auto_receive, 0, synced=trio.Event()))
+            balance = await founder.service.call(lambda led: led.balance(FOUNDER.public_key))
+            nursery.cancel_scope.cancel()
+    assert balance == GENESIS.allocations[0][1]
+
+
 async def test_which_nodes_wait_for_a_sync_before_their_first_claim(tmp_path):
     """With bootstrap peers always; on mDNS alone only once the wallet has signed (a fresh founder
     needs its genesis allocation at once); with neither, never."""
