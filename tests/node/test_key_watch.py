@@ -220,7 +220,7 @@ async def test_a_node_with_peers_claims_only_after_its_first_sync(tmp_path):
         synced = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(a.service.run_auto_receive, 0, synced=synced))
-            await trio.sleep(0.5)
+            # started, and the settled payment still waits (without ``synced`` it is claimed before started)
             assert await a.service.call(lambda led: led.receivable(x.public_key)) == [(pay.hash, 5 * UNIT)]
             synced.set()
             with trio.fail_after(10):
