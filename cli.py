@@ -106,6 +106,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"Peer id: {info['peer_id']}")
         print(f"Wallet:  {info['address']}")
         print(f"Realm:   {info['realm_name']} ({info['realm']}) — this node is {role}")
+        print(f"More nodes: `mtor-node init --join {Path(info['data_dir']) / 'genesis.mtor'}` in a data dir of "
+              "their own (a copy of this one would share its key)")
     return 0
 
 
