@@ -47,9 +47,9 @@ class GroupWrite:
     """One part's view of a group write. Not thread-safe: it lives under the ledger's lock."""
 
     def __init__(self, txn: LedgerTxn, submit_one: Callable[[LedgerTxn, bytes | Block, int], Result],
-                 now_ms: int, signing_refused: dict[bytes, str] | None = None) -> None:
+                 now_ms: int, signing_refused: dict[bytes, str]) -> None:
         self._txn = txn
-        self.signing_refused = signing_refused if signing_refused is not None else {}  #: Ledger.signing_refused
+        self.signing_refused = signing_refused  #: the ledger's own (Ledger.signing_refused)
         self._submit_one = submit_one
         self._now_ms = now_ms
         self.applied: list[bytes] = []  #: raw bytes of the blocks this part stored (to gossip)

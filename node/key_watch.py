@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable
 from ledger.address import encode_address
 from ledger.blocks import Block
 from ledger.ledger import Ledger
+from node.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Sighting:
     frozen: bool  #: the wallet is frozen by it (two blocks at one height)
 
     def message(self, marker: Path) -> str:
-        signed = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.signed_ms / 1000))
+        signed = _local_time(self.signed_ms)
         state = ("and the wallet is now frozen (two blocks at one height)" if self.frozen
                  else "so this node stopped signing with the key before the two copies fork the wallet")
         return (f"this node's key ({self.address}) signs on another node too: block {self.block[:16]}… at "
@@ -121,11 +121,10 @@ class KeyWatch:
                         "%d signed %s: this store was restored from a backup, lost writes in a crash, or is a "
                         "copy of another node's data dir; if that node still runs, stop one of the two (one "
                         "key, one node: docs/operator-guide.md)", len(older), via,
-                        max(b.height for b in older),
-                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(newest.timestamp_ms / 1000)))
+                        max(b.height for b in older), _local_time(newest.timestamp_ms))
 
     def _trip(self, ledger: Ledger, sighting: Sighting) -> None:
-        if self.account in ledger.signing_refused and self.sighting is not None:
+        if self.sighting is not None:
             return  # said once; the marker is there
         marker = marker_path(self.data_dir)
         message = sighting.message(marker)
@@ -133,17 +132,12 @@ class KeyWatch:
         self.sighting = sighting
         log.error("%s", message)
         try:
-            _write_atomically(marker, json.dumps({**asdict(sighting), "message": message}, indent=1) + "\n")
+            write_text_atomic(marker, json.dumps({**asdict(sighting), "message": message}, indent=1) + "\n")
         except OSError as exc:  # the refusal holds for this run; say the restart would not keep it
             log.error("could not write %s (%s): a restart would sign again", marker, exc)
         if self.notify is not None:
             self.notify(sighting, message)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _local_time(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))

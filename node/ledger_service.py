@@ -423,16 +423,16 @@ class LedgerService:
             task_status.started()
             with trio.move_on_after(FIRST_SYNC_WAIT_S):
                 await synced.wait()
-            try:
-                await self.auto_receive(self.identity, quiet_s)
-            except LedgerError as exc:
-                log.warning("could not receive incoming payments: %s", exc)
+            await self._claim_or_say_why(quiet_s)
         while True:
             await trio.sleep(max(1.0, quiet_s))
-            try:
-                await self.auto_receive(self.identity, quiet_s)
-            except LedgerError as exc:
-                log.warning("could not receive incoming payments: %s", exc)
+            await self._claim_or_say_why(quiet_s)
+
+    async def _claim_or_say_why(self, quiet_s: float) -> None:
+        try:
+            await self.auto_receive(self.identity, quiet_s)
+        except LedgerError as exc:  # a full or failing disk: the next round tries again
+            log.warning("could not receive incoming payments: %s", exc)
 
     async def close(self) -> None:
         """Flush and close; callers shield this so shutdown cannot interrupt it."""
