@@ -5,7 +5,8 @@ second worker) carries the node key. Both copies then sign blocks for one wallet
 two they sign at one height freeze that wallet for good (docs/ledger.md, "Forks and the
 deterministic rule"). Gossip cannot show a node its twin: every hop leaves out a message's
 origin, and the twin is the same origin. Sync can: a block of this node's own account that
-arrives from the mesh and is not in its store was signed by someone else holding the key.
+arrives from the mesh and is not in its store was signed by someone else holding the key. So can
+the ads peers hold for this node's peer id, before either copy signs a block (node.twin_probe).
 
 On the first such block the node stops signing with its key (claims, sends, welcome grants,
 payments for the operator's own queries), says why in its log and to its sysops, and leaves a
@@ -59,6 +60,24 @@ class Sighting:
                 f"(`mtor-node init` in an empty data dir). Then delete {marker} and restart this node")
 
 
+@dataclass(frozen=True)
+class AdSighting:
+    """An ad signed with this node's key that this process did not sign, held by a peer (node.twin_probe)."""
+
+    address: str  #: the node wallet's address
+    peer: str  #: the peer that held it
+    seq: int
+    signed_ms: int  #: the signer's clock, from the ad
+    seen_ms: int
+
+    def message(self, marker: Path) -> str:
+        return (f"this node's key ({self.address}) runs on another node too: peer {self.peer} holds an ad of this "
+                f"key, seq {self.seq}, signed {_local_time(self.signed_ms)}, that this process did not sign, so "
+                "this node stopped signing with the key before the two copies fork the wallet. Stop the other "
+                "node; if it runs from a copy of this data dir, give it a key of its own (`mtor-node init` in an "
+                f"empty data dir). Then delete {marker} and restart this node")
+
+
 def marker_path(data_dir: Path) -> Path:
     return Path(data_dir) / MARKER_NAME
 
@@ -99,7 +118,7 @@ class KeyWatch:
         self.account = account
         self.since_ms = since_ms
         self.notify = notify
-        self.sighting: Sighting | None = None  #: the first one, once tripped
+        self.sighting: Sighting | AdSighting | None = None  #: the first one, once tripped
         self.taken_back = 0  #: own blocks from before this start fetched from the mesh
 
     def __call__(self, ledger: Ledger, blocks: list[Block], via: str) -> None:
@@ -112,7 +131,7 @@ class KeyWatch:
             if block.timestamp_ms < self.since_ms and not frozen:
                 older.append(block)
                 continue
-            self._trip(ledger, Sighting(encode_address(self.account), block.hash.hex(), block.height,
+            self.trip(ledger, Sighting(encode_address(self.account), block.hash.hex(), block.height,
                                         block.timestamp_ms, via, int(time.time() * 1000), frozen))
         if older:
             self.taken_back += len(older)
@@ -123,7 +142,8 @@ class KeyWatch:
                         "key, one node: docs/operator-guide.md)", len(older), via,
                         max(b.height for b in older), _local_time(newest.timestamp_ms))
 
-    def _trip(self, ledger: Ledger, sighting: Sighting) -> None:
+    def trip(self, ledger: Ledger, sighting: Sighting | AdSighting) -> None:
+        """Stop signing with the key, once: the refusal, the marker, the log and ``notify``. Ledger thread."""
         if self.sighting is not None:
             return  # said once; the marker is there
         marker = marker_path(self.data_dir)

@@ -4,7 +4,8 @@
 the :class:`p2p.ads.Announcer` that publishes this node's ad, the
 :class:`p2p.dht.CapabilityDHT` provider records for each capability it
 serves, the task that feeds validated ads into the :class:`PeerRegistry`,
-and the health checker that probes known workers every
+the :class:`p2p.ad_stream.AdServer` that tells a peer which ad it holds for a
+peer id, and the health checker that probes known workers every
 ``health_check_interval_s`` (SPEC.md §5). It calls ``task_status.started()``
 once gossip flows and the first ad is out.
 
@@ -33,6 +34,7 @@ from node.events import EventBus
 from node.health import Blame, Fault, FaultKind
 from node.peerset import peers_to_drop
 from node.registry import PeerRegistry
+from p2p.ad_stream import AdServer, AdStreamError, fetch_ad
 from p2p.ads import AdContent, AdVerdict, Announcer, parse_ad
 from p2p.dht import CapabilityDHT
 from p2p.envelope import default_rules
@@ -44,6 +46,10 @@ from p2p.topics import SYSOP
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
+#: A connected peer is asked for its ad once this many ad intervals passed without one by gossip.
+QUIET_ADS = 2
+#: A peer that does not serve the ad protocol (an older version) is not asked again for this long.
+REFUSING_SKIP_S = 600.0
 MAX_SYSOP_MESSAGE_CHARS = 2000
 #: Gossiped blocks handed to the ledger in one write, at most (what has queued meanwhile).
 MAX_BLOCK_BATCH = 256
@@ -173,12 +179,22 @@ class MeshService:
         guard_rpc_decoding(Pubsub)  # before the gossip's Pubsub exists (see the function)
         self.gossip = Gossip(mesh, realm_id, gossip_config, rules=sysop_rules(sysop_keys, gossip_config.ts_window_s))
         self.announcer = Announcer(self.gossip, identity, describe, interval_s=announce_interval_s)
+        self.announce_interval_s = announce_interval_s
         self.dht = CapabilityDHT(mesh, realm_id.hex())
+        #: Tells a peer which ad this node holds for a peer id (a twin's shows there: node.twin_probe).
+        self.ad_server = AdServer(mesh, realm_id, self.held_ad, on_peer_fault=self.gossip.penalize)
         self.max_peers = max_peers
         self.protected_peers = protected_peers
         self.rejected_ads = 0
+        self.fetched_ads = 0  #: ads of quiet connected peers taken from the peers themselves
+        self._ad_refusing: dict[str, float] = {}  #: peer -> when it refused the ad protocol (trio clock)
         self.dropped_peers = 0
         self._stale_reported: set[str] = set()
+
+    def held_ad(self, peer_id: str) -> dict | None:
+        """The signed ad envelope this node holds for ``peer_id``, as its signer made it."""
+        entry = self.registry.get(peer_id)
+        return entry.ad.envelope() if entry is not None and entry.ad.sig else None
 
     def capabilities_changed(self) -> None:
         """Publish a fresh ad soon and refresh DHT records (call after any change)."""
@@ -188,6 +204,7 @@ class MeshService:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.gossip.run)
             await nursery.start(self.dht.run)
+            await nursery.start(self.ad_server.run)
             ads = self.gossip.subscribe("announce")
             nursery.start_soon(self._consume_ads, ads)
             if self.on_blocks is not None:
@@ -198,6 +215,7 @@ class MeshService:
             await nursery.start(self.announcer.run)
             nursery.start_soon(self._provide_capabilities)
             nursery.start_soon(self._check_health)
+            nursery.start_soon(self._fetch_quiet_ads)
             nursery.start_soon(self._discover_periodically)
             task_status.started()
 
@@ -210,6 +228,51 @@ class MeshService:
                     log.debug("ignored ad from %s: %s %s", delivery.origin_peer, parsed.verdict.value, parsed.detail)
                     continue
                 self.registry.on_ad(parsed.ad, trio.current_time())
+
+    async def _fetch_quiet_ads(self) -> None:
+        while True:
+            await trio.sleep(self.announce_interval_s)
+            await self.fetch_quiet_ads()
+
+    async def fetch_quiet_ads(self) -> int:
+        """Ask connected peers whose ads stopped coming by gossip for their ad; return how many came.
+
+        Gossip can go quiet for a peer that is still connected: py-libp2p drops everything from a
+        peer id whose signed peer records disagree, which is what two nodes with one key (a copied
+        data dir) send. Taken straight from the peer, its ad keeps it selectable and shows what
+        that key signs now to the node.twin_probe of a copy."""
+        now = trio.current_time()
+        quiet = [peer for peer in self.mesh.connected_peers()
+                 if self._ad_quiet(peer, now) and now - self._ad_refusing.get(peer, -REFUSING_SKIP_S) >= REFUSING_SKIP_S]
+        taken = 0
+
+        async def fetch(peer: str) -> None:
+            nonlocal taken
+            try:
+                envelope = await fetch_ad(self.mesh, self.realm_id, peer, peer)
+            except AdStreamError as exc:
+                if exc.code == "refused":
+                    self._ad_refusing[peer] = trio.current_time()
+                log.debug("could not fetch the ad of quiet peer %s: %s", peer, exc)
+                return
+            parsed = parse_ad(envelope, realm_id=self.realm_id) if envelope is not None else None
+            if parsed is None or parsed.ad is None or parsed.ad.peer_id != peer:
+                return
+            taken += 1
+            self.registry.on_ad(parsed.ad, trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            for peer in quiet:
+                nursery.start_soon(fetch, peer)
+        self.fetched_ads += taken
+        return taken
+
+    def _ad_quiet(self, peer: str, now: float) -> bool:
+        entry = self.registry.get(peer)
+        if entry is None or entry.is_self:
+            return entry is None
+        last = entry.health.last_ad_s
+        return last is None or now - last > QUIET_ADS * self.announce_interval_s
 
     async def broadcast_sysop(self, message: str) -> bool:
         """Sign ``message`` onto the realm's sysop topic; False if our key is not a realm sysop key."""

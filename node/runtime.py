@@ -50,6 +50,7 @@ from node.pricing import MESH_MODEL_TYPE, QUERY_TYPES, PriceBook
 from node.queue_service import QueueService
 from node.registry import PeerRegistry
 from node.sync_service import SyncService
+from node.twin_probe import TwinProbe
 from node.watchdog import Watchdog
 from p2p.ads import AdContent, Capability
 from p2p.gossip import Gossip
@@ -147,6 +148,7 @@ class Node:
         self.queue: QueueService = QueueService.from_config(settings.queue, self.bus, on_expired=self._on_expired)
         self.broker: Broker | None = None
         self.sync: SyncService | None = None
+        self.twin_probe: TwinProbe | None = None
         self.ledger: LedgerService | None = None
         self.mesh: MeshHost | None = None
         self.console_url = ""
@@ -377,6 +379,7 @@ class Node:
                             on_peer_fault=self.mesh_service.gossip.penalize,
                         )
                         await nursery.start(self.sync.run)
+                        await self._start_twin_probe(nursery, mesh)
                         # with peers to sync with, the first claim waits for what they know of our chain
                         first_claim_after_sync = await self._has_peers_to_sync_first()
                         await nursery.start(partial(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s,
@@ -396,6 +399,23 @@ class Node:
                         await self.ledger.close()
         finally:
             sock.close()
+
+    async def _start_twin_probe(self, nursery: trio.Nursery, mesh) -> None:
+        """Ask peers for our own ad until one shows another node signing with our key (node.twin_probe).
+
+        Not when a marker from an earlier run already stops the key signing here."""
+        watch = self.ledger.key_watch
+        if watch is None or self.identity.public_key in self.ledger.signing_refused:
+            return
+
+        async def trip(sighting) -> None:
+            await self.ledger.call(watch.trip, sighting)
+
+        self.twin_probe = TwinProbe(mesh, self.genesis.realm_id, self.identity.public_key,
+                                    self.mesh_service.announcer.signed_seqs, since_ms=watch.since_ms, trip=trip,
+                                    tripped=lambda: watch.sighting is not None,
+                                    interval_s=self.settings.p2p.announce_interval_s)
+        await nursery.start(self.twin_probe.run)
 
     async def _has_peers_to_sync_first(self) -> bool:
         """Whether the node's first claim should wait for its first sync (node.key_watch): with bootstrap

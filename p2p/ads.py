@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,11 @@ class Ad:
     seq: int
     content: AdContent
     body: dict
+    #: The signature over ``body``: with it the ad can be handed on as its signer made it (p2p.ad_stream).
+    sig: bytes = b""
+
+    def envelope(self) -> dict:
+        return {"body": self.body, "sig": self.sig}
 
 
 @dataclass(frozen=True)
@@ -242,8 +248,32 @@ def parse_ad(data: bytes | dict, *, realm_id: bytes) -> AdParse:
         operator=dict(body["operator"]),
         version=body["version"],
     )
-    ad = Ad(body["peer_id"], body["address"], key, body["ts_ms"], body["seq"], content, body)
+    ad = Ad(body["peer_id"], body["address"], key, body["ts_ms"], body["seq"], content, body, sig)
     return AdParse(AdVerdict.OK, ad)
+
+
+class SignedSeqs:
+    """The last ``keep`` ad seqs this process signed: enough to know an ad of its key as its own.
+
+    A seq older than all of them is :meth:`unknown`: neither ours nor provably someone else's.
+    """
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._order: deque[int] = deque(maxlen=keep)
+        self._set: set[int] = set()
+
+    def add(self, seq: int) -> None:
+        if len(self._order) == self._order.maxlen:
+            self._set.discard(self._order[0])
+        self._order.append(seq)
+        self._set.add(seq)
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._set
+
+    def unknown(self, seq: int) -> bool:
+        """Older than every seq kept (or nothing signed yet): it says nothing either way."""
+        return not self._order or seq < self._order[0]
 
 
 class Announcer:
@@ -272,6 +302,8 @@ class Announcer:
         self._now_ms = now_ms or gossip._now_ms
         self._changed = trio.Event()
         self._seq = 0
+        #: The seqs of the ads this process signed, newest last (node.twin_probe tells ours from a twin's).
+        self.signed_seqs = SignedSeqs()
         self.published = 0
         self.failures = 0
 
@@ -281,6 +313,7 @@ class Announcer:
 
     def next_seq(self) -> int:
         self._seq = max(self._seq + 1, self._now_ms())
+        self.signed_seqs.add(self._seq)
         return self._seq
 
     async def announce_once(self) -> None:

@@ -42,6 +42,14 @@ def _peer_half_closed(stream: Any) -> bool:
         return False
 
 
+def stream_peer(stream: Any) -> str:
+    """The base58 id of the peer at the other end of ``stream``, for log lines ("?" if unknown)."""
+    try:
+        return stream.muxed_conn.peer_id.to_base58()
+    except Exception:  # noqa: BLE001 - only for log lines
+        return "?"
+
+
 def report_peer_fault(on_peer_fault: PeerFaultCallback | None, stream: Any, *, truncated: bool) -> bool:
     """Tell ``on_peer_fault`` who sent a malformed inbound frame on ``stream``; True if it was told.
 

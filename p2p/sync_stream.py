@@ -47,7 +47,7 @@ from p2p import sync_wire as wire
 from p2p.errors import P2PError
 from p2p.framing import FrameProblem, FrameStream, FramingError
 from p2p.host import MeshHost
-from p2p.stream_server import PeerFaultCallback, ProtocolServer, report_peer_fault
+from p2p.stream_server import PeerFaultCallback, ProtocolServer, report_peer_fault, stream_peer
 from p2p.sync_wire import Blocks, FrontiersPage, FrontiersRequest, Hello, NextRequest, PullRequest, SyncLimits
 from p2p.topics import sync_protocol
 
@@ -62,13 +62,6 @@ def _hello_facts(ledger) -> tuple[bytes, int]:
 
 def _state_hash(ledger) -> bytes:
     return ledger.state_hash()
-
-
-def _peer_of(stream: Any) -> str:
-    try:
-        return stream.muxed_conn.peer_id.to_base58()
-    except Exception:  # noqa: BLE001 - only for log lines
-        return "?"
 
 
 # ---------------------------------------------------------------------- server
@@ -105,7 +98,7 @@ class SyncServer(ProtocolServer):
         nursery = self._nursery
         frames = FrameStream(stream, max_frame_bytes=self.limits.max_frame_bytes,
                              read_timeout_s=self.limits.read_timeout_s,
-                             write_timeout_s=self.limits.write_timeout_s, peer=_peer_of(stream))
+                             write_timeout_s=self.limits.write_timeout_s, peer=stream_peer(stream))
         if nursery is None:
             await frames.reset()
             return

@@ -52,6 +52,11 @@ def sync_protocol(realm_hex: str) -> TProtocol:
     return TProtocol(f"/mtor/{_check_realm(realm_hex)}/sync/1")
 
 
+def ad_protocol(realm_hex: str) -> TProtocol:
+    """Which ad a peer holds for a peer id (p2p.ad_stream): ``/mtor/<realm_hex>/ad/1``."""
+    return TProtocol(f"/mtor/{_check_realm(realm_hex)}/ad/1")
+
+
 def capability_key(realm_hex: str, capability: str) -> str:
     """DHT provider key for a capability: ``/mtor/<realm_hex>/cap/<name>``."""
     if not capability or "/" in capability:

@@ -1,0 +1,184 @@
+"""A node finds a copy of itself (same key, same peer id) by the ads its peers hold for it.
+
+Real libp2p hosts on loopback, real gossip and the real ad stream: C is an ordinary peer, A and
+A2 run with one key X (as two copies of one data dir would), B with its own. Each runs the
+node's mesh service (announcer, registry, ad server) and a twin probe.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+from node.events import EventBus
+from node.health import HealthPolicy
+from node.identity import Identity
+from node.key_watch import AdSighting
+from node.mesh_service import MeshService
+from node.registry import PeerRegistry
+from node.twin_probe import TwinProbe
+from p2p import ad_stream
+from p2p.ad_stream import AdServer, AdStreamError, fetch_ad
+from p2p.ads import AdContent, SignedSeqs, sign_ad
+from p2p.framing import FrameStream
+from p2p.host import open_mesh_host
+from p2p.topics import ad_protocol
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+REALM = b"r" * 32
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _probe(public_key: bytes, seqs: SignedSeqs, since_ms: int, mesh=None, **kw) -> TwinProbe:
+    async def trip(sighting: AdSighting) -> None:
+        raise AssertionError("not in this test")
+
+    return TwinProbe(mesh, REALM, public_key, seqs, since_ms=since_ms, trip=kw.pop("trip", trip),
+                     tripped=kw.pop("tripped", lambda: False), **kw)
+
+
+def test_only_a_recent_ad_of_our_key_with_a_seq_we_did_not_sign_is_a_sighting():
+    x, other = Identity.generate(), Identity.generate()
+    since = _now_ms() - 60_000
+    seqs = SignedSeqs(keep=3)
+    for seq in (100, 101, 102, 103):  # keeps 101..103
+        seqs.add(seq)
+    probe = _probe(x.public_key, seqs, since)
+
+    def ad(identity=x, *, seq, ts=None, realm=REALM) -> dict:
+        return sign_ad(identity, realm, AdContent(), seq=seq, ts_ms=ts if ts is not None else _now_ms())
+
+    sighting = probe.judge(ad(seq=500), "peer-c")
+    assert sighting is not None and (sighting.peer, sighting.seq, sighting.address) == ("peer-c", 500, x.address)
+    assert probe.judge(ad(seq=102), "peer-c") is None  # ours
+    assert probe.judge(ad(seq=100), "peer-c") is None  # older than all we remember: unknown
+    assert probe.judge(ad(seq=500, ts=since - 1), "peer-c") is None  # signed before we started
+    assert probe.judge(ad(other, seq=500), "peer-c") is None  # another key's
+    assert probe.judge(ad(seq=500, realm=b"s" * 32), "peer-c") is None  # another realm's
+    forged = ad(seq=500)
+    forged["body"] = {**forged["body"], "seq": 501}  # a peer's lie: the signature no longer holds
+    assert probe.judge(forged, "peer-c") is None
+    assert probe.judge(None, "peer-c") is None
+    assert _probe(x.public_key, SignedSeqs(), since).judge(ad(seq=500), "peer-c") is None  # nothing signed yet
+
+
+async def test_the_ad_stream_hands_on_what_the_server_holds():
+    x = Identity.generate()
+    envelope = sign_ad(x, REALM, AdContent(), seq=7, ts_ms=_now_ms())
+    faults: list[str] = []
+    async with AsyncExitStack() as stack:
+        server_host = await stack.enter_async_context(open_mesh_host(Identity.generate(), LOCAL))
+        client = await stack.enter_async_context(open_mesh_host(Identity.generate(), LOCAL))
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        server = AdServer(server_host, REALM, {"X": envelope}.get, on_peer_fault=faults.append)
+        await nursery.start(server.run)
+        await client.connect(server_host.listen_addrs[0])
+
+        assert await fetch_ad(client, REALM, server_host.peer_id, "X") == envelope
+        assert await fetch_ad(client, REALM, server_host.peer_id, "Y") is None
+        with pytest.raises(AdStreamError) as refused:  # another realm's protocol id: not served
+            await fetch_ad(client, b"s" * 32, server_host.peer_id, "X")
+        assert refused.value.code == "refused"
+
+        async def raw(send: bytes) -> object:
+            from libp2p.peer.id import ID
+
+            stream = await client.host.new_stream(ID.from_base58(server_host.peer_id), [ad_protocol(REALM.hex())])
+            frames = FrameStream(stream, max_frame_bytes=ad_stream.MAX_FRAME_BYTES, read_timeout_s=5,
+                                 write_timeout_s=5)
+            await frames.write_raw(send)
+            try:
+                return await frames.read()
+            except Exception as exc:  # noqa: BLE001 - the server resets: what the client sees
+                return exc
+
+        bad = {"v": 1, "peer": "X", "more": 1}
+        from p2p.framing import encode_frame
+
+        answer = await raw(encode_frame(bad, max_frame_bytes=1 << 16))
+        assert answer["v"] == 1 and "exactly" in answer["error"]
+        assert faults == []
+        await raw(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # not msgpack: the client's fault
+        with trio.fail_after(5):
+            while not faults:
+                await trio.sleep(0.01)
+        assert faults == [client.peer_id]
+        assert (server.answered, server.refused) == (2, 2)
+        nursery.cancel_scope.cancel()
+
+
+async def _mesh_node(stack: AsyncExitStack, nursery: trio.Nursery, identity: Identity) -> MeshService:
+    mesh = await stack.enter_async_context(open_mesh_host(identity, LOCAL))
+    registry = PeerRegistry(HealthPolicy(), EventBus(), self_peer_id=mesh.peer_id)
+    service = MeshService(mesh, REALM, identity, registry, AdContent, announce_interval_s=0.3,
+                          health_check_interval_s=60)
+    await nursery.start(service.run)
+    return service
+
+
+async def test_of_two_nodes_with_one_key_one_finds_out_and_a_third_never_does(tmp_path):
+    x = Identity.generate()
+    tripped: dict[str, AdSighting] = {}
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        c = await _mesh_node(stack, nursery, Identity.generate())
+        nodes = {"a": await _mesh_node(stack, nursery, x), "a2": await _mesh_node(stack, nursery, x),
+                 "b": await _mesh_node(stack, nursery, Identity.generate())}
+        since = _now_ms()
+        for node in nodes.values():
+            await node.mesh.connect(c.mesh.listen_addrs[0])
+        probes = {}
+        for name, node in nodes.items():
+            async def trip(sighting: AdSighting, name=name) -> None:
+                tripped[name] = sighting
+
+            probes[name] = _probe(node.identity.public_key, node.announcer.signed_seqs, since, mesh=node.mesh,
+                                  trip=trip, tripped=lambda name=name: name in tripped, interval_s=0.2,
+                                  first_probe_s=0.0)
+            nursery.start_soon(probes[name].run)
+        with trio.fail_after(30):
+            while not tripped:
+                await trio.sleep(0.05)
+        await trio.sleep(2)  # b goes on asking meanwhile
+        assert set(tripped) <= {"a", "a2"}
+        sighting = next(iter(tripped.values()))
+        assert sighting.peer == c.mesh.peer_id and sighting.address == x.address
+        assert probes["b"].asked >= 5 and "b" not in tripped and probes["b"].suspect is None
+        nursery.cancel_scope.cancel()
+
+
+def test_a_node_started_from_a_copy_of_a_running_nodes_data_dir_stops_signing(tmp_path):
+    """Processes as deployed: C founds the realm, A joins it, A2 is a copy of A's data dir."""
+    import shutil
+
+    from tests.harness import FAST, NodeProcess, run_cli
+
+    assert run_cli("init", "--data-dir", str(tmp_path / "c"), "--realm", "twins").returncode == 0
+    assert run_cli("init", "--data-dir", str(tmp_path / "a"), "--join", str(tmp_path / "c" / "genesis.mtor")).returncode == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "a2")
+    c = NodeProcess(tmp_path / "c", env=FAST).start()
+    nodes = []
+    try:
+        boot = ("--bootstrap", c.listen_addrs[0])
+        nodes = [NodeProcess(tmp_path / name, extra_args=boot, env=FAST).start() for name in ("a", "a2")]
+        deadline = time.monotonic() + 60
+        while not any("runs on another node too" in n.output for n in nodes):
+            assert time.monotonic() < deadline, "neither copy found the other:\n" + "\n".join(n.output for n in nodes)
+            time.sleep(0.5)
+        twin = next(n for n in nodes if "runs on another node too" in n.output)
+        status = run_cli("status", "--data-dir", str(twin.data_dir))
+        assert "WARNING:   this node's key" in status.stdout and "runs on another node too" in status.stdout
+        assert (twin.data_dir / "KEY-IN-USE-ELSEWHERE").exists()
+        assert not (c.data_dir / "KEY-IN-USE-ELSEWHERE").exists()
+    finally:
+        for node in (*nodes, c):
+            node.stop()
+            node.kill()
+    for node in (*nodes, c):
+        assert "Traceback" not in node.output, node.output
