@@ -34,7 +34,7 @@ from node.events import EventBus
 from node.health import Blame, Fault, FaultKind
 from node.peerset import peers_to_drop
 from node.registry import PeerRegistry
-from p2p.ad_stream import AdServer, AdStreamError, fetch_ad
+from p2p.ad_stream import AdServer, AdStreamError, Refusals, fetch_ad
 from p2p.ads import AdContent, AdVerdict, Announcer, parse_ad
 from p2p.dht import CapabilityDHT
 from p2p.envelope import default_rules
@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5.0
 #: A connected peer is asked for its ad once this many ad intervals passed without one by gossip.
 QUIET_ADS = 2
-#: A peer that does not serve the ad protocol (an older version) is not asked again for this long.
-REFUSING_SKIP_S = 600.0
 MAX_SYSOP_MESSAGE_CHARS = 2000
 #: Gossiped blocks handed to the ledger in one write, at most (what has queued meanwhile).
 MAX_BLOCK_BATCH = 256
@@ -187,7 +185,7 @@ class MeshService:
         self.protected_peers = protected_peers
         self.rejected_ads = 0
         self.fetched_ads = 0  #: ads of quiet connected peers taken from the peers themselves
-        self._ad_refusing: dict[str, float] = {}  #: peer -> when it refused the ad protocol (trio clock)
+        self._ad_refusals = Refusals()
         self.dropped_peers = 0
         self._stale_reported: set[str] = set()
 
@@ -243,7 +241,7 @@ class MeshService:
         that key signs now to the node.twin_probe of a copy."""
         now = trio.current_time()
         quiet = [peer for peer in self.mesh.connected_peers()
-                 if self._ad_quiet(peer, now) and now - self._ad_refusing.get(peer, -REFUSING_SKIP_S) >= REFUSING_SKIP_S]
+                 if self._ad_quiet(peer, now) and not self._ad_refusals.skip(peer)]
         taken = 0
 
         async def fetch(peer: str) -> None:
@@ -251,8 +249,7 @@ class MeshService:
             try:
                 envelope = await fetch_ad(self.mesh, self.realm_id, peer, peer)
             except AdStreamError as exc:
-                if exc.code == "refused":
-                    self._ad_refusing[peer] = trio.current_time()
+                self._ad_refusals.note(exc, peer)
                 log.debug("could not fetch the ad of quiet peer %s: %s", peer, exc)
                 return
             parsed = parse_ad(envelope, realm_id=self.realm_id) if envelope is not None else None
@@ -269,8 +266,10 @@ class MeshService:
 
     def _ad_quiet(self, peer: str, now: float) -> bool:
         entry = self.registry.get(peer)
-        if entry is None or entry.is_self:
-            return entry is None
+        if entry is None:
+            return True  # connected, and no ad yet
+        if entry.is_self:
+            return False
         last = entry.health.last_ad_s
         return last is None or now - last > QUIET_ADS * self.announce_interval_s
 

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from node.key_watch import AdSighting
-from p2p.ad_stream import AdStreamError, fetch_ad
+from p2p.ad_stream import AdStreamError, Refusals, fetch_ad
 from p2p.ads import AdVerdict, SignedSeqs, parse_ad
 from p2p.host import MeshHost
 
@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 10.0
 FIRST_PROBE_S = 3.0  #: soon after start: a copy that starts second should know before its first claim
-#: A peer that does not serve the protocol (an older version) is not asked again for this long.
-SKIP_REFUSING_S = 600.0
 
 
 class TwinProbe:
@@ -60,7 +58,7 @@ class TwinProbe:
         self.asked = 0  #: answers received
         self.failures = 0  #: peers that could not be asked or answered outside the protocol
         self.suspect: AdSighting | None = None  #: a first foreign ad, waiting for its peer to show another
-        self._refusing: dict[str, float] = {}  #: peer -> when it refused the protocol (trio clock)
+        self._refusals = Refusals()
         self._turn = 0
 
     def judge(self, envelope: dict | None, peer: str) -> AdSighting | None:
@@ -77,9 +75,7 @@ class TwinProbe:
 
     def next_peer(self) -> str | None:
         """The suspect's peer while one waits for confirmation, else the connected peers in turn."""
-        now = trio.current_time()
-        peers = [p for p in sorted(self.mesh.connected_peers())
-                 if now - self._refusing.get(p, -SKIP_REFUSING_S) >= SKIP_REFUSING_S]
+        peers = [p for p in sorted(self.mesh.connected_peers()) if not self._refusals.skip(p)]
         if self.suspect is not None and self.suspect.peer in peers:
             return self.suspect.peer
         if not peers:
@@ -96,8 +92,7 @@ class TwinProbe:
             envelope = await fetch_ad(self.mesh, self.realm_id, peer, self.mesh.peer_id)
         except AdStreamError as exc:
             self.failures += 1
-            if exc.code == "refused":
-                self._refusing[peer] = trio.current_time()
+            self._refusals.note(exc, peer)
             log.debug("could not ask %s for our ad: %s", peer, exc)
             return False
         self.asked += 1

@@ -38,6 +38,8 @@ MAX_PEER_ID_CHARS = 128
 MAX_FRAME_BYTES = MAX_AD_BYTES + 256
 TIMEOUT_S = 5.0
 MAX_SESSIONS = 16
+#: A peer that does not serve the protocol (an older version) is not asked again for this long.
+SKIP_REFUSING_S = 600.0
 
 #: ``lookup(peer_id)``: the signed ad envelope held for that peer, or None.
 AdLookup = Callable[[str], "dict | None"]
@@ -133,6 +135,21 @@ class AdServer(ProtocolServer):
             await frames.reset()
             return
         await frames.close()
+
+
+class Refusals:
+    """Peers that refused the protocol lately: asking them again before SKIP_REFUSING_S is wasted."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}  #: peer -> when it refused (trio clock)
+
+    def note(self, error: AdStreamError, peer: str) -> None:
+        if error.code == "refused":
+            self._since[peer] = trio.current_time()
+
+    def skip(self, peer: str) -> bool:
+        since = self._since.get(peer)
+        return since is not None and trio.current_time() - since < SKIP_REFUSING_S
 
 
 async def fetch_ad(mesh: MeshHost, realm_id: bytes, peer_id: str, about: str, *,

@@ -22,7 +22,7 @@ from node.registry import PeerRegistry
 from node.twin_probe import TwinProbe
 from p2p import ad_stream
 from p2p.ad_stream import AdServer, AdStreamError, fetch_ad
-from p2p.ads import AdContent, SignedSeqs, sign_ad
+from p2p.ads import AdContent, SignedSeqs, parse_ad, sign_ad
 from p2p.framing import FrameStream
 from p2p.host import open_mesh_host
 from p2p.topics import ad_protocol
@@ -85,6 +85,9 @@ async def test_the_ad_stream_hands_on_what_the_server_holds():
         with pytest.raises(AdStreamError) as refused:  # another realm's protocol id: not served
             await fetch_ad(client, b"s" * 32, server_host.peer_id, "X")
         assert refused.value.code == "refused"
+        refusals = ad_stream.Refusals()
+        refusals.note(refused.value, server_host.peer_id)
+        assert refusals.skip(server_host.peer_id) and not refusals.skip("another")
 
         async def raw(send: bytes) -> object:
             from libp2p.peer.id import ID
@@ -110,6 +113,27 @@ async def test_the_ad_stream_hands_on_what_the_server_holds():
                 await trio.sleep(0.01)
         assert faults == [client.peer_id]
         assert (server.answered, server.refused) == (2, 2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connected_peer_without_a_fresh_ad_is_asked_for_it():
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        services = []
+        for _ in range(2):  # not run: no gossip, so the one way to B's registry is the ad stream
+            identity = Identity.generate()
+            mesh = await stack.enter_async_context(open_mesh_host(identity, LOCAL))
+            registry = PeerRegistry(HealthPolicy(), EventBus(), self_peer_id=mesh.peer_id)
+            services.append(MeshService(mesh, REALM, identity, registry, AdContent, announce_interval_s=10,
+                                        health_check_interval_s=60))
+        a, b = services
+        await nursery.start(a.ad_server.run)
+        a.registry.on_ad(parse_ad(sign_ad(a.identity, REALM, AdContent(), seq=5, ts_ms=_now_ms()), realm_id=REALM).ad,
+                         trio.current_time())
+        await b.mesh.connect(a.mesh.listen_addrs[0])
+        assert await b.fetch_quiet_ads() == 1
+        assert b.registry.get(a.mesh.peer_id).ad.seq == 5
+        assert await b.fetch_quiet_ads() == 0  # fresh now: not asked again
         nursery.cancel_scope.cancel()
 
 
@@ -160,7 +184,8 @@ def test_a_node_started_from_a_copy_of_a_running_nodes_data_dir_stops_signing(tm
     from tests.harness import FAST, NodeProcess, run_cli
 
     assert run_cli("init", "--data-dir", str(tmp_path / "c"), "--realm", "twins").returncode == 0
-    assert run_cli("init", "--data-dir", str(tmp_path / "a"), "--join", str(tmp_path / "c" / "genesis.mtor")).returncode == 0
+    joined = run_cli("init", "--data-dir", str(tmp_path / "a"), "--join", str(tmp_path / "c" / "genesis.mtor"))
+    assert joined.returncode == 0, joined.stderr
     shutil.copytree(tmp_path / "a", tmp_path / "a2")
     c = NodeProcess(tmp_path / "c", env=FAST).start()
     nodes = []
