@@ -42,6 +42,7 @@ from p2p.errors import P2PError
 from p2p.gossip import Delivery, Gossip, GossipConfig
 from p2p.host import MeshHost
 from p2p.topics import SYSOP
+from p2p.twin_records import watch_peer_records
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class MeshService:
         self.bus = bus
         self._sysop_seq = time.time_ns() // 1_000_000
         guard_rpc_decoding(Pubsub)  # before the gossip's Pubsub exists (see the function)
+        watch_peer_records()  # two nodes with one key: one warning, not py-libp2p's error per message
         self.gossip = Gossip(mesh, realm_id, gossip_config, rules=sysop_rules(sysop_keys, gossip_config.ts_window_s))
         self.announcer = Announcer(self.gossip, identity, describe, interval_s=announce_interval_s)
         self.announce_interval_s = announce_interval_s

@@ -16,9 +16,9 @@ peer id (:mod:`p2p.ad_stream`), and judges it (:meth:`TwinProbe.judge`):
 One such ad could still be a leftover of the previous run read after the clock was set back
 across a restart; a live signer keeps signing. So the probe asks the same peer again, and trips
 the key watch when that peer holds a second foreign ad with another seq: the node stops signing
-with its key as it does for a twin's block. The twin the mesh gossips with is the one whose ads
-peers hold, so it is the other copy, the one that started second or lost its peers' streams,
-that trips; one copy that stops signing is enough to keep the wallet whole.
+with its key as it does for a twin's block. Which ad a peer holds depends on which copy its
+streams reach, so one copy usually trips first and, as a tripped node still announces, the other
+soon after; one copy that stops signing is already enough to keep the wallet whole.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ node's mesh service (announcer, registry, ad server) and a twin probe.
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import AsyncExitStack
 
@@ -24,7 +25,7 @@ from p2p import ad_stream
 from p2p.ad_stream import AdServer, AdStreamError, fetch_ad
 from p2p.ads import AdContent, SignedSeqs, parse_ad, sign_ad
 from p2p.framing import FrameStream
-from p2p.host import open_mesh_host
+from p2p.host import open_mesh_host, peer_id_from_public_key
 from p2p.topics import ad_protocol
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
@@ -146,7 +147,8 @@ async def _mesh_node(stack: AsyncExitStack, nursery: trio.Nursery, identity: Ide
     return service
 
 
-async def test_of_two_nodes_with_one_key_one_finds_out_and_a_third_never_does(tmp_path):
+async def test_of_two_nodes_with_one_key_one_finds_out_and_a_third_never_does(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     x = Identity.generate()
     tripped: dict[str, AdSighting] = {}
     async with AsyncExitStack() as stack:
@@ -155,6 +157,7 @@ async def test_of_two_nodes_with_one_key_one_finds_out_and_a_third_never_does(tm
         nodes = {"a": await _mesh_node(stack, nursery, x), "a2": await _mesh_node(stack, nursery, x),
                  "b": await _mesh_node(stack, nursery, Identity.generate())}
         since = _now_ms()
+        c_peer_of_x = nodes["a"].mesh.peer_id
         for node in nodes.values():
             await node.mesh.connect(c.mesh.listen_addrs[0])
         probes = {}
@@ -175,6 +178,11 @@ async def test_of_two_nodes_with_one_key_one_finds_out_and_a_third_never_does(tm
         assert sighting.peer == c.mesh.peer_id and sighting.address == x.address
         assert probes["b"].asked >= 5 and "b" not in tripped and probes["b"].suspect is None
         nursery.cancel_scope.cancel()
+    # C, between the two, said it once, and py-libp2p's error per dropped message is gone
+    said = [r.getMessage() for r in caplog.records if r.name == "p2p.twin_records"]
+    assert len(said) == 1 and said[0].startswith(f"two nodes run with one key: peer {c_peer_of_x}"), said
+    assert f"(wallet {x.address})" in said[0]
+    assert not [r for r in caplog.records if "invalid-signed-record" in r.getMessage()]
 
 
 def test_a_node_started_from_a_copy_of_a_running_nodes_data_dir_stops_signing(tmp_path):
@@ -207,3 +215,35 @@ def test_a_node_started_from_a_copy_of_a_running_nodes_data_dir_stops_signing(tm
             node.kill()
     for node in (*nodes, c):
         assert "Traceback" not in node.output, node.output
+
+
+def test_a_peer_between_two_copies_says_so_once_per_ten_minutes(caplog):
+    from libp2p.peer.id import ID
+
+    from p2p.twin_records import MIN_REFUSALS, REPORT_EVERY_S, TwinRecords
+
+    now = [0.0]
+    twins = TwinRecords(clock=lambda: now[0])
+    x = Identity.generate()
+    peer = ID.from_base58(peer_id_from_public_key(x.public_key))
+    with caplog.at_level(logging.WARNING, logger="p2p.twin_records"):
+        for _ in range(MIN_REFUSALS - 1):  # a restarted node's last late messages: not yet
+            twins._count(peer, ["/ip4/127.0.0.1/tcp/2"], ["/ip4/127.0.0.1/tcp/1"])
+        assert twins.reports == 0
+        twins._count(peer, ["/ip4/127.0.0.1/tcp/2"], ["/ip4/127.0.0.1/tcp/1"])
+        assert twins.reports == 1 and f"(wallet {x.address})" in caplog.records[-1].getMessage()
+        now[0] += REPORT_EVERY_S - 1
+        for _ in range(10):
+            twins._count(peer, ["/ip4/127.0.0.1/tcp/2"], ["/ip4/127.0.0.1/tcp/1"])
+        assert twins.reports == 1
+        now[0] += 1
+        twins._count(peer, ["/ip4/127.0.0.1/tcp/2"], ["/ip4/127.0.0.1/tcp/1"])
+        assert twins.reports == 2 and "(11 messages dropped so far)" in caplog.records[-1].getMessage()
+
+    def line(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("libp2p.pubsub.pubsub", logging.ERROR, "", 0, msg, (), None)
+
+    caller = "Received an invalid-signed-record, ignoring the incoming msg"
+    assert twins.filter(line(caller)) and twins.filter(line("anything else"))
+    twins._drop_caller_line = True  # what judge() leaves after refusing a twin's record
+    assert not twins.filter(line(caller)) and twins.filter(line(caller))  # that one line only
