@@ -18,6 +18,7 @@ garbage frames are reported as the client's fault (:func:`p2p.stream_server.repo
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -91,13 +92,10 @@ class AdServer(ProtocolServer):
     async def _on_stream(self, stream: Any) -> None:
         frames = FrameStream(stream, max_frame_bytes=MAX_FRAME_BYTES, read_timeout_s=self.timeout_s,
                              write_timeout_s=self.timeout_s, peer=stream_peer(stream))
-        nursery = self._nursery
-        if nursery is None or self.active >= MAX_SESSIONS:
+        if self.active >= MAX_SESSIONS:
             await frames.reset()
             return
-        done = trio.Event()
-        nursery.start_soon(self._serve, frames, done)
-        await done.wait()
+        await self._in_own_nursery(partial(self._serve, frames), frames.reset)
 
     async def _serve(self, frames: FrameStream, done: trio.Event) -> None:
         self.active += 1

@@ -32,6 +32,7 @@ import collections
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Union
 
 import trio
@@ -190,15 +191,7 @@ class QueryServer(ProtocolServer):
         self._nursery: trio.Nursery | None = None
 
     async def _on_stream(self, stream: INetStream) -> None:
-        # Runs in libp2p's per-stream task; the work runs in our nursery so that
-        # stopping the server stops it, and nothing we raise reaches libp2p.
-        nursery = self._nursery
-        if nursery is None:
-            await quietly(stream.reset)
-            return
-        done = trio.Event()
-        nursery.start_soon(self._serve, stream, done)
-        await done.wait()
+        await self._in_own_nursery(partial(self._serve, stream), partial(quietly, stream.reset))
 
     async def _serve(self, stream: INetStream, done: trio.Event) -> None:
         session = _Session(stream)

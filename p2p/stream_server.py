@@ -10,7 +10,7 @@ way (:func:`report_peer_fault`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -95,3 +95,18 @@ class ProtocolServer:
 
     async def _on_stream(self, stream) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    async def _in_own_nursery(self, serve: Callable[[trio.Event], Awaitable[None]],
+                              refuse: Callable[[], Awaitable[None]]) -> None:
+        """Run ``serve(done)`` in this server's nursery and wait until it sets ``done``.
+
+        libp2p calls ``_on_stream`` in a task of its own: a session run there would outlive a
+        stopped server, and what it raised would reach libp2p. ``refuse()`` (a reset) when the
+        server is not running."""
+        nursery = self._nursery
+        if nursery is None:
+            await refuse()
+            return
+        done = trio.Event()
+        nursery.start_soon(serve, done)
+        await done.wait()

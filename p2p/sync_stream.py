@@ -33,6 +33,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -93,18 +94,10 @@ class SyncServer(ProtocolServer):
         self._nursery: trio.Nursery | None = None
 
     async def _on_stream(self, stream: Any) -> None:
-        # libp2p runs this in its own per-stream task; the session runs in our
-        # nursery so stopping the server stops it, and nothing reaches libp2p.
-        nursery = self._nursery
         frames = FrameStream(stream, max_frame_bytes=self.limits.max_frame_bytes,
                              read_timeout_s=self.limits.read_timeout_s,
                              write_timeout_s=self.limits.write_timeout_s, peer=stream_peer(stream))
-        if nursery is None:
-            await frames.reset()
-            return
-        done = trio.Event()
-        nursery.start_soon(self._serve, frames, done)
-        await done.wait()
+        await self._in_own_nursery(partial(self._serve, frames), frames.reset)
 
     async def _serve(self, frames: FrameStream, done: trio.Event) -> None:
         try:
