@@ -177,20 +177,13 @@ async def fetch_ad(mesh: MeshHost, realm_id: bytes, peer_id: str, about: str, *,
         raise AdStreamError("timeout", f"no stream to {peer_id} within {timeout_s:g} s")
     frames = FrameStream(stream, max_frame_bytes=MAX_FRAME_BYTES, read_timeout_s=timeout_s,
                          write_timeout_s=timeout_s, peer=peer_id)
-    try:
-        await frames.write({"v": VERSION, "peer": about})
-        answer = await frames.read()
-    except FramingError as exc:
-        with trio.CancelScope(shield=True):
-            await frames.reset()
-        code = "timeout" if exc.problem is FrameProblem.TIMEOUT else "bad_answer"
-        raise AdStreamError(code, str(exc)) from None
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await frames.reset()
-        raise
-    with trio.CancelScope(shield=True):
-        await frames.close()
+    async with frames.closing():
+        try:
+            await frames.write({"v": VERSION, "peer": about})
+            answer = await frames.read()
+        except FramingError as exc:
+            code = "timeout" if exc.problem is FrameProblem.TIMEOUT else "bad_answer"
+            raise AdStreamError(code, str(exc)) from None
     if answer is None:
         raise AdStreamError("bad_answer", f"{peer_id} closed the stream without an answer")
     try:

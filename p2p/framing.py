@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -183,6 +185,18 @@ class FrameStream:
                 raise
             except Exception:
                 pass
+
+    @asynccontextmanager
+    async def closing(self) -> AsyncIterator["FrameStream"]:
+        """A client's exchange: the stream is closed when the block ends, reset when it raises."""
+        try:
+            yield self
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.reset()
+            raise
+        with trio.CancelScope(shield=True):
+            await self.close()
 
     async def reset(self) -> None:
         try:

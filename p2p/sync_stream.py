@@ -260,19 +260,13 @@ class SyncClient:
         started = trio.current_time()
         report = SyncReport(peer_id)
         frames = await self._open(peer_id)
-        try:
+        async with frames.closing():
             try:
                 await self._run(frames, report)
             except FramingError as exc:
                 if exc.problem.peer_fault:
                     raise _fail("bad_response", str(exc), Blame.WORKER, peer=peer_id) from None
                 raise _fail(exc.problem.value, str(exc), Blame.NETWORK, peer=peer_id) from None
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await frames.reset()
-            raise
-        with trio.CancelScope(shield=True):
-            await frames.close()
         report.duration_s = trio.current_time() - started
         return report
 
