@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
 #: A connected peer is asked for its ad once this many ad intervals passed without one by gossip.
-QUIET_ADS = 2
+QUIET_ADS = 1.5
+MAX_QUIET_TRACKED = 4096
 MAX_SYSOP_MESSAGE_CHARS = 2000
 #: Gossiped blocks handed to the ledger in one write, at most (what has queued meanwhile).
 MAX_BLOCK_BATCH = 256
@@ -188,6 +189,7 @@ class MeshService:
         self.rejected_ads = 0
         self.fetched_ads = 0  #: ads of quiet connected peers taken from the peers themselves
         self._ad_refusals = Refusals()
+        self._gossiped_ad_at: dict[str, float] = {}  #: peer -> when its last ad came by gossip (trio clock)
         self.dropped_peers = 0
         self._stale_reported: set[str] = set()
 
@@ -227,7 +229,11 @@ class MeshService:
                     self.rejected_ads += 1
                     log.debug("ignored ad from %s: %s %s", delivery.origin_peer, parsed.verdict.value, parsed.detail)
                     continue
-                self.registry.on_ad(parsed.ad, trio.current_time())
+                now = trio.current_time()
+                self.registry.on_ad(parsed.ad, now)
+                if len(self._gossiped_ad_at) >= MAX_QUIET_TRACKED:
+                    self._gossiped_ad_at.clear()  # rebuilt by the next round of ads
+                self._gossiped_ad_at[parsed.ad.peer_id] = now
 
     async def _fetch_quiet_ads(self) -> None:
         while True:
@@ -267,12 +273,11 @@ class MeshService:
         return taken
 
     def _ad_quiet(self, peer: str, now: float) -> bool:
-        entry = self.registry.get(peer)
-        if entry is None:
-            return True  # connected, and no ad yet
-        if entry.is_self:
+        """No ad of ``peer`` came by gossip for QUIET_ADS intervals (one fetched meanwhile does not count:
+        while gossip stays quiet, the peer is asked every interval, as often as it would announce)."""
+        if peer == self.mesh.peer_id:
             return False
-        last = entry.health.last_ad_s
+        last = self._gossiped_ad_at.get(peer)
         return last is None or now - last > QUIET_ADS * self.announce_interval_s
 
     async def broadcast_sysop(self, message: str) -> bool:

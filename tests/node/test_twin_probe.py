@@ -117,7 +117,7 @@ async def test_the_ad_stream_hands_on_what_the_server_holds():
         nursery.cancel_scope.cancel()
 
 
-async def test_a_connected_peer_without_a_fresh_ad_is_asked_for_it():
+async def test_a_connected_peer_whose_ads_do_not_come_by_gossip_is_asked_for_them():
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         services = []
@@ -134,7 +134,8 @@ async def test_a_connected_peer_without_a_fresh_ad_is_asked_for_it():
         await b.mesh.connect(a.mesh.listen_addrs[0])
         assert await b.fetch_quiet_ads() == 1
         assert b.registry.get(a.mesh.peer_id).ad.seq == 5
-        assert await b.fetch_quiet_ads() == 0  # fresh now: not asked again
+        assert await b.fetch_quiet_ads() == 1  # still none by gossip: asked again, as often as it announces
+        assert await a.fetch_quiet_ads() == 0  # B serves no ad stream (not started): nothing comes
         nursery.cancel_scope.cancel()
 
 
