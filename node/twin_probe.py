@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 10.0
 FIRST_PROBE_S = 3.0  #: soon after start: a copy that starts second should know before its first claim
+SUSPECT_INTERVALS = 6
 
 
 class TwinProbe:
@@ -75,8 +76,14 @@ class TwinProbe:
         return AdSighting(ad.address, peer, ad.seq, ad.ts_ms, int(time.time() * 1000))
 
     def next_peer(self) -> str | None:
-        """The suspect's peer while one waits for confirmation, else the connected peers in turn."""
+        """The suspect's peer while one waits for confirmation, else the connected peers in turn.
+
+        A suspect that its peer does not confirm within SUSPECT_INTERVALS ad intervals is dropped
+        (a leftover ad that peer keeps), and the others are asked again."""
         peers = [p for p in sorted(self.mesh.connected_peers()) if not self._refusals.skip(p)]
+        if self.suspect is not None and time.time() * 1000 - self.suspect.seen_ms > \
+                SUSPECT_INTERVALS * self.interval_s * 1000:
+            self.suspect = None
         if self.suspect is not None and self.suspect.peer in peers:
             return self.suspect.peer
         if not peers:
@@ -101,14 +108,14 @@ class TwinProbe:
         if sighting is None:
             return False
         suspect = self.suspect
-        if suspect is None or suspect.peer != peer or suspect.seq == sighting.seq:
-            if suspect is None:
-                log.warning("peer %s holds an ad of this node's key, seq %d, that this process did not sign; "
-                            "asking it again", peer, sighting.seq)
+        if suspect is not None and suspect.peer == peer and suspect.seq != sighting.seq:
+            await self.trip(sighting)
+            return True
+        if suspect is None or suspect.peer != peer:  # the same seq again: the first sighting's time stands
+            log.warning("peer %s holds an ad of this node's key, seq %d, that this process did not sign; "
+                        "asking it again", peer, sighting.seq)
             self.suspect = sighting
-            return False
-        await self.trip(sighting)
-        return True
+        return False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -248,3 +248,32 @@ def test_a_peer_between_two_copies_says_so_once_per_ten_minutes(caplog):
     assert twins.filter(line(caller)) and twins.filter(line("anything else"))
     twins._drop_caller_line = True  # what judge() leaves after refusing a twin's record
     assert not twins.filter(line(caller)) and twins.filter(line(caller))  # that one line only
+
+
+async def test_a_suspect_its_peer_never_confirms_is_dropped_and_the_others_are_asked_again():
+    """A leftover ad (the clock set back across a restart) stays one seq at one peer: no trip, ever."""
+    x = Identity.generate()
+    seqs = SignedSeqs()
+    seqs.add(100)
+    mesh = type("Mesh", (), {"connected_peers": lambda self: ["p1", "p2"], "peer_id": "me"})()
+    probe = _probe(x.public_key, seqs, _now_ms() - 1000, mesh=mesh, interval_s=0.05)
+    leftover = sign_ad(x, REALM, AdContent(), seq=500, ts_ms=_now_ms())
+    asked: list[str] = []
+
+    async def answer(mesh_, realm, peer, about, **kw):
+        asked.append(peer)
+        return leftover if peer == "p1" else None
+
+    import node.twin_probe as module
+
+    original = module.fetch_ad
+    module.fetch_ad = answer
+    try:
+        for _ in range(3):
+            assert not await probe.probe_once()
+        assert probe.suspect is not None and probe.suspect.peer == "p1" and asked[-2:] == ["p1", "p1"]
+        assert probe.next_peer() == "p1"  # still waiting for p1 to confirm
+        await trio.sleep(module.SUSPECT_INTERVALS * 0.05 + 0.05)
+        assert {probe.next_peer(), probe.next_peer()} == {"p1", "p2"} and probe.suspect is None
+    finally:
+        module.fetch_ad = original
