@@ -43,7 +43,7 @@ class TwinRecords:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.refusals: dict[str, int] = {}  #: peer -> refusals since its last report
+        self.refusals: dict[str, int] = {}  #: peer -> its twin records refused so far
         self.reported_at: dict[str, float] = {}
         self.reports = 0
         self._accepted: dict[ID, bytes] = {}  #: the record each peer sent last, when it was accepted
@@ -82,7 +82,6 @@ class TwinRecords:
         if count < MIN_REFUSALS or (last is not None and now - last < REPORT_EVERY_S):
             return
         self.reported_at[peer] = now
-        self.refusals[peer] = 0
         self.reports += 1
         log.warning("two nodes run with one key: peer %s%s signs peer records for %s and for %s, and libp2p "
                     "ignores its gossip while both run (%d messages dropped so far). If a data dir was copied, "
@@ -119,10 +118,11 @@ def _twin_addresses(msg, host, peer_id: ID) -> tuple[list[str], list[str]] | Non
         if kept_envelope is None:
             return None
         kept = kept_envelope.record()
-        _, record = consume_envelope(msg.senderRecord, "libp2p-peer-record")
+        envelope, record = consume_envelope(msg.senderRecord, "libp2p-peer-record")
+        signer = ID.from_pubkey(envelope.public_key)
     except Exception:  # noqa: BLE001 - not a record we can judge: the library decides alone
         return None
-    if record.peer_id != peer_id or record.seq >= kept.seq:
+    if signer != peer_id or record.peer_id != peer_id or record.seq >= kept.seq:
         return None
     theirs, ours = sorted(map(str, record.addrs)), sorted(map(str, kept.addrs))
     return None if theirs == ours else (theirs, ours)
