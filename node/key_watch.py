@@ -56,8 +56,7 @@ class Sighting:
                  else "so this node stopped signing with the key before the two copies fork the wallet")
         return (f"this node's key ({self.address}) signs on another node too: block {self.block[:16]}… at "
                 f"height {self.height}, signed {signed}, came by {self.via} and was not signed here, {state}. "
-                "Stop the other node; if it runs from a copy of this data dir, give it a key of its own "
-                f"(`mtor-node init` in an empty data dir). Then delete {marker} and restart this node")
+                + _what_to_do(marker))
 
 
 @dataclass(frozen=True)
@@ -73,9 +72,7 @@ class AdSighting:
     def message(self, marker: Path) -> str:
         return (f"this node's key ({self.address}) runs on another node too: peer {self.peer} holds an ad of this "
                 f"key, seq {self.seq}, signed {_local_time(self.signed_ms)}, that this process did not sign, so "
-                "this node stopped signing with the key before the two copies fork the wallet. Stop the other "
-                "node; if it runs from a copy of this data dir, give it a key of its own (`mtor-node init` in an "
-                f"empty data dir). Then delete {marker} and restart this node")
+                "this node stopped signing with the key before the two copies fork the wallet. " + _what_to_do(marker))
 
 
 def marker_path(data_dir: Path) -> Path:
@@ -157,6 +154,11 @@ class KeyWatch:
             log.error("could not write %s (%s): a restart would sign again", marker, exc)
         if self.notify is not None:
             self.notify(sighting, message)
+
+
+def _what_to_do(marker: Path) -> str:
+    return ("Stop the other node; if it runs from a copy of this data dir, give it a key of its own "
+            f"(`mtor-node init` in an empty data dir). Then delete {marker} and restart this node")
 
 
 def _local_time(ms: int) -> str:

@@ -109,11 +109,9 @@ def _wallet_of(peer_id: ID) -> str:
 
 
 def _twin_addresses(msg, host, peer_id: ID) -> tuple[list[str], list[str]] | None:
-    """(the message's record's addresses, the kept record's) when the message carries an older record
+    """(the message's record's addresses, the kept record's) when the message's record is an older one
     of ``peer_id``, validly signed by its key, that names other addresses than the kept one."""
     try:
-        if not msg.HasField("senderRecord"):
-            return None
         kept_envelope = host.get_peerstore().get_peer_record(peer_id)
         if kept_envelope is None:
             return None
