@@ -36,7 +36,7 @@ from node.datadir import DataDir
 from node.events import EventBus
 from node.genesis import Genesis
 from node.identity import Identity
-from node.key_watch import KeyWatch, Sighting, apply_marker
+from node.key_watch import AdSighting, KeyWatch, Sighting, apply_marker
 from node.thread_lane import ThreadLane
 from p2p.errors import P2PError
 from p2p.quick_lock import QuickLock
@@ -140,6 +140,10 @@ class LedgerService:
         self._announce_in, self._announce_out = trio.open_memory_channel[list[bytes]](ANNOUNCE_BACKLOG)
         self._announcing = False
         self.key_watch: KeyWatch | None = None  #: set by :meth:`watch_own_key`
+        #: Set by the runtime when it probes for a twin (node.twin_probe): the ad sighting for which the
+        #: node wallet's claims wait, or None. Payments stay receivable while they wait.
+        self.claims_held_by: Callable[[], AdSighting | None] | None = None
+        self._held_for: AdSighting | None = None  #: the sighting last logged as holding claims
         self.group_commits = 0  #: commits made by write_grouped (parts / commits = mean group size)
         self.group_parts = 0
 
@@ -395,6 +399,8 @@ class LedgerService:
 
         if identity.public_key in self.ledger.signing_refused:
             return 0  # the key signs on another node too (node.key_watch): said once, when it was found
+        if identity.public_key == self.identity.public_key and self._claims_held():
+            return 0
         sources = await self.call(owed)
         claimed = 0
         for start in range(0, len(sources), RECEIVE_CHUNK):
@@ -404,7 +410,17 @@ class LedgerService:
             await self.refresh_summary()
         return claimed
 
+    def _claims_held(self) -> bool:
+        sighting = self.claims_held_by() if self.claims_held_by is not None else None
+        if sighting is not None and sighting is not self._held_for:
+            log.warning("incoming payments wait: peer %s holds an ad of this node's key that this process "
+                        "did not sign (seq %d); claiming now could freeze the wallet if a copy of this node "
+                        "claims them too", sighting.peer, sighting.seq)
+        self._held_for = sighting
+        return sighting is not None
+
     async def run_auto_receive(self, quiet_s: float, *, synced: trio.Event | None = None,
+                               first_probe: trio.Event | None = None,
                                task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep the node wallet's incoming payments claimed, every ``quiet_s`` (min 1 s).
 
@@ -414,6 +430,8 @@ class LedgerService:
         already used would freeze the wallet (node.key_watch). Genesis allocations are claimed
         before ``started()`` either way: a founder pays from its allocation as soon as it is up,
         and only a copy of a founder's data dir made before its first start could claim one twice.
+        ``first_probe`` (with ``synced``): the twin probe's first question to a peer is awaited in
+        the same time limit, so a copy started next to a running node hears of it before claiming.
         """
         if synced is None:
             await self.auto_receive(self.identity, quiet_s)
@@ -423,6 +441,8 @@ class LedgerService:
             task_status.started()
             with trio.move_on_after(FIRST_SYNC_WAIT_S):
                 await synced.wait()
+                if first_probe is not None:
+                    await first_probe.wait()
             await self._claim_or_say_why(quiet_s)
         while True:
             await trio.sleep(max(1.0, quiet_s))

@@ -382,8 +382,11 @@ class Node:
                         await self._start_twin_probe(nursery, mesh)
                         # with peers to sync with, the first claim waits for what they know of our chain
                         first_claim_after_sync = await self._has_peers_to_sync_first()
-                        await nursery.start(partial(self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s,
-                                                    synced=self.sync.synced if first_claim_after_sync else None))
+                        probe = self.twin_probe
+                        await nursery.start(partial(
+                            self.ledger.run_auto_receive, self.settings.ledger.settle_quiet_s,
+                            synced=self.sync.synced if first_claim_after_sync else None,
+                            first_probe=probe.first_probe_done if probe is not None else None))
                         await self._start_queries(nursery, mesh, self.mesh_service.gossip)
                         await self._serve_console(nursery, sock)
                         self.data.write_runtime(self._runtime_info())
@@ -416,6 +419,7 @@ class Node:
                                     tripped=lambda: watch.sighting is not None,
                                     interval_s=self.settings.p2p.announce_interval_s)
         await nursery.start(self.twin_probe.run)
+        self.ledger.claims_held_by = self.twin_probe.claims_held_by
 
     async def _has_peers_to_sync_first(self) -> bool:
         """Whether the node's first claim should wait for its first sync (node.key_watch): with bootstrap

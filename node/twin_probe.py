@@ -60,6 +60,9 @@ class TwinProbe:
         self.asked = 0  #: answers received
         self.failures = 0  #: peers that could not be asked or answered outside the protocol
         self.suspect: AdSighting | None = None  #: a first foreign ad, waiting for its peer to show another
+        #: set once the first probe has been made (answered or not, or no peer to ask): a node's first
+        #: claim waits for it (node.ledger_service.run_auto_receive), so a copy hears of its twin first
+        self.first_probe_done = trio.Event()
         self._refusals = Refusals()
         self._turn = 0
 
@@ -81,15 +84,28 @@ class TwinProbe:
         A suspect that its peer does not confirm within SUSPECT_INTERVALS ad intervals is dropped
         (a leftover ad that peer keeps), and the others are asked again."""
         peers = [p for p in sorted(self.mesh.connected_peers()) if not self._refusals.skip(p)]
-        if self.suspect is not None and time.time() * 1000 - self.suspect.seen_ms > \
-                SUSPECT_INTERVALS * self.interval_s * 1000:
-            self.suspect = None
+        self._drop_stale_suspect()
         if self.suspect is not None and self.suspect.peer in peers:
             return self.suspect.peer
         if not peers:
             return None
         self._turn += 1
         return peers[self._turn % len(peers)]
+
+    def claims_held_by(self) -> AdSighting | None:
+        """The suspect while it waits for confirmation: until then the node wallet claims nothing.
+
+        Both copies of a data dir claim the same payments at the same heights, which freezes the
+        wallet; between a first sighting and the trip (one to three ad intervals) holding the
+        claims keeps that from happening. An honest node held up by a leftover ad waits at most
+        SUSPECT_INTERVALS intervals, and its payments stay receivable meanwhile."""
+        self._drop_stale_suspect()
+        return self.suspect
+
+    def _drop_stale_suspect(self) -> None:
+        if self.suspect is not None and time.time() * 1000 - self.suspect.seen_ms > \
+                SUSPECT_INTERVALS * self.interval_s * 1000:
+            self.suspect = None
 
     async def probe_once(self) -> bool:
         """Ask one peer; True when this tripped the key watch."""
@@ -120,8 +136,13 @@ class TwinProbe:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await trio.sleep(self.first_probe_s)
-        while not self.tripped():
-            if await self.probe_once():
-                return
-            # a suspect's peer holds a new ad about once an interval: asking twice as often confirms sooner
-            await trio.sleep(self.interval_s / 2 if self.suspect is not None else self.interval_s)
+        try:
+            while not self.tripped():
+                tripped = await self.probe_once()
+                self.first_probe_done.set()
+                if tripped:
+                    return
+                # a suspect's peer holds a new ad about once an interval: asking twice as often confirms sooner
+                await trio.sleep(self.interval_s / 2 if self.suspect is not None else self.interval_s)
+        finally:
+            self.first_probe_done.set()  # tripped (nothing to claim with) or stopped: nobody waits on it

@@ -26,7 +26,7 @@ from node import genesis as genesis_mod
 from node.datadir import DataDir
 from node.events import EventBus
 from node.identity import Identity
-from node.key_watch import MARKER_NAME, KeyWatch, read_marker
+from node.key_watch import MARKER_NAME, AdSighting, KeyWatch, read_marker
 from node.ledger_service import LedgerService
 from tests.harness import NodeProcess, run_cli
 from tests.mesh.harness import FOUNDER, GENESIS, UNIT, Chains, connect, open_ledger_node
@@ -229,6 +229,39 @@ async def test_a_node_with_peers_claims_only_after_its_first_sync(tmp_path):
             nursery.cancel_scope.cancel()
         with trio.fail_after(10):  # what the node waits on: the sync a new connection starts sets it
             await a.sync.synced.wait()
+
+
+async def test_claims_wait_for_the_twin_probes_first_question_and_while_it_holds_a_suspect(tmp_path, caplog):
+    """A copy started next to a running node claims nothing before its probe has asked a peer, nor
+    while a peer holds an ad of its key it did not sign (node/twin_probe.py): both copies claiming
+    one payment at one height would freeze the wallet before the probe trips."""
+    x = Identity.generate()
+    async with AsyncExitStack() as stack:
+        a, c, chains = await _funded_pair(tmp_path, stack, x)
+        pay = chains.send(FOUNDER, x, 5 * UNIT)
+        await a.submit_quietly([pay.raw])
+        owed = [(pay.hash, 5 * UNIT)]
+        sighting = AdSighting(x.address, c.peer_id, 7, _now_ms(), _now_ms())
+        held: list[AdSighting | None] = [sighting]
+        a.service.claims_held_by = lambda: held[0]
+        synced, first_probe = trio.Event(), trio.Event()
+        synced.set()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(a.service.run_auto_receive, 0, synced=synced, first_probe=first_probe))
+            await trio.sleep(0.3)  # synced, but the probe has not asked anyone yet
+            assert await a.service.call(lambda led: led.receivable(x.public_key)) == owed
+            first_probe.set()
+            await trio.sleep(1.5)  # asked, and the answer is a suspect: the claim loop runs and holds
+            assert await a.service.call(lambda led: led.receivable(x.public_key)) == owed
+            assert await a.service.auto_receive(x, 0) == 0
+            warnings = [r for r in caplog.records if "incoming payments wait" in r.getMessage()]
+            assert len(warnings) == 1 and c.peer_id in warnings[0].getMessage()  # once per suspect
+            held[0] = None  # the suspect was never confirmed and expired
+            with trio.fail_after(10):
+                while await a.service.call(lambda led: led.receivable(x.public_key)):
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        assert await a.service.call(lambda led: led.balance(x.public_key)) == 105 * UNIT
 
 
 async def test_a_founder_claims_its_genesis_allocation_at_once_whatever_it_waits_for(tmp_path):

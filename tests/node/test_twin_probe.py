@@ -273,7 +273,22 @@ async def test_a_suspect_its_peer_never_confirms_is_dropped_and_the_others_are_a
             assert not await probe.probe_once()
         assert probe.suspect is not None and probe.suspect.peer == "p1" and asked[-2:] == ["p1", "p1"]
         assert probe.next_peer() == "p1"  # still waiting for p1 to confirm
+        assert probe.claims_held_by() is probe.suspect  # and the node wallet's claims wait meanwhile
         await trio.sleep(module.SUSPECT_INTERVALS * 0.05 + 0.05)
+        assert probe.claims_held_by() is None
         assert {probe.next_peer(), probe.next_peer()} == {"p1", "p2"} and probe.suspect is None
     finally:
         module.fetch_ad = original
+
+
+async def test_the_first_probe_is_done_even_with_nobody_to_ask():
+    """A node's first claim waits for the first probe (node.ledger_service): alone, it must not wait long."""
+    x = Identity.generate()
+    mesh = type("Mesh", (), {"connected_peers": lambda self: [], "peer_id": "me"})()
+    probe = _probe(x.public_key, SignedSeqs(), _now_ms(), mesh=mesh, interval_s=0.05, first_probe_s=0.01)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probe.run)
+        with trio.fail_after(5):
+            await probe.first_probe_done.wait()
+        assert probe.asked == 0 and probe.claims_held_by() is None
+        nursery.cancel_scope.cancel()
