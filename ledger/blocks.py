@@ -12,6 +12,11 @@ common         ``v`` (=1), ``type``, ``realm`` (32 B), ``account`` (32 B pubkey)
 ``receive``    height > 0:   ``source``, ``amount``
 ``send``       height > 0:   ``to`` (32 B pubkey), ``amount``, ``ref`` (<= 64 B or None)
 ``mint``       any height, mint authority only: ``amount``
+``reanchor``   ``replaces`` (hash of this account's open or receive at the same height with
+               the same previous), ``amount`` (the replaced block's); balance = previous
+               balance (0 at height 0). Counts exactly when the replaced block's source does
+               not (docs/ledger.md, "Re-anchoring"): a wallet whose received payment was
+               undone by the payer's late equivocation goes on from here.
 =============  ==============================================================
 
 :func:`parse_block` accepts exactly the bytes :func:`node.codec.encode` would
@@ -44,7 +49,10 @@ TYPE_FIELDS = {
     "receive": ("source", "amount"),
     "send": ("to", "amount", "ref"),
     "mint": ("amount",),
+    "reanchor": ("replaces", "amount"),
 }
+#: Block types that credit a source (a send or a genesis allocation).
+CREDITS = ("open", "receive")
 
 
 def _canonical_order(fields: tuple[str, ...]) -> tuple[str, ...]:
@@ -96,7 +104,13 @@ class Block:
     source: bytes | None = None
     to: bytes | None = None
     ref: bytes | None = None
+    replaces: bytes | None = None
     signature_known: bool = False
+
+    @property
+    def names(self) -> bytes | None:
+        """The block this one names besides its previous: the source it receives, or the one it replaces."""
+        return self.source if self.source is not None else self.replaces
 
     @property
     def signed_digest(self) -> bytes:
@@ -180,6 +194,7 @@ def parse_block(data: Any) -> Block:
         get("source"),
         get("to"),
         get("ref"),
+        get("replaces"),
     )
 
 
@@ -203,6 +218,9 @@ def _check_types(body: dict, kind: str) -> None:
         ref = body["ref"]
         if ref is not None and not (type(ref) is bytes and len(ref) <= MAX_REF_BYTES):
             raise _malformed(f"ref must be nil or at most {MAX_REF_BYTES} bytes")
+    elif kind == "reanchor":
+        if not _is_hash(body["replaces"]):
+            raise _malformed("replaces must be a 32-byte hash")
     elif kind != "mint" and not _is_hash(body["source"]):
         raise _malformed("source must be a 32-byte hash")
 
@@ -285,3 +303,12 @@ def make_mint(identity: Identity, realm: bytes, prev: Block | None, amount: int,
     """Mint ``amount`` new units to the authority's own account."""
     balance = amount if prev is None else prev.balance + amount
     return sign_body(identity, _body("mint", realm, identity.public_key, prev, balance, timestamp_ms, amount=amount))
+
+
+def make_reanchor(identity: Identity, replaced: Block, previous: Block | None, timestamp_ms: int) -> Block:
+    """The block that takes the place of ``replaced`` (an open or receive whose payment was undone):
+    same height and previous, the previous balance, ``previous`` being ``replaced``'s previous."""
+    balance = 0 if previous is None else previous.balance
+    body = _body("reanchor", replaced.realm, identity.public_key, previous, balance, timestamp_ms,
+                 replaces=replaced.hash, amount=replaced.amount)
+    return sign_body(identity, body)

@@ -37,7 +37,7 @@ def recompute(txn: "LedgerTxn", account: bytes, from_height: int) -> None:
             elif block.type == "mint":
                 sign = 1 if txn.is_effective(block.hash) else -1
                 txn.supply_delta += sign * block.amount
-            else:
+            elif block.source is not None:  # a credit (a re-anchor moves nothing between accounts)
                 touched.add(block.source)
     for source in touched:
         _refresh_receivable(txn, source)
@@ -60,10 +60,16 @@ def _recompute_account(txn: "LedgerTxn", account: bytes, start: int) -> list["Bl
     height = start
     prev_hash = base.hash if base is not None else None
     while st.fork_height is None or height <= st.fork_height:
-        candidates = [h for h in txn.blocks_at(account, height) if txn.get_block(h).previous == prev_hash]
+        candidates = [txn.get_block(h) for h in txn.blocks_at(account, height)]
+        candidates = [b for b in candidates if b.previous == prev_hash]
         if not candidates:
             break
-        block = txn.get_block(candidates[0])  # lowest hash; the only one below a fork point
+        # at the fork point the lowest hash; below it the only one, or of a re-anchor and the credit
+        # it replaces the credit while its source counts
+        block = candidates[0]
+        if len(candidates) == 2 and height != st.fork_height:
+            credit, anchor = sorted(candidates, key=lambda b: b.type == "reanchor")
+            block = credit if _source_counts(txn, credit, start, new) else anchor
         if block.source is not None and not _source_counts(txn, block, start, new):
             break
         new[block.hash] = block
@@ -82,8 +88,9 @@ def _source_counts(txn: "LedgerTxn", block: "Block", start: int, new: dict) -> b
     source = txn.get_block(block.source)
     if source is None or source.account != block.account:
         return txn.is_effective(block.source)
-    # A self-payment: below ``start`` the chain is unchanged and effective.
-    return source.height < start or source.hash in new
+    # A self-payment: below ``start`` the chain is unchanged (and the account's record still says
+    # which block of a height counts there); from ``start`` on, what this walk chose.
+    return txn.is_effective(source.hash) if source.height < start else source.hash in new
 
 
 def _refresh_receivable(txn: "LedgerTxn", source: bytes) -> None:

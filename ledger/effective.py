@@ -4,10 +4,12 @@ Given every stored block (each already valid by :mod:`ledger.validate`), a
 block is *effective* when all of these hold:
 
 * its previous block is effective (or it is at height 0);
-* it is *selected* at its height: if the account has more than one block at
-  some height, the lowest such height ``f`` is the account's fork point; blocks
-  below ``f`` are selected (there is only one per height there), at ``f`` only
-  the block with the lowest hash is selected, and nothing above ``f`` is;
+* it is *selected* at its height. Two blocks of one account on the same previous block (both at
+  height 0, or *siblings*) conflict, unless one is a ``reanchor`` that replaces the other. The
+  lowest height holding a conflicting pair is the account's fork point ``f``. Below ``f`` a block
+  is selected, but a re-anchor only when the source of the credit it replaces does not count
+  (its pair: exactly one of the two counts); at ``f`` only the lowest-hash block of its siblings
+  is selected, and nothing above ``f`` is;
 * if it receives a send, that send is effective (allocations always are).
 
 This is a definition by induction over the hash DAG (a block can only name
@@ -26,7 +28,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ledger.blocks import Block
+from ledger.blocks import CREDITS, Block
 
 
 @dataclass
@@ -39,21 +41,45 @@ class DerivedState:
     #: (recipient, source) -> amount, for effective sends/allocations not effectively received
     receivable: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
     fork_heights: dict[bytes, int] = field(default_factory=dict)
+    shared_heights: dict[bytes, int] = field(default_factory=dict)
     tip_heights: dict[bytes, int] = field(default_factory=dict)
     supply: int = 0
 
 
-def fork_heights(blocks: Mapping[bytes, Block]) -> tuple[dict[bytes, int], dict[tuple[bytes, int], list[bytes]]]:
-    """Per account, the lowest height holding more than one block; and blocks per (account, height)."""
-    at: dict[tuple[bytes, int], list[bytes]] = defaultdict(list)
+def conflict(a: Block, b: Block) -> bool:
+    """Whether two blocks of one account on one previous block are an equivocation: they are, unless
+    one re-anchors the other (the pair of which exactly one counts)."""
+    return a.hash != b.hash and a.replaces != b.hash and b.replaces != a.hash
+
+
+def fork_heights(blocks: Mapping[bytes, Block]) -> tuple[dict[bytes, int], dict[tuple[bytes, bytes | None], list[bytes]]]:
+    """Per account, the lowest height holding a conflicting pair; and sibling hashes (lowest first)
+    per (account, previous)."""
+    siblings: dict[tuple[bytes, bytes | None], list[bytes]] = defaultdict(list)
     for block in blocks.values():
-        at[(block.account, block.height)].append(block.hash)
+        siblings[(block.account, block.previous)].append(block.hash)
     forks: dict[bytes, int] = {}
-    for (account, height), hashes in at.items():
+    for (account, _previous), hashes in siblings.items():
         hashes.sort()
-        if len(hashes) > 1 and height < forks.get(account, height + 1):
+        if len(hashes) < 2 or (len(hashes) == 2 and not conflict(blocks[hashes[0]], blocks[hashes[1]])):
+            continue
+        height = blocks[hashes[0]].height
+        if height < forks.get(account, height + 1):
             forks[account] = height
-    return forks, at
+    return forks, siblings
+
+
+def shared_heights(blocks: Mapping[bytes, Block]) -> dict[bytes, int]:
+    """Per account, the lowest height holding more than one block (a fork or a re-anchor): below it
+    a block at a height the account's effective chain reaches is on that chain."""
+    seen: dict[tuple[bytes, int], int] = defaultdict(int)
+    out: dict[bytes, int] = {}
+    for block in blocks.values():
+        seen[(block.account, block.height)] += 1
+    for (account, height), count in seen.items():
+        if count > 1 and height < out.get(account, height + 1):
+            out[account] = height
+    return out
 
 
 def derive(blocks: Mapping[bytes, Block], allocations: Mapping[bytes, tuple[bytes, int]]) -> DerivedState:
@@ -62,13 +88,15 @@ def derive(blocks: Mapping[bytes, Block], allocations: Mapping[bytes, tuple[byte
     Blocks whose named previous/source is absent from ``blocks`` are treated as
     not effective (a consistent store has none).
     """
-    forks, at = fork_heights(blocks)
-    state = DerivedState(fork_heights=forks, supply=sum(amount for _, amount in allocations.values()))
+    forks, siblings = fork_heights(blocks)
+    state = DerivedState(fork_heights=forks, shared_heights=shared_heights(blocks),
+                         supply=sum(amount for _, amount in allocations.values()))
     children: dict[bytes, list[bytes]] = defaultdict(list)
     waiting: dict[bytes, int] = {}
     ready: deque[bytes] = deque()
     for block in blocks.values():
-        deps = [d for d in (block.previous, block.source) if d is not None and d not in allocations]
+        # a re-anchor is judged after the source of the credit it replaces (which that credit names)
+        deps = [d for d in (block.previous, block.names) if d is not None and d not in allocations]
         deps = list(dict.fromkeys(deps))
         for dep in deps:
             children[dep].append(block.hash)
@@ -80,7 +108,8 @@ def derive(blocks: Mapping[bytes, Block], allocations: Mapping[bytes, tuple[byte
     effective = state.effective
     while ready:
         block = blocks[ready.popleft()]
-        if _selected(block, forks, at) and _deps_effective(block, effective, allocations):
+        if _selected(block, forks, siblings, blocks, effective, allocations) \
+                and _deps_effective(block, effective, allocations):
             effective.add(block.hash)
         for child in children.get(block.hash, ()):
             waiting[child] -= 1
@@ -93,7 +122,7 @@ def derive(blocks: Mapping[bytes, Block], allocations: Mapping[bytes, tuple[byte
         if frontier is None or frontier[0] < block.height:
             state.frontiers[block.account] = (block.height, block.hash)
             state.balances[block.account] = block.balance
-        if block.type in ("open", "receive"):
+        if block.type in CREDITS:
             received.add(block.source)
         elif block.type == "mint":
             state.supply += block.amount
@@ -107,11 +136,15 @@ def derive(blocks: Mapping[bytes, Block], allocations: Mapping[bytes, tuple[byte
     return state
 
 
-def _selected(block: Block, forks: Mapping[bytes, int], at: Mapping[tuple[bytes, int], list[bytes]]) -> bool:
+def _selected(block: Block, forks: Mapping[bytes, int], siblings: Mapping[tuple[bytes, bytes | None], list[bytes]],
+              blocks: Mapping[bytes, Block], effective: set[bytes], allocations: Mapping[bytes, object]) -> bool:
     fork = forks.get(block.account)
-    if fork is None or block.height < fork:
+    if fork is not None and block.height >= fork:
+        return block.height == fork and siblings[(block.account, block.previous)][0] == block.hash
+    if block.type != "reanchor":
         return True
-    return block.height == fork and at[(block.account, fork)][0] == block.hash
+    source = blocks[block.replaces].source
+    return not (source in allocations or source in effective)
 
 
 def _deps_effective(block: Block, effective: set[bytes], allocations: Mapping[bytes, object]) -> bool:

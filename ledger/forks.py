@@ -1,4 +1,4 @@
-"""Equivocation proofs: two blocks one account signed for the same height.
+"""Equivocation proofs: two conflicting blocks one account signed on the same previous block.
 
 A :class:`ForkProof` is self-contained: the two raw signed blocks. Anyone
 holding only the realm id can check it (:func:`check_fork_proof`) and then
@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from ledger.blocks import Block, BlockError, parse_block
+from ledger.effective import conflict
 from ledger.validate import signature_ok
 from node import codec
 
@@ -24,7 +25,8 @@ class ForkProofVerdict(enum.Enum):
     MALFORMED = "malformed"
     WRONG_REALM = "wrong_realm"
     BAD_SIGNATURE = "bad_signature"
-    NOT_A_FORK = "not_a_fork"  #: same block twice, or different accounts or heights
+    #: same block twice, different accounts or previous blocks, or a re-anchor and the credit it replaces
+    NOT_A_FORK = "not_a_fork"
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def check_fork_proof(proof: ForkProof | bytes, realm: bytes) -> tuple[ForkProofV
         return ForkProofVerdict.MALFORMED, None
     if a.realm != realm or b.realm != realm:
         return ForkProofVerdict.WRONG_REALM, None
-    if a.hash == b.hash or a.account != b.account or a.height != b.height:
+    if a.account != b.account or a.height != b.height or a.previous != b.previous or not conflict(a, b):
         return ForkProofVerdict.NOT_A_FORK, None
     if not (signature_ok(a) and signature_ok(b)):
         return ForkProofVerdict.BAD_SIGNATURE, None

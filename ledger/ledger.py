@@ -26,6 +26,7 @@ import plyvel
 from ledger import state_sum, store
 from ledger.blocks import Block, BlockError, alloc_id, parse_block
 from ledger.errors import LedgerError, LedgerLocked
+from ledger.effective import conflict
 from ledger.forks import ForkProof
 from ledger.group import GroupWrite, PartResult
 from ledger.holds import HOLD, Hold, HoldError, InsufficientFunds, hold_key
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 _CACHE_BLOCKS = 4_096  # ~2 KB of RSS per parsed block in a node: ~8 MB at most (docs/reliability.md, soak)
 _CACHE_ACCOUNTS = 50_000
+
+
+#: Set once the store keeps each account's lowest shared height (store.SHARED).
+SHARED_KEPT = store.META + b"shared-heights"
 
 
 class Settlement(enum.Enum):
@@ -140,6 +145,7 @@ class Ledger(RecordsMixin):
                 for key, value in state_sum.writes(state_sum.Totals()).items():
                     batch.put(key, value)
                 batch.put(store.META + b"version", store.u64(store.SCHEMA_VERSION))
+                batch.put(SHARED_KEPT, b"")
             return
         if store.from_u64(version) != store.SCHEMA_VERSION:
             raise LedgerError(f"ledger schema version {store.from_u64(version)} is not {store.SCHEMA_VERSION}")
@@ -157,6 +163,13 @@ class Ledger(RecordsMixin):
             with self._db.write_batch(sync=True) as batch:
                 for key, value in state_sum.writes(state_sum.scan(self._db)).items():
                     batch.put(key, value)
+        if self._db.get(SHARED_KEPT) is None:
+            # A store from before re-anchors: a height held two blocks only at and above a fork point.
+            with self._db.write_batch(sync=True) as batch:
+                for key, rec in self._db.iterator(prefix=store.ACCOUNT):
+                    if len(rec) == 16:
+                        batch.put(store.SHARED + key[len(store.ACCOUNT):], rec[8:])
+                batch.put(SHARED_KEPT, b"")
 
     def close(self) -> None:
         with self._lock:
@@ -270,7 +283,7 @@ class Ledger(RecordsMixin):
             return Result(Verdict.DUPLICATE, block.hash, detail="already stored")
         finding = validate(block, txn, signature_checked=signature_checked)
         if finding.verdict.pending:
-            missing = block.previous if finding.verdict is Verdict.PENDING_PREVIOUS else block.source
+            missing = block.previous if finding.verdict is Verdict.PENDING_PREVIOUS else block.names
             if not self._pool.add(block, missing):
                 return Result(Verdict.POOL_FULL, block.hash, detail="pending pool is full")
             return Result(finding.verdict, block.hash, detail=finding.detail)
@@ -289,7 +302,7 @@ class Ledger(RecordsMixin):
                     continue
                 finding = validate(block, txn, signature_checked=True)
                 if finding.verdict.pending:
-                    missing = block.previous if finding.verdict is Verdict.PENDING_PREVIOUS else block.source
+                    missing = block.previous if finding.verdict is Verdict.PENDING_PREVIOUS else block.names
                     self._pool.add(block, missing)
                 elif finding.verdict is Verdict.ACCEPTED:
                     txn.apply(block, now)
@@ -352,7 +365,8 @@ class Ledger(RecordsMixin):
         with self._lock:
             self._check_open()
             st = self._account(account)
-            return AccountState(st.account, st.tip_height, st.fork_height, st.eff_height, st.eff_hash, st.balance)
+            return AccountState(st.account, st.tip_height, st.fork_height, st.eff_height, st.eff_hash, st.balance,
+                                shared_height=st.shared_height)
 
     def frontiers(self) -> dict[bytes, tuple[int, bytes]]:
         """Every account's effective (height, hash)."""
@@ -390,7 +404,7 @@ class Ledger(RecordsMixin):
         """Whether a stored block counts under the fork rule."""
         with self._lock:
             block = self.get_block(block_hash)
-            return block is not None and effective_in(self._account(block.account), block)
+            return block is not None and effective_in(self._account(block.account), block, self.get_block)
 
     def blocks_from(self, account: bytes, height: int = 0) -> list[bytes]:
         """Raw bytes of every stored block of ``account`` at ``height`` and above (forks included), for sync."""
@@ -408,11 +422,25 @@ class Ledger(RecordsMixin):
         with self._lock:
             self._check_open()
             st = self._account(account)
+            chain = self._chain_above(st)
             out = []
             for key in self._db.iterator(prefix=store.CHAIN + account, include_value=False):
                 seen, block = decode_stored(self._db.get(store.BLOCK + key[-32:]))
-                out.append(HistoryEntry(block, effective_in(st, block), seen))
+                above = st.shared_height is not None and block.height >= st.shared_height
+                effective = block.hash in chain if above else effective_in(st, block, self.get_block)
+                out.append(HistoryEntry(block, effective, seen))
             return out
+
+    def _chain_above(self, st: AccountState) -> dict[bytes, Block]:
+        """The account's effective blocks from its lowest shared height up (one walk for a whole history)."""
+        chain: dict[bytes, Block] = {}
+        if st.shared_height is None or st.eff_hash is None:
+            return chain
+        cursor = self.get_block(st.eff_hash)
+        while cursor is not None and cursor.height >= st.shared_height:
+            chain[cursor.hash] = cursor
+            cursor = self.get_block(cursor.previous) if cursor.previous is not None else None
+        return chain
 
     def by_reference(self, ref: bytes) -> list[bytes]:
         """Hashes of stored sends carrying ``ref``."""
@@ -449,7 +477,7 @@ class Ledger(RecordsMixin):
             st = self._account(block.account)
             if st.fork_height is not None and st.fork_height <= block.height:
                 return Settlement.CONFLICTED
-            if not effective_in(st, block):
+            if not effective_in(st, block, self.get_block):
                 return Settlement.NOT_EFFECTIVE
             now = self._clock_ms() if now_ms is None else now_ms
             if now - (self.first_seen_ms(send_hash) or now) < quiet_s * 1000:
@@ -463,11 +491,27 @@ class Ledger(RecordsMixin):
             proofs = []
             for key, rec in self._db.iterator(prefix=store.ACCOUNT):
                 if len(rec) == 16:
-                    account, fork = key[1:], store.from_u64(rec[8:])
-                    prefix = store.chain_key(account, fork)
-                    hashes = [k[len(prefix):] for k in islice(self._db.iterator(prefix=prefix, include_value=False), 2)]
-                    proofs.append(ForkProof(self.get_block(hashes[0]).raw, self.get_block(hashes[1]).raw))
+                    pair = self.fork_pair(key[1:])
+                    if pair is not None:
+                        proofs.append(ForkProof(pair[0].raw, pair[1].raw))
             return proofs
+
+    def fork_pair(self, account: bytes) -> tuple[Block, Block] | None:
+        """Two conflicting blocks at ``account``'s fork point, lowest hashes first (None: not frozen).
+
+        Siblings that are a re-anchor and the credit it replaces are no fork (ledger.effective)."""
+        with self._lock:
+            self._check_open()
+            fork = self._account(account).fork_height
+            if fork is None:
+                return None
+            prefix = store.chain_key(account, fork)
+            at = [self.get_block(k[len(prefix):]) for k in self._db.iterator(prefix=prefix, include_value=False)]
+            for i, first in enumerate(at):
+                for second in at[i + 1:]:
+                    if first.previous == second.previous and conflict(first, second):
+                        return first, second
+            return None
 
     def pending_count(self) -> int:
         with self._lock:

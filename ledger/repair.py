@@ -34,7 +34,7 @@ from ledger.verdicts import Verdict
 from node.genesis import Genesis
 
 #: What the rebuild derives from the blocks; every other keyspace is node-local and copied.
-REBUILT = (store.BLOCK, store.CHAIN, store.ACCOUNT, store.FRONTIER, store.BALANCE, store.RECEIVABLE,
+REBUILT = (store.BLOCK, store.CHAIN, store.ACCOUNT, store.SHARED, store.FRONTIER, store.BALANCE, store.RECEIVABLE,
            store.RECEIVED, store.REFERENCE, store.META)
 SUBMIT_BATCH = 512
 
@@ -198,7 +198,7 @@ def _dependency_order(blocks: list[tuple[int, Block]]) -> list[tuple[int, Block]
     missing_count: dict[bytes, int] = {}
     ready: list[tuple[int, int, bytes]] = []
     for seen, block in blocks:
-        deps = {d for d in (block.previous, block.source) if d is not None and d in by_hash}
+        deps = {d for d in (block.previous, block.names) if d is not None and d in by_hash}
         missing_count[block.hash] = len(deps)
         for dep in deps:
             waiting_on.setdefault(dep, []).append(block.hash)

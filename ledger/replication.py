@@ -217,15 +217,6 @@ def tips_page(ledger, after: bytes | None, limit: int) -> tuple[list[AccountTip]
         return out, more
 
 
-def blocks_at(ledger, account: bytes, height: int, limit: int = 2) -> list[bytes]:
-    """Raw bytes of up to ``limit`` stored blocks of ``account`` at exactly ``height`` (lowest hash first)."""
-    with ledger._lock:
-        ledger._check_open()
-        prefix = store.chain_key(account, height)
-        keys = list(islice(ledger._db.iterator(prefix=prefix, include_value=False), limit))
-        return [ledger._db.get(store.BLOCK + key[-32:])[8:] for key in keys]
-
-
 @dataclass(slots=True)
 class _Chain:
     account: bytes

@@ -9,6 +9,7 @@ pfx   key                               value
 B     hash                              first-seen ms (8) + canonical block bytes
 C     account + height(8) + hash        empty  (chain: every stored block per height)
 A     account                           tip height(8) + fork height(8, or absent)
+N     account                           lowest height holding more than one block (8; a fork or a re-anchor)
 F     account                           effective frontier: height(8) + hash
 L     account                           effective balance (8)
 P     recipient + source                amount (8): receivable ("pending" in Nano)
@@ -20,7 +21,7 @@ H     account + query id(16)           escrow hold (ledger/holds.py)
 Q/q/T query records, their per-payer index and running totals (ledger/records.py)
 ====  ================================  ==========================================
 
-B, C, R and X only ever grow. A, F, L, P and the supply are derived and may
+B, C, R and X only ever grow. A, N, F, L, P and the supply are derived and may
 be rewritten when a fork changes what counts; blocks are never rewritten.
 A :class:`Txn` gathers every write of one submit in memory (reads see them)
 and commits them in one ``WriteBatch`` (``sync`` = fsync before returning).
@@ -45,6 +46,7 @@ _U64 = struct.Struct(">Q")
 BLOCK = b"B"
 CHAIN = b"C"
 ACCOUNT = b"A"
+SHARED = b"N"  # account -> lowest height with more than one stored block (absent: one block per height)
 FRONTIER = b"F"
 BALANCE = b"L"
 RECEIVABLE = b"P"
@@ -57,7 +59,7 @@ HOLD = b"H"  # escrow holds (ledger/holds.py): account + query id -> hold record
 RECORD = b"Q"  # query records (ledger/records.py): query id -> record
 RECORD_BY_PAYER = b"q"  # payer account + ts(8) + query id -> empty: a payer's trail is a prefix scan
 RECORD_TOTALS = b"T"  # running totals of the query records, written in the record's batch
-DERIVED = (ACCOUNT, FRONTIER, BALANCE, RECEIVABLE)
+DERIVED = (ACCOUNT, SHARED, FRONTIER, BALANCE, RECEIVABLE)
 
 
 class StoreError(Exception):

@@ -11,11 +11,13 @@ indexes (account record, frontier, balance, receivable, supply) equal to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import plyvel
 
 from ledger import cascade, state_sum, store
 from ledger.blocks import Block, parse_block
+from ledger.effective import conflict
 from ledger.verdicts import Verdict
 
 
@@ -41,10 +43,13 @@ class AccountState:
     #: This state's number in the state sum (ledger/state_sum.py), once a commit has computed it: a
     #: commit sets it on every account it writes, and committed states are never changed in place.
     element: int | None = None
+    #: The lowest height holding more than one stored block (a fork, or a re-anchor and the credit it
+    #: replaces), None while every height holds one: below it, height alone says what is on the chain.
+    shared_height: int | None = None
 
     def copy(self) -> "AccountState":
         return AccountState(self.account, self.tip_height, self.fork_height, self.eff_height, self.eff_hash,
-                            self.balance, self.element)
+                            self.balance, self.element, self.shared_height)
 
 
 def load_account(db_get, account: bytes) -> AccountState:
@@ -56,6 +61,9 @@ def load_account(db_get, account: bytes) -> AccountState:
     st.tip_height = store.from_u64(raw[:8])
     if len(raw) == 16:
         st.fork_height = store.from_u64(raw[8:])
+    shared = db_get(store.SHARED + account)
+    if shared is not None:
+        st.shared_height = store.from_u64(shared)
     frontier = db_get(store.FRONTIER + account)
     if frontier is not None:
         st.eff_height = store.from_u64(frontier[:8])
@@ -114,12 +122,12 @@ class LedgerTxn:
         return self.facts.allocations.get(source)
 
     def received_heights(self, source: bytes, block: Block) -> list[int]:
-        # Below an account's fork point there is one block per height, so a
-        # height test is an ancestor test; above it, walk the chain.
+        # Below the lowest height holding two blocks (a fork point or a re-anchor) there is one block
+        # per height, so a height test is an ancestor test; above it, walk the chain.
         st = self.account(block.account)
-        fork = st.fork_height
+        shared = st.shared_height
         if (
-            fork is None
+            shared is None
             and st.eff_height == st.tip_height
             and source not in self._new_receives
             and self.txn.get(store.RECEIVABLE + block.account + source) is not None
@@ -128,7 +136,7 @@ class LedgerTxn:
         return [
             height
             for receiver, height in self.receives_of(source)
-            if height < block.height and (fork is None or height < fork or self._is_ancestor(receiver, height, block))
+            if height < block.height and (shared is None or height < shared or self._is_ancestor(receiver, height, block))
         ]
 
     def _is_ancestor(self, older: bytes, height: int, block: Block) -> bool:
@@ -156,7 +164,7 @@ class LedgerTxn:
         if block_hash in self.facts.allocations:
             return True
         block = self.get_block(block_hash)
-        return block is not None and effective_in(self.account(block.account), block)
+        return block is not None and effective_in(self.account(block.account), block, self.get_block)
 
     def blocks_at(self, account: bytes, height: int) -> list[bytes]:
         """Hashes of every stored block at (account, height), lowest first."""
@@ -196,7 +204,8 @@ class LedgerTxn:
         """Store a block that passed validation and update every index.
 
         Returns FROZEN for a block above its account's fork point (evidence
-        only), FORK for a block at an occupied height, else ACCEPTED.
+        only), FORK for a block that conflicts with a sibling (ledger.effective),
+        else ACCEPTED.
         """
         st = self.account(block.account)
         self._store_block(block, seen_ms)
@@ -205,9 +214,13 @@ class LedgerTxn:
             st.tip_height = max(st.tip_height, block.height)
             return Verdict.FROZEN
         if block.height <= st.tip_height:
-            st.fork_height = block.height if st.fork_height is None else min(st.fork_height, block.height)
+            st.shared_height = block.height if st.shared_height is None else min(st.shared_height, block.height)
+            forks = self._conflicts(block)
+            if forks:
+                st.fork_height = block.height if st.fork_height is None else min(st.fork_height, block.height)
+            # a fork, a re-anchor or a block on another branch: what counts from here may change
             cascade.recompute(self, block.account, block.height)
-            return Verdict.FORK
+            return Verdict.FORK if forks else Verdict.ACCEPTED
         st.tip_height = block.height
         extends = block.previous == st.eff_hash if block.previous is not None else st.eff_height < 0
         if extends and (block.source is None or self.is_effective(block.source)):
@@ -219,6 +232,14 @@ class LedgerTxn:
             else:
                 self.set_receivable(block.account, block.source, None)
         return Verdict.ACCEPTED
+
+    def _conflicts(self, block: Block) -> bool:
+        """Whether a stored sibling of ``block`` (same account and previous) makes it an equivocation."""
+        for other_hash in self.blocks_at(block.account, block.height):
+            other = self.get_block(other_hash)
+            if other.previous == block.previous and conflict(block, other):
+                return True
+        return False
 
     def _store_block(self, block: Block, seen_ms: int) -> None:
         put = self.txn.put
@@ -243,6 +264,8 @@ class LedgerTxn:
             change.include(st)
             rec = store.u64(st.tip_height) + (b"" if st.fork_height is None else store.u64(st.fork_height))
             self.txn.put(store.ACCOUNT + account, rec)
+            if st.shared_height != before.shared_height:
+                self.txn.put(store.SHARED + account, store.u64(st.shared_height))
             if st.eff_height < 0:
                 self.txn.delete(store.FRONTIER + account)
                 self.txn.delete(store.BALANCE + account)
@@ -264,10 +287,21 @@ class LedgerTxn:
         self._committed_blocks.update(self.blocks)
 
 
-def effective_in(st: AccountState, block: Block) -> bool:
-    """Whether ``block`` counts, given its account's derived record."""
+def effective_in(st: AccountState, block: Block, get_block: Callable[[bytes], Block | None]) -> bool:
+    """Whether ``block`` counts, given its account's derived record (``get_block`` walks the chain
+    down where a height holds more than one block)."""
     if st.eff_height < block.height:
         return False
-    if st.fork_height is None or block.height < st.fork_height:
+    if st.fork_height is not None and block.height > st.fork_height:
+        return False
+    if st.shared_height is None or block.height < st.shared_height:
         return True
-    return block.height == st.fork_height and st.eff_hash == block.hash
+    return chain_hash_at(st, block.height, get_block) == block.hash
+
+
+def chain_hash_at(st: AccountState, height: int, get_block: Callable[[bytes], Block | None]) -> bytes | None:
+    """The hash of the effective chain's block at ``height`` (None above its frontier)."""
+    cursor = get_block(st.eff_hash) if st.eff_hash is not None and height <= st.eff_height else None
+    while cursor is not None and cursor.height > height:
+        cursor = get_block(cursor.previous) if cursor.previous is not None else None
+    return cursor.hash if cursor is not None else None

@@ -18,7 +18,7 @@ from typing import Iterable, NamedTuple, Protocol
 from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError, CryptoError
 
-from ledger.blocks import MAX_UNITS, Block
+from ledger.blocks import CREDITS, MAX_UNITS, Block
 from ledger.verdicts import Verdict
 
 
@@ -61,7 +61,7 @@ def check_ranges(block: Block) -> Finding:
     if not 0 < block.amount < MAX_UNITS:
         return Finding(Verdict.BAD_AMOUNT, f"amount {block.amount} must be > 0 and < 2^63 units")
     if block.height == 0:
-        if block.type not in ("open", "mint") or block.previous is not None:
+        if block.type not in ("open", "mint", "reanchor") or block.previous is not None:
             return Finding(Verdict.BAD_HEIGHT, "height 0 must be an open (or mint) block with no previous")
     elif block.type == "open" or block.previous is None:
         return Finding(Verdict.BAD_HEIGHT, "only height 0 may be an open block or lack a previous")
@@ -101,10 +101,29 @@ def validate(block: Block, view: View, *, signature_checked: bool = False) -> Fi
         if block.account not in view.mint_authorities:
             return Finding(Verdict.NOT_AUTHORITY, "only the genesis mint authority may mint")
         return _balance_is(block, prev_balance + block.amount)
+    if block.type == "reanchor":
+        found = _check_replaced(block, view)
+        return found if found.verdict is not Verdict.ACCEPTED else _balance_is(block, prev_balance)
     found = _check_source(block, view)
     if found.verdict is not Verdict.ACCEPTED:
         return found
     return _balance_is(block, prev_balance + block.amount)
+
+
+def _check_replaced(block: Block, view: View) -> Finding:
+    """A re-anchor names its account's credit at its own height on its own previous, and that credit's
+    amount; whether the credit's source still counts is the fork rule's question, not validity's."""
+    replaced = view.get_block(block.replaces)
+    if replaced is None:
+        return Finding(Verdict.PENDING_SOURCE, "the block it replaces is not seen yet")
+    if replaced.type not in CREDITS or replaced.account != block.account or replaced.height != block.height \
+            or replaced.previous != block.previous:
+        return Finding(Verdict.BAD_SOURCE, "a re-anchor replaces its account's open or receive at the same "
+                                          "height with the same previous block")
+    if block.amount != replaced.amount:
+        return Finding(Verdict.BAD_AMOUNT, f"re-anchors {block.amount} but the replaced block credited "
+                                           f"{replaced.amount}")
+    return OK
 
 
 def _check_source(block: Block, view: View) -> Finding:

@@ -23,7 +23,7 @@ from ledger.validate import signature_ok, validate
 from ledger.verdicts import Verdict
 
 _MAX_REPORTED = 20
-_KNOWN = {store.BLOCK, store.CHAIN, store.ACCOUNT, store.FRONTIER, store.BALANCE, store.RECEIVABLE,
+_KNOWN = {store.BLOCK, store.CHAIN, store.ACCOUNT, store.SHARED, store.FRONTIER, store.BALANCE, store.RECEIVABLE,
           store.RECEIVED, store.REFERENCE, store.META, store.CUSTODY_WALLET, store.CUSTODY_GRANT,
           store.HOLD, store.RECORD, store.RECORD_BY_PAYER, store.RECORD_TOTALS}
 
@@ -130,7 +130,7 @@ def _verify_into(db: plyvel.DB, facts, report: VerifyReport) -> None:
 def _expected_indexes(blocks: dict[bytes, Block], facts) -> tuple[dict[bytes, dict[bytes, bytes]], object]:
     derived = derive(blocks, facts.allocations)
     expected: dict[bytes, dict[bytes, bytes]] = {p: {} for p in
-                                                 (store.CHAIN, store.RECEIVED, store.REFERENCE, store.ACCOUNT,
+                                                 (store.CHAIN, store.RECEIVED, store.REFERENCE, store.ACCOUNT, store.SHARED,
                                                   store.FRONTIER, store.BALANCE, store.RECEIVABLE)}
     for block in blocks.values():
         expected[store.CHAIN][store.chain_key(block.account, block.height, block.hash)] = b""
@@ -141,6 +141,8 @@ def _expected_indexes(blocks: dict[bytes, Block], facts) -> tuple[dict[bytes, di
     for account, tip in derived.tip_heights.items():
         fork = derived.fork_heights.get(account)
         expected[store.ACCOUNT][store.ACCOUNT + account] = store.u64(tip) + (b"" if fork is None else store.u64(fork))
+    for account, height in derived.shared_heights.items():
+        expected[store.SHARED][store.SHARED + account] = store.u64(height)
     for account, (height, block_hash) in derived.frontiers.items():
         expected[store.FRONTIER][store.FRONTIER + account] = store.u64(height) + block_hash
         expected[store.BALANCE][store.BALANCE + account] = store.u64(derived.balances[account])
@@ -154,7 +156,7 @@ def _compare_indexes(db: plyvel.DB, blocks: dict[bytes, Block], facts, report: V
     report.accounts = len(derived.tip_heights)
     report.frozen_accounts = len(derived.fork_heights)
     names = {store.CHAIN: "chain", store.RECEIVED: "received", store.REFERENCE: "reference",
-             store.ACCOUNT: "account", store.FRONTIER: "frontier", store.BALANCE: "balance",
+             store.ACCOUNT: "account", store.SHARED: "shared height", store.FRONTIER: "frontier", store.BALANCE: "balance",
              store.RECEIVABLE: "receivable"}
     for prefix, want in expected.items():
         for key, value in db.iterator(prefix=prefix):

@@ -39,7 +39,6 @@ from libp2p.peer.id import ID
 
 from ledger.address import encode_address
 from ledger.errors import LedgerError
-from ledger.replication import blocks_at
 from p2p.errors import P2PError
 from p2p.host import MeshHost, dialable
 from p2p.stream_server import PeerFaultCallback
@@ -69,10 +68,8 @@ async def spread_fork_evidence(ledger_service: Any, block_hash: bytes) -> int:
         block = ledger.get_block(block_hash)
         if block is None:
             return []
-        fork_height = ledger.account_state(block.account).fork_height
-        if fork_height is None:
-            return []
-        return blocks_at(ledger, block.account, fork_height, 2)
+        pair = ledger.fork_pair(block.account)
+        return [] if pair is None else [pair[0].raw, pair[1].raw]
 
     raws = await ledger_service.call(evidence)
     await report_own_losses(ledger_service, block_hash)

@@ -17,8 +17,12 @@ def _path(block: B.Block, by_hash: dict[bytes, B.Block]) -> list[B.Block]:
     return out[::-1]
 
 
-def make_history(genesis, seed: int, steps: int = 60, accounts: int = 4, fork_rate: float = 0.06) -> list[B.Block]:
-    """Valid blocks (each valid given the ones it names) from a realm whose founder is ident(1)."""
+def make_history(genesis, seed: int, steps: int = 60, accounts: int = 4, fork_rate: float = 0.06,
+                 reanchor_rate: float = 0.06) -> list[B.Block]:
+    """Valid blocks (each valid given the ones it names) from a realm whose founder is ident(1).
+
+    Re-anchors replace a random credit of the chain built on, whether or not its source still counts
+    (the fork rule decides which of the two counts), and the chain goes on from either."""
     rng = random.Random(seed)
     b = Builder(genesis)
     founder = ident(1)
@@ -37,6 +41,14 @@ def make_history(genesis, seed: int, steps: int = 60, accounts: int = 4, fork_ra
         roll = rng.random()
         who = rng.choice(people)
         tip = b.tip.get(who.public_key)
+        credits = [blk for blk in _path(tip, by_hash) if blk.type in B.CREDITS] if tip is not None else []
+        if rng.random() < reanchor_rate and credits:
+            credit = rng.choice(credits)
+            previous = by_hash[credit.previous] if credit.previous is not None else None
+            anchor = keep(B.make_reanchor(who, credit, previous, b._ts()))
+            if rng.random() < 0.5:
+                b.tip[who.public_key] = anchor
+            continue
         if roll < fork_rate and tip is not None:
             chain = _path(tip, by_hash)
             at = max(0, len(chain) - 1 - rng.randrange(3))  # forks mostly near the tip
@@ -46,8 +58,10 @@ def make_history(genesis, seed: int, steps: int = 60, accounts: int = 4, fork_ra
                 original = chain[0]
                 if original.type == "mint":
                     alt = B.make_mint(who, b.realm, None, original.amount + 1, b._ts())
-                else:
+                elif original.type == "open":
                     alt = B.make_open(who, b.realm, original.source, original.amount, b._ts())
+                else:
+                    alt = None
             elif prev.balance > 0:
                 alt = B.make_send(who, prev, rng.choice(people).public_key, rng.randint(1, prev.balance), b._ts())
                 sends.append(alt)

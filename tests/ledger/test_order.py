@@ -58,10 +58,13 @@ def test_any_order_same_state(genesis, seed, orders):
 
 def test_histories_contain_forks_and_cascades(genesis):
     """The generator really exercises forks (else the property above proves little)."""
-    frozen = 0
+    frozen = anchors = counting_anchors = 0
     for seed in range(10):
         blocks = make_history(genesis, seed)
         state, stored = _replay(genesis, blocks, None)
         derived = derive(stored, realm_facts(genesis).allocations)
         frozen += len(derived.fork_heights)
+        anchors += sum(b.type == "reanchor" for b in stored.values())
+        counting_anchors += sum(stored[h].type == "reanchor" for h in derived.effective)
     assert frozen >= 5
+    assert anchors >= 10 and counting_anchors >= 2, (anchors, counting_anchors)  # both sides of the pair rule
