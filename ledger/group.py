@@ -88,10 +88,17 @@ class GroupWrite:
         self.held_delta[account] = self.held_delta.get(account, 0) - hold.units
         return True
 
-    def submit_releasing(self, data: bytes | Block, account: bytes, query_id: bytes) -> Result:
-        """As :meth:`ledger.ledger.Ledger.submit_releasing`: the block and the hold's removal, or neither."""
+    def stuck_credit(self, account: bytes) -> Block | None:
+        return self._txn.stuck_credit(account)
+
+    def submit(self, data: bytes | Block) -> Result:
         result = self._submit_one(self._txn, data, self._now_ms)
         self.applied.extend(self._txn.get_block(h).raw for h in result.applied)
+        return result
+
+    def submit_releasing(self, data: bytes | Block, account: bytes, query_id: bytes) -> Result:
+        """As :meth:`ledger.ledger.Ledger.submit_releasing`: the block and the hold's removal, or neither."""
+        result = self.submit(data)
         if result.verdict in (Verdict.ACCEPTED, Verdict.DUPLICATE):
             self.release_hold(account, query_id)
         return result

@@ -496,6 +496,12 @@ class Ledger(RecordsMixin):
                         proofs.append(ForkProof(pair[0].raw, pair[1].raw))
             return proofs
 
+    def stuck_credit(self, account: bytes) -> Block | None:
+        """The credit on ``account``'s effective frontier whose payment was undone (see LedgerTxn)."""
+        with self._lock:
+            self._check_open()
+            return LedgerTxn(self._db, self.facts, self._accounts, self._blocks).stuck_credit(account)
+
     def fork_pair(self, account: bytes) -> tuple[Block, Block] | None:
         """Two conflicting blocks at ``account``'s fork point, lowest hashes first (None: not frozen).
 

@@ -16,7 +16,7 @@ from typing import Callable
 import plyvel
 
 from ledger import cascade, state_sum, store
-from ledger.blocks import Block, parse_block
+from ledger.blocks import CREDITS, Block, parse_block
 from ledger.effective import conflict
 from ledger.verdicts import Verdict
 
@@ -165,6 +165,18 @@ class LedgerTxn:
             return True
         block = self.get_block(block_hash)
         return block is not None and effective_in(self.account(block.account), block, self.get_block)
+
+    def stuck_credit(self, account: bytes) -> Block | None:
+        """The credit on ``account``'s effective frontier that does not count (its payment was undone by
+        the payer's conflicting block), which a re-anchor must replace before the chain can go on."""
+        st = self.account(account)
+        if st.fork_height is not None or st.eff_height == st.tip_height:
+            return None
+        for block_hash in self.blocks_at(account, st.eff_height + 1):
+            block = self.get_block(block_hash)
+            if block.previous == st.eff_hash and block.type in CREDITS and not self.is_effective(block_hash):
+                return block
+        return None
 
     def blocks_at(self, account: bytes, height: int) -> list[bytes]:
         """Hashes of every stored block at (account, height), lowest first."""

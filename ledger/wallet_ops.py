@@ -7,8 +7,10 @@ for the user; nothing here prints.
 
 from __future__ import annotations
 
+import logging
 import time
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
 from ledger import blocks as B
 from ledger.address import AddressError, decode_address, encode_address
@@ -18,6 +20,11 @@ from ledger.ledger import Ledger
 from ledger.verdicts import Verdict
 from node.genesis import UNIT_DECIMALS, UNITS_PER_TOKEN, format_units
 from node.identity import Identity
+
+if TYPE_CHECKING:
+    from ledger.group import GroupWrite
+
+log = logging.getLogger(__name__)
 
 
 class WalletError(LedgerError):
@@ -72,16 +79,34 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _usable_frontier(ledger: Ledger, identity: Identity) -> B.Block | None:
+def signing_base(ledger: "Ledger | GroupWrite", identity: Identity, now_ms: int | None = None) -> B.Block | None:
+    """The block the wallet's next block goes on: its effective frontier, re-anchored first when a
+    payment it received was undone (docs/ledger.md, "Re-anchoring").
+
+    The wallet signed that receive when the payment counted, and a payment that stops counting never
+    counts again, so the re-anchor forfeits nothing that could come back; without it every block the
+    wallet signed would be left above a receive that does not count."""
     refused = ledger.signing_refused.get(identity.public_key)
     if refused is not None:
         raise WalletError(refused, 409)
     st = ledger.account_state(identity.public_key)
     if st.fork_height is not None:
         raise WalletError("this wallet signed two conflicting blocks and is frozen", 409)
-    if st.eff_height != st.tip_height:
-        raise WalletError("this wallet's chain is stalled: a payment it received was reverted by a fork", 409)
-    return ledger.get_block(st.eff_hash) if st.eff_hash is not None else None
+    frontier = ledger.get_block(st.eff_hash) if st.eff_hash is not None else None
+    if st.eff_height == st.tip_height:
+        return frontier
+    stuck = ledger.stuck_credit(identity.public_key)
+    if stuck is None:  # only blocks of an abandoned branch above: the frontier is where the chain goes on
+        return frontier
+    anchor = B.make_reanchor(identity, stuck, frontier, now_ms or _now())
+    result = ledger.submit(anchor)
+    if result.verdict is not Verdict.ACCEPTED:
+        raise WalletError(f"this wallet's chain is stalled (a payment it received was undone) and its "
+                          f"re-anchor was refused: {result.verdict.value} {result.detail}".strip(), 409)
+    log.warning("wallet %s: the payment of %s received at height %d was undone by its payer's conflicting "
+                "block; re-anchored there, the wallet goes on without it", identity.address,
+                format_units(stuck.amount), stuck.height)
+    return anchor
 
 
 def _submit(ledger: Ledger, block: B.Block) -> None:
@@ -96,7 +121,7 @@ def send(ledger: Ledger, identity: Identity, address: str, amount_units: int, re
     to = _account(address)
     if not 0 < amount_units < MAX_UNITS:
         raise WalletError("amount must be more than 0 and less than 2^63 units")
-    prev = _usable_frontier(ledger, identity)
+    prev = signing_base(ledger, identity, now_ms)
     balance = prev.balance if prev is not None else 0
     held = ledger.held_units(identity.public_key)
     if prev is None or amount_units > balance - held:
@@ -114,7 +139,7 @@ def send(ledger: Ledger, identity: Identity, address: str, amount_units: int, re
 def receive_all(ledger: Ledger, identity: Identity, *, now_ms: int | None = None,
                 only: set[bytes] | None = None) -> dict:
     """Receive every receivable send (or just those in ``only``) into the wallet's chain."""
-    prev = _usable_frontier(ledger, identity)
+    prev = signing_base(ledger, identity, now_ms)
     blocks = []
     for source, amount in ledger.receivable(identity.public_key):
         if only is None or source in only:

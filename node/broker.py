@@ -43,6 +43,7 @@ from ledger.holds import Hold, HoldState, InsufficientFunds
 from ledger.ledger import Ledger
 from ledger.records import record_outcome
 from ledger.verdicts import Verdict
+from ledger.wallet_ops import signing_base
 from node import codec, signing
 from node.capabilities import LocalWorker, wire_type
 from node.fairqueue import QueueEntry, QueueRefused
@@ -564,8 +565,7 @@ def _send_for_hold(ledger: Ledger | GroupWrite, payer: Identity, hold: Hold, wor
     if paid_before_possible and _paid_by(ledger, payer.public_key, receipt_hash):
         ledger.release_hold(payer.public_key, hold.query_id)  # paid before a crash: only the hold is left
         return
-    state = ledger.account_state(payer.public_key)
-    prev = ledger.get_block(state.eff_hash)
+    prev = signing_base(ledger, payer)  # the frontier (re-anchored first if a payment it took was undone)
     block = make_send(payer, prev, worker_key, hold.units, int(time.time() * 1000), receipt_hash)
     result = ledger.submit_releasing(block, payer.public_key, hold.query_id)  # the Block: not parsed again
     if result.verdict not in (Verdict.ACCEPTED, Verdict.DUPLICATE):

@@ -95,7 +95,8 @@ def own_losses(ledger, own_account: bytes, forked_account: bytes) -> list[dict]:
     """Credits of ``own_account`` from ``forked_account`` that no longer count: the losing branch.
 
     After a fork the payer's lower-hash block survives; a receive of the other branch's send is
-    kept as history but is not effective, and the receiver's chain stalls there (docs/ledger.md).
+    kept as history but is not effective, and the receiver's next block re-anchors its chain there
+    (docs/ledger.md, "Re-anchoring").
     """
     lost = []
     for entry in ledger.history(own_account):
@@ -114,7 +115,7 @@ async def report_own_losses(ledger_service: Any, block_hash: bytes) -> list[dict
 
     Logs a warning per lost credit and, when the service has an event ``bus``, publishes
     ``payment_reverted`` so consoles show it; the wallet's history marks the credit not
-    effective and further sends are refused as "stalled".
+    effective, and its next block (a claim or a payment) re-anchors the chain first.
     """
     identity = getattr(ledger_service, "identity", None)
     if identity is None:
@@ -128,7 +129,8 @@ async def report_own_losses(ledger_service: Any, block_hash: bytes) -> list[dict
     bus = getattr(ledger_service, "bus", None)
     for loss in lost:
         log.warning("payment of %d units from %s (send %s) lost to a fork: the payer signed two conflicting "
-                    "blocks and the other one won; wallet %s is stalled from height %d", loss["amount_units"],
+                    "blocks and the other one won; wallet %s goes on without it from height %d (its next "
+                    "block re-anchors there; payments it received after it are owed again)", loss["amount_units"],
                     loss["payer"], loss["send"], identity.address, loss["height"])
         if bus is not None:
             bus.publish("payment_reverted", {**loss, "address": identity.address})

@@ -396,7 +396,8 @@ def reverted_warning(loss: Mapping[str, Any]) -> str:
     """The sysop's line for a ``payment_reverted`` event (node.sync_service.report_own_losses)."""
     return (f"a payment of {tokens_phrase(tokens(loss.get('amount_units', 0)))} from {loss.get('payer', '?')} "
             f"to this node's wallet was reverted: the payer signed two conflicting blocks and the other one "
-            f"won. The wallet is stalled from height {loss.get('height', '?')} and cannot send (docs/ledger.md)")
+            f"won. The wallet goes on without it: its next block re-anchors the chain at height "
+            f"{loss.get('height', '?')}, and payments it received after that one are claimed again (docs/ledger.md)")
 
 
 def worker_update(state: "ConsoleState") -> str:

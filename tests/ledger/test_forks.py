@@ -126,4 +126,4 @@ async def test_a_credit_reverted_by_a_fork_reaches_the_bus(tmp_path, ledger, bui
     assert event.data["amount_units"] == loser.amount and event.data["send"] == loser.hash.hex()
     assert event.data["address"] == me.address and event.data["height"] == 0
     warning = reverted_warning(event.data)
-    assert f"{loser.amount / UNIT:g} tokens" in warning and "stalled from height 0" in warning
+    assert f"{loser.amount / UNIT:g} tokens" in warning and "re-anchors the chain at height 0" in warning

@@ -93,7 +93,7 @@ def mutate(data: bytes, ops) -> bytes:
 FOUNDER = Identity.from_seed(bytes([1]) * 32)
 GENESIS = genesis_mod.create(FOUNDER, "test-realm", founder_supply_units=1_000 * genesis_mod.UNITS_PER_TOKEN,
                              created_ms=1)
-HISTORY = make_history(GENESIS, seed=0, steps=40, fork_rate=0.0)
+HISTORY = make_history(GENESIS, seed=0, steps=40, fork_rate=0.0, reanchor_rate=0.0)
 BLOCK_SEEDS = [b.raw for b in HISTORY]
 CHANGES_STATE = {Verdict.ACCEPTED, Verdict.FORK, Verdict.FROZEN}
 
