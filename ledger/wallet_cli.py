@@ -301,12 +301,20 @@ def run_wallet_receive(args) -> int:
 def run_wallet_history(args) -> int:
     payload = {"address": args.address} if args.address else _payload(args)
     r = _run_op(args, "wallet/history", payload)
-    rows = [[e["height"], e["type"], ("-" if e["type"] == "send" else "+") + e["amount"], e["balance"],
-             e["counterparty"] or "", "" if e["effective"] else "does not count", e["hash"][:16]]
+    rows = [[e["height"], e["type"], _signed_amount(e), e["balance"],
+             e["counterparty"] or (f"replaces {e['replaces'][:16]}" if "replaces" in e else ""),
+             "" if e["effective"] else "does not count", e["hash"][:16]]
             for e in r["entries"]]
     lines = [f"history of {r['address']}"] + (_table(rows, ["height", "type", "amount", "balance", "counterparty",
                                                              "note", "block"]) if rows else ["no blocks yet"])
     return _emit(args, r, lines)
+
+
+def _signed_amount(entry: dict) -> str:
+    """What a block did to the balance: a send takes, a credit adds, a re-anchor moves nothing."""
+    if entry["type"] == "reanchor":
+        return "0"
+    return ("-" if entry["type"] == "send" else "+") + entry["amount"]
 
 
 @_guard

@@ -179,8 +179,10 @@ def history(ledger: Ledger, address: str) -> dict:
         if block.type == "send":
             row["counterparty"] = encode_address(block.to)
             row["ref"] = block.ref.hex() if block.ref else None
-        elif block.type in ("open", "receive"):
+        elif block.type in B.CREDITS:
             source = ledger.get_block(block.source)
             row["counterparty"] = encode_address(source.account) if source is not None else "genesis"
+        elif block.type == "reanchor":  # moves nothing: takes the place of an undone credit
+            row["replaces"] = block.replaces.hex()
         entries.append(row)
     return {"address": encode_address(account), "entries": entries}

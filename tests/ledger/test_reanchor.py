@@ -19,6 +19,7 @@ from ledger.effective import derive
 from ledger.forks import ForkProof, ForkProofVerdict, check_fork_proof
 from ledger.ledger import SHARED_KEPT, Ledger, realm_facts
 from ledger.verdicts import Verdict
+from ledger.wallet_cli import _signed_amount
 from node.broker import _send_for_hold
 from tests.ledger.conftest import UNIT, ident
 
@@ -190,6 +191,10 @@ def test_the_wallets_next_block_reanchors_and_takes_back_what_it_received_after(
     history = ledger.history(WORKER.public_key)
     anchor = next(e.block for e in history if e.block.type == "reanchor")
     assert anchor.replaces == stalled["received"].hash and ledger.is_effective(anchor.hash)
+    rows = wallet_ops.history(ledger, WORKER.address)["entries"]
+    row = next(r for r in rows if r["type"] == "reanchor")
+    assert row["replaces"] == stalled["received"].hash.hex() and row["effective"] and row["counterparty"] is None
+    assert _signed_amount(row) == "0" and row["balance"] == "7"
     paid = wallet_ops.send(ledger, WORKER, OTHER.address, 2 * UNIT)
     assert paid["balance_units"] == 10 * UNIT
     assert ledger.account_state(WORKER.public_key).fork_height is None and ledger.verify().ok
