@@ -30,7 +30,7 @@ from ledger.errors import LedgerError
 from ledger.group import GroupWrite, PartResult
 from ledger.ledger import Ledger, Settlement
 from ledger.verdicts import Verdict
-from ledger.wallet_ops import receive_all
+from ledger.wallet_ops import receive_all, signing_base
 from node.config import Settings
 from node.datadir import DataDir
 from node.events import EventBus
@@ -402,6 +402,11 @@ class LedgerService:
         if identity.public_key == self.identity.public_key and self._claims_held():
             return 0
         sources = await self.call(owed)
+        if not sources and await self.call(lambda ledger: ledger.stuck_credit(identity.public_key) is not None):
+            # a payment it took was undone and nothing is owed to claim on top: re-anchor now, so the
+            # wallet's chain and balance are whole again before it next needs to pay
+            await self.run_recorded(signing_base, identity)
+            await self.refresh_summary()
         claimed = 0
         for start in range(0, len(sources), RECEIVE_CHUNK):
             claimed += await self.run_recorded(claim, set(sources[start:start + RECEIVE_CHUNK]))

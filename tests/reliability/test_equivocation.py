@@ -98,10 +98,16 @@ def test_double_spend_across_a_split_is_frozen_everywhere_and_the_loser_is_told(
             history = control(dirs[loser], "wallet", "history")["entries"]
             credit = [e for e in history if e["counterparty"] == mallory.address]
             assert len(credit) == 1 and credit[0]["effective"] is False and credit[0]["amount_units"] == SPEND, history
-            with pytest.raises(ControlError) as refused:
-                control(dirs[loser], "wallet", "send", {"to": workers[winner], "amount": "0.000001"}, post=True)
-            assert refused.value.status == 409 and "stalled" in str(refused.value)
             assert nodes[loser].wait_for_line("lost to a fork", 30), nodes[loser].output
+            # its wallet goes on: the node re-anchors it in the lost credit's place (docs/ledger.md)
+            wait_for(lambda: any(e["type"] == "reanchor" and e["effective"] and e["replaces"] == credit[0]["hash"]
+                                 for e in control(dirs[loser], "wallet", "history")["entries"]), WAIT_S,
+                     "the losing worker's wallet to re-anchor")
+            with pytest.raises(ControlError) as refused:  # not stalled, not frozen: only empty
+                control(dirs[loser], "wallet", "send", {"to": workers[winner], "amount": "0.000001"}, post=True)
+            assert refused.value.status == 402 and "not enough tokens" in str(refused.value)
+            assert not _balance(dirs[loser])["frozen"]
+            wait_for(lambda: _agree(dirs), WAIT_S, "every node to take the re-anchor")
             winning_history = control(dirs[winner], "wallet", "history")["entries"]
             assert [e["effective"] for e in winning_history if e["counterparty"] == mallory.address] == [True]
         finally:
@@ -114,5 +120,6 @@ def test_double_spend_across_a_split_is_frozen_everywhere_and_the_loser_is_told(
     for node in nodes:
         assert "Traceback" not in node.output.split("received SIGTERM")[0], node.output
     print(f"\nequivocation: 4 nodes, split 2/2, mallory double-spent 2 x {SPEND / 1e6:g} of {FUND / 1e6:g} tokens; "
-          f"after heal all froze it and kept send {hashes[winner][:12]}; worker {loser} saw its credit reverted; "
+          f"after heal all froze it and kept send {hashes[winner][:12]}; worker {loser} saw its credit reverted "
+          f"and re-anchored; "
           f"supply {reports[0].supply_units} units on every node")
