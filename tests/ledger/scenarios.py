@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 from ledger import blocks as B
+from ledger.effective import derive
+from ledger.ledger import realm_facts
 from tests.ledger.conftest import Builder, ident
 
 
@@ -15,6 +17,14 @@ def _path(block: B.Block, by_hash: dict[bytes, B.Block]) -> list[B.Block]:
         out.append(cursor)
         cursor = by_hash.get(cursor.previous) if cursor.previous is not None else None
     return out[::-1]
+
+
+def _counts(credit: B.Block, by_hash: dict[bytes, B.Block], genesis) -> bool:
+    """Whether ``credit``'s source counts among the blocks made so far (the from-scratch rule)."""
+    source = credit.source
+    if source not in by_hash:
+        return True  # a genesis allocation
+    return source in derive(by_hash, realm_facts(genesis).allocations).effective
 
 
 def make_history(genesis, seed: int, steps: int = 60, accounts: int = 4, fork_rate: float = 0.06,
@@ -37,21 +47,29 @@ def make_history(genesis, seed: int, steps: int = 60, accounts: int = 4, fork_ra
 
     keep(b.claim(founder))
     sends: list[B.Block] = []
+    received: set[bytes] = set()  # sends some chain has received
     for _ in range(steps):
         roll = rng.random()
         who = rng.choice(people)
         tip = b.tip.get(who.public_key)
         credits = [blk for blk in _path(tip, by_hash) if blk.type in B.CREDITS] if tip is not None else []
         if rng.random() < reanchor_rate and credits:
-            credit = rng.choice(credits)
+            # half the time the lowest credit that lost its source (what an honest wallet re-anchors)
+            dead = [blk for blk in credits if not _counts(blk, by_hash, genesis)][:1] if rng.random() < 0.5 else []
+            credit = rng.choice(dead or credits)
             previous = by_hash[credit.previous] if credit.previous is not None else None
             anchor = keep(B.make_reanchor(who, credit, previous, b._ts()))
-            if rng.random() < 0.5:
+            if (dead and credit in dead) or rng.random() < 0.5:
                 b.tip[who.public_key] = anchor
+                if anchor.balance > 0:  # and the wallet goes on from it at once, as wallet_ops does
+                    sends.append(keep(b.send(who, rng.choice(people), rng.randint(1, anchor.balance))))
             continue
         if roll < fork_rate and tip is not None:
             chain = _path(tip, by_hash)
             at = max(0, len(chain) - 1 - rng.randrange(3))  # forks mostly near the tip
+            taken = [i for i, blk in enumerate(chain) if blk.type == "send" and blk.hash in received]
+            if taken and rng.random() < 0.5:
+                at = rng.choice(taken)  # a late undo: a payment its payee already took (and built on)
             prev = chain[at - 1] if at > 0 else None
             old_tip = tip
             if prev is None:
@@ -80,9 +98,9 @@ def make_history(genesis, seed: int, steps: int = 60, accounts: int = 4, fork_ra
             send = rng.choice(sends)
             recipient = next(p for p in people if p.public_key == send.to)
             tip = b.tip.get(recipient.public_key)
-            received = {blk.source for blk in _path(tip, by_hash)} if tip is not None else set()
-            if send.hash not in received:
-                keep(b.receive(recipient, send))
+            received_here = {blk.source for blk in _path(tip, by_hash)} if tip is not None else set()
+            if send.hash not in received_here:
+                received.add(keep(b.receive(recipient, send)).source)
         elif who is founder:
             keep(b.mint(founder, rng.randint(1, 1000)))
     return out

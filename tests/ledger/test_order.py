@@ -46,7 +46,18 @@ def _replay(genesis, blocks, order_seed: int | None):
 @settings(max_examples=int(os.environ.get("MTOR_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32), orders=st.lists(st.integers(0, 2**32), min_size=2, max_size=2))
 def test_any_order_same_state(genesis, seed, orders):
-    blocks = make_history(genesis, seed)
+    _same_state_in_every_order(genesis, make_history(genesis, seed), orders)
+
+
+@settings(max_examples=int(os.environ.get("MTOR_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32), orders=st.lists(st.integers(0, 2**32), min_size=2, max_size=2))
+def test_any_order_same_state_where_wallets_reanchor_and_go_on(genesis, seed, orders):
+    """Fewer forks, more re-anchors: chains that go on from a re-anchor (what wallets do) are common."""
+    _same_state_in_every_order(genesis, make_history(genesis, seed, steps=80, fork_rate=0.03, reanchor_rate=0.1),
+                               orders)
+
+
+def _same_state_in_every_order(genesis, blocks, orders):
     reference, stored = _replay(genesis, blocks, None)
     derived = derive(stored, realm_facts(genesis).allocations)
     assert reference["frontiers"] == derived.frontiers
@@ -68,3 +79,10 @@ def test_histories_contain_forks_and_cascades(genesis):
         counting_anchors += sum(stored[h].type == "reanchor" for h in derived.effective)
     assert frozen >= 5
     assert anchors >= 10 and counting_anchors >= 2, (anchors, counting_anchors)  # both sides of the pair rule
+    going_on = 0  # chains that go on, counting, from a re-anchor that counts
+    for seed in range(10):
+        blocks = make_history(genesis, seed, steps=80, fork_rate=0.03, reanchor_rate=0.1)
+        derived = derive({b.hash: b for b in blocks}, realm_facts(genesis).allocations)
+        anchors_counting = {b.hash for b in blocks if b.type == "reanchor" and b.hash in derived.effective}
+        going_on += sum(b.previous in anchors_counting and b.hash in derived.effective for b in blocks)
+    assert going_on >= 2, going_on
