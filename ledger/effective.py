@@ -52,10 +52,13 @@ def conflict(a: Block, b: Block) -> bool:
     return a.hash != b.hash and a.replaces != b.hash and b.replaces != a.hash
 
 
-def fork_heights(blocks: Mapping[bytes, Block]) -> tuple[dict[bytes, int], dict[tuple[bytes, bytes | None], list[bytes]]]:
+Siblings = dict[tuple[bytes, bytes | None], list[bytes]]  #: (account, previous) -> hashes, lowest first
+
+
+def fork_heights(blocks: Mapping[bytes, Block]) -> tuple[dict[bytes, int], Siblings]:
     """Per account, the lowest height holding a conflicting pair; and sibling hashes (lowest first)
     per (account, previous)."""
-    siblings: dict[tuple[bytes, bytes | None], list[bytes]] = defaultdict(list)
+    siblings: Siblings = defaultdict(list)
     for block in blocks.values():
         siblings[(block.account, block.previous)].append(block.hash)
     forks: dict[bytes, int] = {}
@@ -136,8 +139,8 @@ def derive(blocks: Mapping[bytes, Block], allocations: Mapping[bytes, tuple[byte
     return state
 
 
-def _selected(block: Block, forks: Mapping[bytes, int], siblings: Mapping[tuple[bytes, bytes | None], list[bytes]],
-              blocks: Mapping[bytes, Block], effective: set[bytes], allocations: Mapping[bytes, object]) -> bool:
+def _selected(block: Block, forks: Mapping[bytes, int], siblings: Siblings, blocks: Mapping[bytes, Block],
+              effective: set[bytes], allocations: Mapping[bytes, object]) -> bool:
     fork = forks.get(block.account)
     if fork is not None and block.height >= fork:
         return block.height == fork and siblings[(block.account, block.previous)][0] == block.hash

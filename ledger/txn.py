@@ -136,7 +136,8 @@ class LedgerTxn:
         return [
             height
             for receiver, height in self.receives_of(source)
-            if height < block.height and (shared is None or height < shared or self._is_ancestor(receiver, height, block))
+            if height < block.height
+            and (shared is None or height < shared or self._is_ancestor(receiver, height, block))
         ]
 
     def _is_ancestor(self, older: bytes, height: int, block: Block) -> bool:

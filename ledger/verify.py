@@ -130,8 +130,8 @@ def _verify_into(db: plyvel.DB, facts, report: VerifyReport) -> None:
 def _expected_indexes(blocks: dict[bytes, Block], facts) -> tuple[dict[bytes, dict[bytes, bytes]], object]:
     derived = derive(blocks, facts.allocations)
     expected: dict[bytes, dict[bytes, bytes]] = {p: {} for p in
-                                                 (store.CHAIN, store.RECEIVED, store.REFERENCE, store.ACCOUNT, store.SHARED,
-                                                  store.FRONTIER, store.BALANCE, store.RECEIVABLE)}
+                                                 (store.CHAIN, store.RECEIVED, store.REFERENCE, store.ACCOUNT,
+                                                  store.SHARED, store.FRONTIER, store.BALANCE, store.RECEIVABLE)}
     for block in blocks.values():
         expected[store.CHAIN][store.chain_key(block.account, block.height, block.hash)] = b""
         if block.source is not None:
@@ -156,7 +156,8 @@ def _compare_indexes(db: plyvel.DB, blocks: dict[bytes, Block], facts, report: V
     report.accounts = len(derived.tip_heights)
     report.frozen_accounts = len(derived.fork_heights)
     names = {store.CHAIN: "chain", store.RECEIVED: "received", store.REFERENCE: "reference",
-             store.ACCOUNT: "account", store.SHARED: "shared height", store.FRONTIER: "frontier", store.BALANCE: "balance",
+             store.ACCOUNT: "account", store.SHARED: "shared height", store.FRONTIER: "frontier",
+             store.BALANCE: "balance",
              store.RECEIVABLE: "receivable"}
     for prefix, want in expected.items():
         for key, value in db.iterator(prefix=prefix):

@@ -187,7 +187,8 @@ def test_the_wallets_next_block_reanchors_and_takes_back_what_it_received_after(
     """``mtor-node wallet receive``/``send``, custodial wallets and the node wallet's claims all sign
     through ``wallet_ops.signing_base``."""
     out = wallet_ops.receive_all(ledger, WORKER)
-    assert len(out["received"]) == 1 and out["received"][0]["source"] == stalled["later"].hash.hex() and out["balance_units"] == 12 * UNIT
+    assert len(out["received"]) == 1 and out["received"][0]["source"] == stalled["later"].hash.hex()
+    assert out["balance_units"] == 12 * UNIT
     history = ledger.history(WORKER.public_key)
     anchor = next(e.block for e in history if e.block.type == "reanchor")
     assert anchor.replaces == stalled["received"].hash and ledger.is_effective(anchor.hash)

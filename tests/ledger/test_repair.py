@@ -27,7 +27,8 @@ def filled(tmp_path, genesis, founder):
     path = tmp_path / "ledger"
     with Ledger.open(path, genesis) as led:
         for seed in range(6):
-            led.submit_many([b.raw for b in make_history(genesis, seed=seed, steps=120, fork_rate=0.03, reanchor_rate=0.02)])
+            history = make_history(genesis, seed=seed, steps=120, fork_rate=0.03, reanchor_rate=0.02)
+            led.submit_many([b.raw for b in history])
         Custody(led, founder, budget_units=1_000 * UNIT).open_wallet("browser-guid-1")
         led.place_hold(founder.public_key, bytes(16), UNIT)
         for n in RECORDS:
