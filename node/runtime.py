@@ -40,6 +40,7 @@ from node.datadir import DataDir, initialise
 from node.events import EventBus
 from node.genesis import Genesis
 from node.identity import Identity
+from node.key_watch import MARKER_NAME
 from node.health import HealthPolicy
 from node.ledger_service import LedgerService
 from node.mesh_service import MeshService
@@ -365,6 +366,7 @@ class Node:
                         bus=self.bus,
                         protected_peers=frozenset(p for p in map(_peer_of_addr, self.options.bootstrap) if p),
                     )
+                    self.mesh_service.announcer.muted = self._announcing_refused
                     async with trio.open_nursery() as nursery:
                         await nursery.start(self.watchdog.run)
                         await nursery.start(self.mesh_service.run)
@@ -402,6 +404,16 @@ class Node:
                         await self.ledger.close()
         finally:
             sock.close()
+
+    def _announcing_refused(self) -> str | None:
+        """Why this node stays out of the ads (its key signs on another node too), or None.
+
+        Its ads are signed with the key, and they are how the other copy would find a twin: a node
+        that stopped signing stays quiet, so the copy that goes on is not stopped by it too."""
+        if self.identity.public_key not in self.ledger.signing_refused:
+            return None
+        return (f"its key signs on another node too ({MARKER_NAME} in the data dir says why); it still serves "
+                "its own console and brokers, but no other node picks it as a worker")
 
     async def _start_twin_probe(self, nursery: trio.Nursery, mesh) -> None:
         """Ask peers for our own ad until one shows another node signing with our key (node.twin_probe).

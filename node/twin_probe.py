@@ -18,8 +18,9 @@ across a restart; a live signer keeps signing. So the probe asks the same peer a
 the key watch when that peer holds a second foreign ad with another seq: the node stops signing
 with its key as it does for a twin's block. Which ad a peer holds depends on which copy its
 streams reach, so usually one copy trips (the one started second, within half a minute, in
-tests/node/test_twin_probe.py's setup) and, as a tripped node still announces, the other may follow;
-one copy that stops signing is already enough to keep the wallet whole.
+tests/node/test_twin_probe.py's setup). A tripped node stops announcing (its ads are signed with
+the key too; node.runtime mutes its announcer), so the other copy sees no new foreign ad and goes
+on; one copy that stops signing is already enough to keep the wallet whole.
 """
 
 from __future__ import annotations

@@ -306,6 +306,10 @@ class Announcer:
         self.signed_seqs = SignedSeqs()
         self.published = 0
         self.failures = 0
+        #: Why this node must not announce itself now (its key signs on another node too), or None:
+        #: an ad is signed with the node's key, and a twin's ads are how the other copy finds out.
+        self.muted: Callable[[], str | None] = lambda: None
+        self._said_muted = False
 
     def changed(self) -> None:
         """Ask for a new ad soon (capabilities, price or load changed)."""
@@ -326,11 +330,17 @@ class Announcer:
         task_status.started()
         while True:
             self._changed = trio.Event()
-            try:
-                await self.announce_once()
-            except (P2PError, ValueError) as exc:
-                self.failures += 1
-                logger.error("could not publish our ad: %s", exc)
+            why = self.muted()
+            if why is not None:
+                if not self._said_muted:
+                    logger.warning("this node no longer announces itself: %s", why)
+                self._said_muted = True
+            else:
+                try:
+                    await self.announce_once()
+                except (P2PError, ValueError) as exc:
+                    self.failures += 1
+                    logger.error("could not publish our ad: %s", exc)
             await trio.sleep(self.min_gap_s)
             with trio.move_on_after(max(0.0, self.interval_s - self.min_gap_s)):
                 await self._changed.wait()

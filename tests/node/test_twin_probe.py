@@ -210,6 +210,8 @@ def test_a_node_started_from_a_copy_of_a_running_nodes_data_dir_stops_signing(tm
         assert "WARNING:   this node's key" in status.stdout and "runs on another node too" in status.stdout
         assert (twin.data_dir / "KEY-IN-USE-ELSEWHERE").exists()
         assert not (c.data_dir / "KEY-IN-USE-ELSEWHERE").exists()
+        # and it stays out of the ads, so the copy that goes on is not stopped by them too
+        assert twin.wait_for_line("this node no longer announces itself", 10), twin.output
     finally:
         for node in (*nodes, c):
             node.stop()

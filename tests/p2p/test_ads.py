@@ -148,6 +148,33 @@ async def test_periodic_and_on_change_ads():
         nursery.cancel_scope.cancel()
 
 
+async def test_a_muted_announcer_signs_no_ads_and_says_why_once(caplog):
+    """A node whose key signs on another node too stays out of the ads (node/runtime.py mutes it)."""
+    async with open_gossip_mesh(2) as (a, b), trio.open_nursery() as nursery:
+        at_b = b.gossip.subscribe("announce")
+        why: list[str | None] = [None]
+        ann = Announcer(a.gossip, a.identity, lambda: CONTENT, interval_s=0.1, min_gap_s=0.01)
+        ann.muted = lambda: why[0]
+        await nursery.start(ann.run)
+        with trio.fail_after(5):
+            await at_b.receive()
+        why[0] = "its key signs on another node too"
+        await trio.sleep(0.15)  # an ad already on its way may still arrive
+        while True:
+            try:
+                at_b.receive_nowait()
+            except trio.WouldBlock:
+                break
+        published = ann.published
+        await trio.sleep(0.6)  # six intervals
+        assert ann.published == published
+        with pytest.raises(trio.WouldBlock):
+            at_b.receive_nowait()
+        said = [r.getMessage() for r in caplog.records if "no longer announces" in r.getMessage()]
+        assert said == ["this node no longer announces itself: its key signs on another node too"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_ten_node_chain_propagates_an_ad_to_every_node():
     async with open_gossip_mesh(10) as nodes:
         channels = [n.gossip.subscribe("announce") for n in nodes[1:]]
