@@ -11,8 +11,11 @@ LEVELS = ("debug", "info", "warning", "error")
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _ADDCONN_FAIL = "[ADDCONN_FAIL] add_conn failed for peer %s: %r"
 _STREAM_FAIL = "Failed to open stream to peer "
+#: py-libp2p's ERROR lines for failures it handles itself (retries, or a dial that simply failed)
+_ROUTINE_ERRORS = (_STREAM_FAIL, "MultiselectClient handshake: ", "Failed to open TCP stream: ")
 #: The py-libp2p loggers whose routine failures :class:`OneLineRoutineFailures` shortens.
-ROUTINE_FAILURE_LOGGERS = ("libp2p.network.swarm", "libp2p.host.basic_host")
+ROUTINE_FAILURE_LOGGERS = ("libp2p.network.swarm", "libp2p.host.basic_host",
+                           "libp2p.protocol_muxer.multiselect_client", "libp2p.transport.tcp.tcp")
 
 
 class OneLineRoutineFailures(logging.Filter):
@@ -23,11 +26,17 @@ class OneLineRoutineFailures(logging.Filter):
     * every stream it could not open (a peer of another realm does not serve our protocols):
       an ERROR of seven lines (timeouts, lock statistics) before our own line says the same.
 
-    Outside debug each stays one line: who, and why."""
+    Outside debug each stays one line: who, and why. And the failures it handles itself are no
+    errors of this node: a peer that joins is offered gossip before its own pubsub is up (the
+    stream is refused, then opened again), a peer that left is dialled again, a dial fails. Each
+    made an ERROR line (two when a peer joined) on a healthy node; they are INFO lines now, and
+    what matters is said by our own code (an unreachable bootstrap peer, a failed query)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not isinstance(record.msg, str):
             return True
+        if record.levelno >= logging.ERROR and record.msg.startswith(_ROUTINE_ERRORS):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
         if record.msg.startswith(_ADDCONN_FAIL) and len(record.args or ()) == 3:
             record.msg, record.args = _ADDCONN_FAIL, record.args[:2]
         elif record.msg.startswith(_STREAM_FAIL) and "\n" in record.msg and not record.args:
