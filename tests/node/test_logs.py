@@ -123,7 +123,8 @@ def test_a_peer_joining_and_leaving_leaves_no_error_line_on_either_node(tmp_path
     from tests.harness import FAST, NodeProcess, run_cli
 
     assert run_cli("init", "--data-dir", str(tmp_path / "c"), "--realm", "quiet").returncode == 0
-    assert run_cli("init", "--data-dir", str(tmp_path / "a"), "--join", str(tmp_path / "c" / "genesis.mtor")).returncode == 0
+    joined = run_cli("init", "--data-dir", str(tmp_path / "a"), "--join", str(tmp_path / "c" / "genesis.mtor"))
+    assert joined.returncode == 0, joined.stderr
     c = NodeProcess(tmp_path / "c", env=FAST).start()
     a = None
     try:
