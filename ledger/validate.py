@@ -62,7 +62,7 @@ def check_ranges(block: Block) -> Finding:
         return Finding(Verdict.BAD_AMOUNT, f"amount {block.amount} must be > 0 and < 2^63 units")
     if block.height == 0:
         if block.type not in ("open", "mint", "reanchor") or block.previous is not None:
-            return Finding(Verdict.BAD_HEIGHT, "height 0 must be an open (or mint) block with no previous")
+            return Finding(Verdict.BAD_HEIGHT, "height 0 must be an open, mint or re-anchor block with no previous")
     elif block.type == "open" or block.previous is None:
         return Finding(Verdict.BAD_HEIGHT, "only height 0 may be an open block or lack a previous")
     # A send claiming a negative balance is judged against its previous block
