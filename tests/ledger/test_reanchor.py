@@ -10,6 +10,7 @@ wallet was stalled for good.
 from __future__ import annotations
 
 import random
+
 import plyvel
 import pytest
 
@@ -42,7 +43,6 @@ def stalled(ledger, builder, founder):
                builder.send(founder, WORKER, 7 * UNIT)]
     worker_open = builder.receive(WORKER, funding[2])
     payer_open = builder.receive(PAYER, funding[1])
-    before_pay = payer_open
     pay = builder.send(PAYER, WORKER, 30 * UNIT)
     received = builder.receive(WORKER, pay)
     later = builder.send(founder, WORKER, 5 * UNIT)
@@ -51,7 +51,7 @@ def stalled(ledger, builder, founder):
     for block in blocks:
         assert ledger.submit(block.raw).verdict is Verdict.ACCEPTED
     assert ledger.balance(WORKER.public_key) == 42 * UNIT
-    undo = _lower_sibling(builder, PAYER, before_pay, pay)
+    undo = _lower_sibling(builder, PAYER, payer_open, pay)
     assert ledger.submit(undo.raw).verdict is Verdict.FORK
     return {"blocks": [*blocks, undo], "received": received, "on_top": on_top, "later": later,
             "worker_open": worker_open, "undo": undo}
@@ -125,8 +125,8 @@ def test_two_reanchors_of_one_credit_are_a_fork_and_a_pair_is_no_proof(ledger, b
 def test_what_a_reanchor_must_name(ledger, builder, stalled):
     received, worker_open, on_top = stalled["received"], stalled["worker_open"], stalled["on_top"]
 
-    def verdict(body_change: dict, prev=worker_open) -> Verdict:
-        body = {**B.make_reanchor(WORKER, received, prev, builder._ts()).body, **body_change}
+    def verdict(body_change: dict) -> Verdict:
+        body = {**B.make_reanchor(WORKER, received, worker_open, builder._ts()).body, **body_change}
         return ledger.submit(B.sign_body(WORKER, body).raw).verdict
 
     assert verdict({"amount": received.amount + 1}) is Verdict.BAD_AMOUNT
