@@ -65,3 +65,32 @@ async def test_a_worker_whose_payment_was_undone_late_reanchors_and_the_mesh_agr
         out = await a.service.run_recorded(wallet_ops.send, worker, FOUNDER.address, UNIT)
         assert out["balance_units"] == 4 * UNIT
         await wait_converged([a, c], timeout_s=10, what="C to take the worker's payment")
+
+
+async def test_a_replica_that_missed_the_undo_and_the_reanchor_catches_up_by_sync(tmp_path):
+    """Sync alone (no gossip of these blocks): the replica counts the worker's lost payment until it
+    pulls the payer's lower block and the worker's re-anchor branch; then both agree."""
+    worker = Identity.generate()
+    chains = Chains()
+    funding = [chains.claim(), *chains.pay(FOUNDER, PAYER, 100 * UNIT)]
+    paid = chains.send(PAYER, worker, 30 * UNIT)
+    received = chains.receive(worker, paid)
+    later = chains.send(FOUNDER, worker, 5 * UNIT)
+    on_top = chains.receive(worker, later)
+    before = [*funding, paid, received, later, on_top]
+    undo = _lower_sibling(chains, funding[-1], paid)
+    anchor = B.make_reanchor(worker, received, None, chains.ts + 20_000)
+    again = B.make_receive(worker, anchor, later.hash, later.amount, chains.ts + 20_001)
+    async with AsyncExitStack() as stack:
+        knows = await stack.enter_async_context(open_ledger_node(tmp_path, "knows", interval_s=0.5))
+        missed = await stack.enter_async_context(open_ledger_node(tmp_path, "missed", interval_s=0.5))
+        await knows.submit_quietly([b.raw for b in [*before, undo, anchor, again]])
+        await missed.submit_quietly([b.raw for b in before])
+        assert await missed.service.call(lambda led: led.balance(worker.public_key)) == 35 * UNIT
+        await connect(missed, knows)
+        await wait_converged([missed, knows], timeout_s=30, what="the replica to pull the undo and the re-anchor")
+        for node in (missed, knows):
+            assert await node.service.call(lambda led: led.balance(worker.public_key)) == 5 * UNIT
+            assert await node.service.call(lambda led: led.is_effective(again.hash))
+            assert not await node.service.call(lambda led: led.is_effective(on_top.hash))
+            assert (await node.service.call(lambda led: led.verify())).ok
