@@ -7,6 +7,8 @@ Prints one line per event on stdout, flushed:
 * ``peer <peer id>`` once the host listens;
 * ``ready`` once mDNS discovery has started (record registered, browser running);
 * ``connected <peer id>`` for every connection, whichever side dialled;
+* ``seen <peer id>`` for every realm record discovery resolves (polled every 0.1 s: a record the
+  other node withdraws when it stops is gone from the final line, not from these);
 * ``final seen=<ids> connected=<ids>`` after stdin closes (the stop signal) and
   discovery has shut down, ``,``-separated; then it exits 0.
 """
@@ -57,6 +59,15 @@ async def wait_for_stdin_eof() -> None:
             pass
 
 
+async def say_seen(discovery: MdnsDiscovery) -> None:
+    said: set[str] = set()
+    while True:
+        for peer in sorted(discovery.seen_peers() - said):
+            say(f"seen {peer}")
+            said.add(peer)
+        await trio.sleep(0.1)
+
+
 async def main(listen: str, tag: str) -> None:
     async with open_mesh_host(Identity.generate(), [listen]) as mesh:
         mesh.host.get_network().register_notifee(PrintConnections())
@@ -65,6 +76,7 @@ async def main(listen: str, tag: str) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(discovery.run)
             say("ready")
+            nursery.start_soon(say_seen, discovery)
             await wait_for_stdin_eof()
             nursery.cancel_scope.cancel()
         seen = ",".join(sorted(discovery.seen_peers()))
