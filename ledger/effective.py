@@ -47,9 +47,9 @@ class DerivedState:
 
 
 def conflict(a: Block, b: Block) -> bool:
-    """Whether two blocks of one account on one previous block are an equivocation: they are, unless
-    one re-anchors the other (the pair of which exactly one counts)."""
-    return a.hash != b.hash and a.replaces != b.hash and b.replaces != a.hash
+    """Whether two blocks of one account are an equivocation: two different blocks on one previous
+    block (siblings), unless one re-anchors the other (the pair of which exactly one counts)."""
+    return a.previous == b.previous and a.hash != b.hash and a.replaces != b.hash and b.replaces != a.hash
 
 
 Siblings = dict[tuple[bytes, bytes | None], list[bytes]]  #: (account, previous) -> hashes, lowest first

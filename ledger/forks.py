@@ -66,7 +66,7 @@ def check_fork_proof(proof: ForkProof | bytes, realm: bytes) -> tuple[ForkProofV
         return ForkProofVerdict.MALFORMED, None
     if a.realm != realm or b.realm != realm:
         return ForkProofVerdict.WRONG_REALM, None
-    if a.account != b.account or a.height != b.height or a.previous != b.previous or not conflict(a, b):
+    if a.account != b.account or a.height != b.height or not conflict(a, b):
         return ForkProofVerdict.NOT_A_FORK, None
     if not (signature_ok(a) and signature_ok(b)):
         return ForkProofVerdict.BAD_SIGNATURE, None

@@ -515,7 +515,7 @@ class Ledger(RecordsMixin):
             at = [self.get_block(k[len(prefix):]) for k in self._db.iterator(prefix=prefix, include_value=False)]
             for i, first in enumerate(at):
                 for second in at[i + 1:]:
-                    if first.previous == second.previous and conflict(first, second):
+                    if conflict(first, second):
                         return first, second
             return None
 

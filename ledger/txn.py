@@ -250,7 +250,7 @@ class LedgerTxn:
         """Whether a stored sibling of ``block`` (same account and previous) makes it an equivocation."""
         for other_hash in self.blocks_at(block.account, block.height):
             other = self.get_block(other_hash)
-            if other.previous == block.previous and conflict(block, other):
+            if conflict(block, other):
                 return True
         return False
 

@@ -19,14 +19,6 @@ def _path(block: B.Block, by_hash: dict[bytes, B.Block]) -> list[B.Block]:
     return out[::-1]
 
 
-def _counts(credit: B.Block, by_hash: dict[bytes, B.Block], genesis) -> bool:
-    """Whether ``credit``'s source counts among the blocks made so far (the from-scratch rule)."""
-    source = credit.source
-    if source not in by_hash:
-        return True  # a genesis allocation
-    return source in derive(by_hash, realm_facts(genesis).allocations).effective
-
-
 def make_history(genesis, seed: int, steps: int = 60, accounts: int = 4, fork_rate: float = 0.06,
                  reanchor_rate: float = 0.06) -> list[B.Block]:
     """Valid blocks (each valid given the ones it names) from a realm whose founder is ident(1).
@@ -55,7 +47,10 @@ def make_history(genesis, seed: int, steps: int = 60, accounts: int = 4, fork_ra
         credits = [blk for blk in _path(tip, by_hash) if blk.type in B.CREDITS] if tip is not None else []
         if rng.random() < reanchor_rate and credits:
             # half the time the lowest credit that lost its source (what an honest wallet re-anchors)
-            dead = [blk for blk in credits if not _counts(blk, by_hash, genesis)][:1] if rng.random() < 0.5 else []
+            dead = []
+            if rng.random() < 0.5:
+                effective = derive(by_hash, realm_facts(genesis).allocations).effective  # once per step
+                dead = [blk for blk in credits if blk.source in by_hash and blk.source not in effective][:1]
             credit = rng.choice(dead or credits)
             previous = by_hash[credit.previous] if credit.previous is not None else None
             anchor = keep(B.make_reanchor(who, credit, previous, b._ts()))
