@@ -30,6 +30,7 @@ from ledger import store
 from ledger.blocks import Block
 from ledger.holds import Hold, hold_key
 from ledger.records import QueryRecord, record_writes
+from ledger.refusals import SigningRefusals
 from ledger.txn import AccountState, LedgerTxn
 from ledger.verdicts import Result, Verdict
 
@@ -47,7 +48,7 @@ class GroupWrite:
     """One part's view of a group write. Not thread-safe: it lives under the ledger's lock."""
 
     def __init__(self, txn: LedgerTxn, submit_one: Callable[[LedgerTxn, bytes | Block, int], Result],
-                 now_ms: int, signing_refused: dict[bytes, str]) -> None:
+                 now_ms: int, signing_refused: SigningRefusals) -> None:
         self._txn = txn
         self.signing_refused = signing_refused  #: the ledger's own (Ledger.signing_refused)
         self._submit_one = submit_one

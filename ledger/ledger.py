@@ -32,6 +32,7 @@ from ledger.group import GroupWrite, PartResult
 from ledger.holds import HOLD, Hold, HoldError, InsufficientFunds, hold_key
 from ledger.pool import PendingPool
 from ledger.records import RecordsMixin  # query records: put_record, records_of, ... (ledger/records.py)
+from ledger.refusals import SigningRefusals
 from ledger.txn import AccountState, LedgerTxn, RealmFacts, decode_stored, effective_in, load_account
 from ledger.validate import validate
 from ledger.verdicts import Result, Verdict
@@ -88,9 +89,10 @@ class Ledger(RecordsMixin):
         self._held: dict[bytes, int] = {}  # account -> units on hold, for accounts looked at since open
         self._closed = False
         #: Accounts whose key must sign nothing here, with the reason the user is told: set by the
-        #: node when its key turns out to sign on another node too (node.key_watch). Every signing
-        #: path (ledger.wallet_ops, the broker's payments) looks here first.
-        self.signing_refused: dict[bytes, str] = {}
+        #: node when its key turns out to sign on another node too (node.key_watch), and then for
+        #: every key it holds (ledger.refusals). Every signing path (ledger.wallet_ops, the broker's
+        #: payments) looks here first.
+        self.signing_refused = SigningRefusals()
         #: Set by the node: ``foreign_watch(ledger, blocks, via)`` sees every block another node sent
         #: (``submit_many(..., via=...)``) once it is stored, under the ledger's lock (node.key_watch).
         self.foreign_watch: Callable[["Ledger", list[Block], str], None] | None = None

@@ -11,8 +11,10 @@ the ads peers hold for this node's peer id, before either copy signs a block (no
 On the first such block the node stops signing with its key (claims, sends, welcome grants,
 payments for the operator's own queries), says why in its log and to its sysops, and leaves a
 marker file in its data dir so that a restart keeps refusing until the operator has dealt with
-the other copy and removed the file. Serving queries, brokering for browser users (their own
-custodial wallets pay) and being paid go on: payments wait as receivable.
+the other copy and removed the file. It stops signing for its console users' custodial wallets
+too: they are sealed with the node key in the same store, so a copy carries them, and a user
+whose requests reach both copies (one console name in front of both, an API key) would have
+their wallet signed for twice (ledger.refusals). Payments to any of them wait as receivable.
 
 Blocks signed before this process started may be this node's own, lost with a store restored
 from a backup (or unsynced writes in a machine crash) and fetched back: those are only logged,
@@ -36,6 +38,11 @@ from node.files import write_text_atomic
 log = logging.getLogger(__name__)
 
 MARKER_NAME = "KEY-IN-USE-ELSEWHERE"
+
+#: What a console user paying from a custodial wallet is told while the node key is refused.
+WALLETS_REFUSED = ("this node signs for no wallet while a copy of it runs on another node (a wallet signed for on "
+                   "two nodes is frozen for good): your tokens are safe and wait here, and the node's operator "
+                   "has been told what to do")
 
 
 @dataclass(frozen=True)
@@ -95,11 +102,18 @@ def read_marker(data_dir: Path) -> str | None:
 
 
 def apply_marker(ledger: Ledger, data_dir: Path, account: bytes) -> str | None:
-    """Refuse signing for ``account`` on ``ledger`` while ``data_dir`` holds a marker; return its text."""
+    """Refuse signing for ``account`` (and every key the node holds) on ``ledger`` while ``data_dir`` holds a
+    marker; return its text."""
     refusal = read_marker(data_dir)
     if refusal is not None:
-        ledger.signing_refused[account] = refusal
+        _refuse(ledger, account, refusal)
     return refusal
+
+
+def _refuse(ledger: Ledger, account: bytes, message: str) -> None:
+    """The node key says ``message``; every other key it holds (custodial wallets) :data:`WALLETS_REFUSED`."""
+    ledger.signing_refused[account] = message
+    ledger.signing_refused.every_key = WALLETS_REFUSED
 
 
 class KeyWatch:
@@ -145,7 +159,7 @@ class KeyWatch:
             return  # said once; the marker is there
         marker = marker_path(self.data_dir)
         message = sighting.message(marker)
-        ledger.signing_refused[self.account] = message
+        _refuse(ledger, self.account, message)
         self.sighting = sighting
         log.error("%s", message)
         try:

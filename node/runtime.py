@@ -413,7 +413,7 @@ class Node:
         if self.identity.public_key not in self.ledger.signing_refused:
             return None
         return (f"its key signs on another node too ({MARKER_NAME} in the data dir says why); it still serves "
-                "its own console and brokers, but no other node picks it as a worker")
+                "its own console, but signs for no wallet and no other node picks it as a worker")
 
     async def _start_twin_probe(self, nursery: trio.Nursery, mesh) -> None:
         """Ask peers for our own ad until one shows another node signing with our key (node.twin_probe).

@@ -25,6 +25,7 @@ from node.fairqueue import FairQueue
 from node.genesis import UNITS_PER_TOKEN, create
 from node.health import HealthPolicy
 from node.identity import Identity
+from node.key_watch import WALLETS_REFUSED
 from node.ledger_service import LedgerService
 from node.pricing import PriceBook
 from node.queue_service import QueueService
@@ -259,14 +260,17 @@ async def test_an_unknown_type_or_model_is_named_in_the_refusal(tmp_path):
     assert ledger.ledger.holds() == []
 
 
-async def test_a_payer_whose_key_signs_elsewhere_is_refused_and_others_are_served(tmp_path):
+async def test_no_wallet_pays_while_the_node_key_signs_elsewhere(tmp_path):
     """node.key_watch stopped the node key signing (a copy of this data dir runs elsewhere): the
-    operator's own queries are refused before anything is held; a browser user's wallet pays on."""
+    operator's own queries are refused before anything is held, and so are a browser user's, whose
+    custodial wallet the copy holds too (a restart without the marker: tests/node/test_key_watch.py)."""
     async with trio.open_nursery() as nursery:
         broker, founder, ledger = await _broker(tmp_path, nursery, max_dispatch=2)
         bob = Identity.generate()
         await ledger.call(wallet_ops.send, founder, bob.address, 10 * UNITS_PER_TOKEN)
         await ledger.call(lambda led: wallet_ops.receive_all(led, bob))
+        served = await broker.ask(Ask(payer=bob, type="chat", prompt="hello", model="reverse"))
+        assert served["status"] == "done" and served["cost_units"] == UNITS_PER_TOKEN
         ledger.watch_own_key()
         twin = await ledger.call(lambda led: B.make_send(founder, led.frontier_block(founder.public_key),
                                                          bob.public_key, UNITS_PER_TOKEN, int(time.time() * 1000)))
@@ -275,9 +279,14 @@ async def test_a_payer_whose_key_signs_elsewhere_is_refused_and_others_are_serve
             await broker.ask(Ask(payer=founder, type="chat", prompt="hello", model="reverse"))
         assert refused.value.code == "signing_refused" and refused.value.status == 503
         assert "signs on another node too" in str(refused.value)
+        with pytest.raises(BrokerRefused) as bob_refused:
+            await broker.ask(Ask(payer=bob, type="chat", prompt="hello", model="reverse"))
+        assert bob_refused.value.code == "signing_refused" and bob_refused.value.status == 503
+        assert str(bob_refused.value) == WALLETS_REFUSED
         assert await ledger.call(lambda led: led.holds()) == []
-        served = await broker.ask(Ask(payer=bob, type="chat", prompt="hello", model="reverse"))
+        with pytest.raises(wallet_ops.WalletError) as no_send:
+            await ledger.call(wallet_ops.send, bob, founder.address, UNITS_PER_TOKEN)
+        assert str(no_send.value) == WALLETS_REFUSED
         nursery.cancel_scope.cancel()
-    assert served["status"] == "done" and served["cost_units"] == UNITS_PER_TOKEN
-    assert await ledger.call(lambda led: led.balance(bob.public_key)) == 9 * UNITS_PER_TOKEN  # paid the query
+    assert await ledger.call(lambda led: led.balance(bob.public_key)) == 9 * UNITS_PER_TOKEN  # the first query
     assert await ledger.call(lambda led: led.receivable(founder.public_key))  # paid; claimed once allowed

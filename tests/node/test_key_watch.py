@@ -26,7 +26,7 @@ from node import genesis as genesis_mod
 from node.datadir import DataDir
 from node.events import EventBus
 from node.identity import Identity
-from node.key_watch import MARKER_NAME, AdSighting, KeyWatch, read_marker
+from node.key_watch import MARKER_NAME, WALLETS_REFUSED, AdSighting, KeyWatch, read_marker
 from node.ledger_service import LedgerService
 from tests.harness import NodeProcess, run_cli
 from tests.mesh.harness import FOUNDER, GENESIS, UNIT, Chains, connect, open_ledger_node
@@ -80,6 +80,11 @@ async def test_a_block_of_the_node_key_signed_elsewhere_stops_its_signing(tmp_pa
         with pytest.raises(wallet_ops.WalletError) as refused:
             await a.service.call(wallet_ops.send, x, FOUNDER.address, UNIT)
         assert str(refused.value) == refusal and refused.value.status == 409
+        # nor with any other key this node holds (its console users' custodial wallets: the copy has them too)
+        assert a.service.signing_refused.get(FOUNDER.public_key) == WALLETS_REFUSED
+        with pytest.raises(wallet_ops.WalletError) as other:
+            await a.service.call(wallet_ops.send, FOUNDER, x.address, UNIT)
+        assert str(other.value) == WALLETS_REFUSED
         pay_x = chains.send(FOUNDER, x, 5 * UNIT)
         await a.submit_quietly([pay_x.raw])
         assert await a.service.auto_receive(x, 0) == 0
@@ -95,6 +100,8 @@ async def test_a_block_of_the_node_key_signed_elsewhere_stops_its_signing(tmp_pa
         assert service.signing_refused[x.public_key] == refusal
         with pytest.raises(wallet_ops.WalletError):
             await service.call(wallet_ops.send, x, FOUNDER.address, UNIT)
+        with pytest.raises(wallet_ops.WalletError):
+            await service.call(wallet_ops.send, FOUNDER, x.address, UNIT)
     finally:
         await service.close()
     marker.unlink()
@@ -102,6 +109,8 @@ async def test_a_block_of_the_node_key_signed_elsewhere_stops_its_signing(tmp_pa
     try:
         sent = await service.call(wallet_ops.send, x, FOUNDER.address, UNIT)
         assert sent["balance_units"] == (100 - 1 - 2 - 1) * UNIT  # built on the twin's block
+        assert FOUNDER.public_key not in service.signing_refused
+        await service.call(wallet_ops.send, FOUNDER, x.address, UNIT)
     finally:
         await service.close()
 
