@@ -80,7 +80,7 @@ class QueryRecord:
     query_id: bytes
     payer: str  #: payer's address (mtor1…)
     type: str
-    model: str  #: as asked ("" = any model)
+    model: str  #: the model that answered (a failed query's: as asked, "" = any model)
     worker: str  #: worker's peer id ("" if no worker was reached)
     worker_address: str  #: worker's address, paid ``price_units`` ("" unless done)
     queue_wait_ms: int
@@ -386,7 +386,7 @@ def record_outcome(ledger, ticket, load: int, worker_health: int | None, ts_ms: 
                    sync: bool | None = None) -> QueryRecord:
     """Record a finished broker ticket (its ``outcome`` is set); run as ``ledger_service.call(record_outcome, …)``."""
     record = record_from_outcome(
-        ticket.query_id, ticket.ask.payer.address, ticket.ask.model, ticket.outcome, load=load,
+        ticket.query_id, ticket.ask.payer.address, ticket.outcome.get("model", ticket.ask.model), ticket.outcome, load=load,
         worker_health=worker_health, ts_ms=ledger.now_ms() if ts_ms is None else ts_ms,
     )
     ledger.put_record(record, sync=sync)

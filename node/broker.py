@@ -434,7 +434,7 @@ class Broker:
         processing_ms = int((trio.current_time() - started) * 1000)
         receipt = make_receipt(self.identity, query, result_type=result.result_type,
                                result=result_bytes(result.result_type, result.data),
-                               processing_ms=processing_ms, ts_ms=wall_ms())
+                               processing_ms=processing_ms, ts_ms=wall_ms(), model=result.model or query.model)
         return {"result_type": result.result_type, "data": result.data, "receipt": receipt,
                 "processing_ms": processing_ms}
 
@@ -451,6 +451,8 @@ class Broker:
             "query_id": ticket.query_id.hex(),
             "status": "done",
             "type": ticket.ask.type,
+            # the model that answered: the receipt names it (query/2), else the query did, else as asked
+            "model": receipt["body"].get("model") or ticket.signed["body"]["model"] or ticket.ask.model,
             "result_type": answer["result_type"],
             "result": answer["data"],
             "cost_units": cost_units,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -95,7 +96,8 @@ class LocalWorker:
             if runner is None:
                 raise WorkerFault("unsupported_type", f"this node does not run {query.type} queries", retryable=True)
             self._check_price(query, query_type)
-            return await runner(self, query, progress)
+            result = await runner(self, query, progress)
+            return replace(result, model=query.model or self._model_of(query))
         except InvalidRequest as exc:
             raise WorkerFault("invalid_request", exc.message, retryable=False) from exc
         except UnknownBackend as exc:
@@ -127,6 +129,11 @@ class LocalWorker:
 
     def _backend(self, query: Query) -> str:
         return self.manager.find(query.type, query.model or None)
+
+    def _model_of(self, query: Query) -> str:
+        """The model that answers a query naming none: the first name of the backend that runs it."""
+        info = self.manager.info(self._backend(query))
+        return info.models[0] if info.models else info.name
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve background model loads: with this running, a query never waits a load out."""

@@ -36,8 +36,8 @@ from p2p.query_frames import (
 )
 from p2p.query_io import StreamBroken, quietly, read_frame, write_bytes
 from p2p.query_stream import SESSION_ENDING_CODES
-from p2p.query_wire import QUERY_FIELDS, QueryLimits, ReceiptVerdict, check_receipt, result_bytes
-from p2p.topics import query_protocol
+from p2p.query_wire import QUERY_FIELDS, QueryLimits, ReceiptVerdict, check_receipt, receipt_model, result_bytes
+from p2p.topics import query_protocol, query_protocols
 
 
 class QueryFailed(P2PError):
@@ -85,6 +85,11 @@ class CallResult:
     receipt: dict
     processing_ms: int
     elapsed_ms: int
+
+    @property
+    def model(self) -> str:
+        """The model that answered, as the receipt says ("" from a ``query/1`` worker)."""
+        return receipt_model(self.receipt)
 
 
 ProgressCallback = Callable[[ProgressFrame], Awaitable[None]]
@@ -240,6 +245,8 @@ class QueryClient:
         self.cancel_grace_s = cancel_grace_s
         self.pool = pool if pool is not None else StreamPool()
         self.protocol = query_protocol(realm_id.hex())
+        #: Offered newest first: a worker on ``query/2`` names the model that answered in its receipt.
+        self.protocols = query_protocols(realm_id.hex())
         self.stats: collections.Counter[str] = collections.Counter()
 
     async def call(
@@ -337,7 +344,7 @@ class QueryClient:
 
     async def _open(self, peer_id: str, failed: Callable[..., QueryFailed]) -> INetStream:
         try:
-            return await self.mesh.host.new_stream(ID.from_base58(peer_id), [self.protocol])
+            return await self.mesh.host.new_stream(ID.from_base58(peer_id), self.protocols)
         except StreamFailure as exc:
             if isinstance(exc.__cause__, MultiselectClientError):
                 raise failed("protocol_refused", f"peer does not serve {self.protocol}", Blame.WORKER, True) from None

@@ -1,8 +1,8 @@
 """Trio shell of the query protocol, worker side: :class:`QueryServer` (the broker side is
 :class:`p2p.query_client.QueryClient`).
 
-A libp2p stream on ``/mtor/<realm>/query/1`` carries queries one at a time, as many as the
-broker sends before it closes the stream:
+A libp2p stream on ``/mtor/<realm>/query/1`` (or ``/2``: its receipts name the model that answered)
+carries queries one at a time, as many as the broker sends before it closes the stream:
 
     broker -> worker   query frame (the signed envelope)
     worker -> broker   progress frames (seq 0, 1, 2, ...), then one result or error frame
@@ -64,7 +64,7 @@ from p2p.query_wire import (
     make_receipt,
     result_bytes,
 )
-from p2p.topics import query_protocol
+from p2p.topics import query_protocol, query_protocols, query_version
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class HandlerResult:
 
     result_type: str
     data: str | bytes
+    #: The model that answered ("" when the handler cannot tell: the query's own, if it named one).
+    model: str = ""
 
 
 Handler = Callable[[Query, "ProgressSink | None"], Awaitable[HandlerResult]]
@@ -101,6 +103,8 @@ class _Session:
 
     def __init__(self, stream: INetStream) -> None:
         self.stream = stream
+        #: ``query/2`` and later: receipts name the model that answered (p2p.topics.QUERY_VERSIONS)
+        self.names_model = query_version(stream.get_protocol()) >= 2
         self.awaiting_reply = False  #: a query was accepted and its result/error frame is not sent yet
         self.usable = True  #: False once a write failed or timed out (the stream was reset)
         #: The running handler's scope: whatever the broker sends meanwhile (a cancel frame, the end
@@ -185,6 +189,7 @@ class QueryServer(ProtocolServer):
         self.now_ms = now_ms
         self.on_peer_fault = on_peer_fault
         self.protocol = query_protocol(realm_id.hex())
+        self.protocols = query_protocols(realm_id.hex())  # every version: a broker picks the newest it speaks
         self.stats: collections.Counter[str] = collections.Counter()
         self.active = 0  #: queries running now
         self.idle_streams = 0  #: streams waiting for their next query
@@ -346,7 +351,7 @@ class QueryServer(ProtocolServer):
         with trio.CancelScope() as running, trio.move_on_after(seconds_left) as expiry:
             session.running = running
             try:
-                reply = await self._call_handler(query, sink, started)
+                reply = await self._call_handler(query, sink, started, session.names_model)
             finally:
                 session.running = None
         if session.cancelled_by_peer:
@@ -379,7 +384,8 @@ class QueryServer(ProtocolServer):
         await quietly(stream.reset)
         return False
 
-    async def _call_handler(self, query: Query, sink: ProgressSink | None, started: float) -> Frame | _EncodedResult:
+    async def _call_handler(self, query: Query, sink: ProgressSink | None, started: float,
+                            names_model: bool) -> Frame | _EncodedResult:
         try:
             result = await self.handler(query, sink)
         except WorkerFault as fault:
@@ -388,15 +394,20 @@ class QueryServer(ProtocolServer):
             logger.exception("query handler failed on query %s", query.query_id.hex())
             return error_frame("internal", f"{type(exc).__name__}: {exc}", Blame.WORKER, True)
         processing_ms = int((trio.current_time() - started) * 1000)
-        return self._result_frame(query, result, processing_ms)
+        return self._result_frame(query, result, processing_ms, names_model)
 
-    def _result_frame(self, query: Query, result: Any, processing_ms: int) -> Frame | _EncodedResult:
+    def _result_frame(self, query: Query, result: Any, processing_ms: int,
+                      names_model: bool) -> Frame | _EncodedResult:
         want = str if query.result_type == "text" else bytes
         if not isinstance(result, HandlerResult) or result.result_type != query.result_type or not isinstance(result.data, want):
             return error_frame("bad_result", f"handler returned no valid {query.result_type} result", Blame.WORKER, True)
+        if query.model and result.model not in ("", query.model):
+            return error_frame("bad_result", f"handler answered with model {result.model!r}, the query asked for "
+                                             f"{query.model!r}", Blame.WORKER, True)
         raw = result_bytes(result.result_type, result.data)
         receipt = make_receipt(self.identity, query, result_type=result.result_type, result=raw,
-                               processing_ms=processing_ms, ts_ms=self.now_ms())
+                               processing_ms=processing_ms, ts_ms=self.now_ms(),
+                               model=(result.model or query.model) if names_model else None)
         try:
             data = encode_frame(ResultFrame(result.result_type, result.data, receipt),
                                 max_frame_bytes=self.limits.max_frame_bytes)

@@ -372,12 +372,16 @@ class ReceiptVerdict(enum.Enum):
     WRONG_RESULT = "wrong_result"  #: result_hash or result_type does not match what came
     WRONG_WORKER = "wrong_worker"  #: signed by another key than the worker we asked
     WRONG_PRICE = "wrong_price"  #: price_units differs from the query's quoted price
+    WRONG_MODEL = "wrong_model"  #: names another model than the one the query asked for
 
 
 _RECEIPT_FIELDS = frozenset({
     "v", "realm", "query_id", "query_hash", "result_hash", "result_type", "processing_ms",
     "worker", "worker_address", "price_units", "ts_ms",
 })
+#: A receipt on a ``query/2`` stream also names the model that answered (docs/protocol.md): a
+#: broker on ``query/1`` refuses a field it does not know, so a worker adds it only there.
+_RECEIPT_FIELDS_WITH_MODEL = _RECEIPT_FIELDS | {"model"}
 
 
 def result_hash(result: bytes) -> bytes:
@@ -392,20 +396,31 @@ def result_bytes(result_type: str, data: str | bytes) -> bytes:
 
 def make_receipt(
     identity: Identity, query: Query, *, result_type: str, result: bytes, processing_ms: int, ts_ms: int,
+    model: str | None = None,
 ) -> dict:
-    """The worker's signed receipt for ``result`` (see :func:`result_bytes`)."""
+    """The worker's signed receipt for ``result`` (see :func:`result_bytes`); ``model``, the model that
+    answered, only for a broker that knows the field (``query/2``; None leaves it out)."""
     body = {
         "v": VERSION, "realm": query.realm, "query_id": query.query_id, "query_hash": query.hash,
         "result_hash": result_hash(result), "result_type": result_type, "processing_ms": processing_ms,
         "worker": identity.public_key, "worker_address": identity.address,
         "price_units": query.price_units, "ts_ms": ts_ms,
     }
+    if model is not None:
+        body["model"] = model
     return signing.sign(identity.signing_key, RECEIPT_KIND, body)
 
 
+def receipt_model(receipt: Mapping) -> str:
+    """The model a (checked) receipt says answered; "" when it does not say (a ``query/1`` worker)."""
+    return receipt["body"].get("model", "")
+
+
 def _receipt_problem(body: Any) -> str | None:
-    if not isinstance(body, dict) or set(body) != _RECEIPT_FIELDS:
+    if not isinstance(body, dict) or (set(body) != _RECEIPT_FIELDS and set(body) != _RECEIPT_FIELDS_WITH_MODEL):
         return "receipt body must be a map with exactly the receipt fields"
+    if "model" in body and not (isinstance(body["model"], str) and len(body["model"]) <= MAX_MODEL_CHARS):
+        return f"model must be text of at most {MAX_MODEL_CHARS} characters"
     if body["v"] != VERSION or isinstance(body["v"], bool):
         return f"receipt version {body['v']!r}"
     if not (_bytes_of(body["realm"], 32) and _bytes_of(body["query_id"], QUERY_ID_BYTES)
@@ -458,4 +473,6 @@ def check_receipt(
         return ReceiptVerdict.WRONG_RESULT
     if body["price_units"] != qbody["price_units"]:
         return ReceiptVerdict.WRONG_PRICE
+    if qbody["model"] and body.get("model", qbody["model"]) != qbody["model"]:
+        return ReceiptVerdict.WRONG_MODEL
     return ReceiptVerdict.OK

@@ -75,22 +75,27 @@ def report_peer_fault(on_peer_fault: PeerFaultCallback | None, stream: Any, *, t
 
 
 class ProtocolServer:
-    """Subclasses set ``mesh`` and ``protocol`` and implement ``async _on_stream(stream)``."""
+    """Subclasses set ``mesh`` and ``protocol`` and implement ``async _on_stream(stream)``; one that
+    serves several versions of its protocol sets ``protocols`` too (``protocol`` among them)."""
 
     mesh: MeshHost
     protocol: str
+    protocols: list[str] | None = None
     _nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; ``started()`` once the protocol handler is registered."""
+        """Serve until cancelled; ``started()`` once the protocol handlers are registered."""
+        served = list(self.protocols or [self.protocol])
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.mesh.host.set_stream_handler(self.protocol, self._on_stream)
+            for protocol in served:
+                self.mesh.host.set_stream_handler(protocol, self._on_stream)
             try:
                 task_status.started()
                 await trio.sleep_forever()
             finally:
-                self.mesh.host.remove_stream_handler(self.protocol)
+                for protocol in served:
+                    self.mesh.host.remove_stream_handler(protocol)
                 self._nursery = None
 
     async def _on_stream(self, stream) -> None:  # pragma: no cover - abstract

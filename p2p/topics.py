@@ -42,9 +42,28 @@ def sysop_topic(realm_hex: str) -> str:
     return topic_name(realm_hex, SYSOP)
 
 
-def query_protocol(realm_hex: str) -> TProtocol:
-    """Broker -> worker query stream: ``/mtor/<realm_hex>/query/1``."""
-    return TProtocol(f"/mtor/{_check_realm(realm_hex)}/query/1")
+#: Versions of the query protocol this node speaks, newest first: ``2`` is ``1`` with receipts that
+#: name the model that answered (docs/protocol.md). A broker offers both and takes what the worker
+#: picks; a worker serves both.
+QUERY_VERSIONS = (2, 1)
+
+
+def query_protocol(realm_hex: str, version: int = 1) -> TProtocol:
+    """Broker -> worker query stream: ``/mtor/<realm_hex>/query/<version>``."""
+    if version not in QUERY_VERSIONS:
+        raise ValueError(f"unknown query protocol version {version!r}; known: {QUERY_VERSIONS}")
+    return TProtocol(f"/mtor/{_check_realm(realm_hex)}/query/{version}")
+
+
+def query_protocols(realm_hex: str) -> list[TProtocol]:
+    """Every query protocol id this node speaks, newest first (what a broker offers a worker)."""
+    return [query_protocol(realm_hex, version) for version in QUERY_VERSIONS]
+
+
+def query_version(protocol: str | None) -> int:
+    """The version of a negotiated query protocol id (1 when libp2p did not say which)."""
+    tail = (protocol or "").rpartition("/")[2]
+    return int(tail) if tail.isdigit() and int(tail) in QUERY_VERSIONS else 1
 
 
 def sync_protocol(realm_hex: str) -> TProtocol:

@@ -21,6 +21,7 @@ def test_broker_pays_the_worker_by_receipt(tmp_path):
         assert outcome["result"] == "desserts"
         assert outcome["worker"] == worker.peer_id
         assert outcome["worker_address"] == worker_address
+        assert outcome["model"] == "reverse"  # asked for none: the worker's receipt names it
         price = outcome["cost_units"]
         assert price >= 1_000_000  # at least one token (SPEC §7)
 
@@ -39,6 +40,7 @@ def test_broker_pays_the_worker_by_receipt(tmp_path):
         trail = cli_json(broker, "wallet", "trail")
         (record,) = [r for r in trail["records"] if r["receipt_hash"] == outcome["receipt_hash"]]
         assert record["outcome"] == "done" and record["price_units"] == price and record["type"] == "chat"
+        assert record["model"] == "reverse"
         csv = run_cli("wallet", "trail", "--format", "csv", "--data-dir", str(broker_dir))
         assert csv.returncode == 0 and outcome["receipt_hash"] in csv.stdout
 

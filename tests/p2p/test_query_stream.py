@@ -34,7 +34,7 @@ from p2p.query_wire import (
     make_receipt,
     result_bytes,
 )
-from p2p.topics import query_protocol
+from p2p.topics import query_protocol, query_protocols
 from tests.p2p.waiting import wait_until
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
@@ -66,6 +66,8 @@ async def reverse_handler(query: Query, progress: ProgressSink | None, probe: Pr
         raise RuntimeError("backend exploded")
     if command == "wrongtype":
         return HandlerResult("image", b"not text")
+    if command == "model":  # a handler that says which model answered
+        return HandlerResult("text", "ok", model="tiny-llama")
     if command in ("block", "hold"):
         if progress is not None:  # None: the broker asked for no progress
             await progress.status("working")
@@ -162,6 +164,24 @@ async def test_reverse_query_streams_progress_and_returns_a_verified_receipt():
             again = await broker.client.call(worker.mesh.peer_id, broker.query("ab"), timeout_s=5)
             assert again.data == "ba" and worker.server.stats["ok"] == 2
             assert worker.probe.sinks == [True, False]
+
+
+async def test_query2_receipts_name_the_model_and_a_query1_broker_gets_the_receipt_it_knows():
+    with trio.fail_after(15):
+        async with open_worker() as worker, open_broker(worker) as broker:
+            result = await broker.client.call(worker.mesh.peer_id, broker.query("model:"), timeout_s=5)
+            assert result.model == result.receipt["body"]["model"] == "tiny-llama"
+            named = await broker.client.call(worker.mesh.peer_id, broker.query("hello", model="reverse"), timeout_s=5)
+            assert named.model == "reverse"  # the handler did not say: the query's own
+            # the worker's handler answering with another model than the query named is its bug
+            wrong = await failure(broker, worker.mesh.peer_id, broker.query("model:", model="reverse"))
+            assert (wrong.code, wrong.blame) == ("bad_result", Blame.WORKER)
+            # a broker that speaks only query/1 (an older node) gets receipts without the field
+            older = QueryClient(broker.mesh, REALM, limits=LIMITS, cancel_grace_s=1.0)
+            older.protocols = [query_protocol(REALM.hex(), 1)]
+            old_style = await older.call(worker.mesh.peer_id, broker.query("model:"), timeout_s=5)
+            assert "model" not in old_style.receipt["body"] and old_style.model == ""
+            assert old_style.data == "ok"
 
 
 async def test_bad_envelopes_get_their_specific_error_blamed_on_the_broker():
@@ -337,7 +357,8 @@ async def test_unreachable_or_non_serving_peers_are_typed():
             assert (not_a_query.code, not_a_query.blame, not_a_query.retryable) == ("bad_request", Blame.BROKER, False)
             with pytest.raises(ValueError, match="host's own key"):
                 QueryServer(worker.mesh, REALM, Identity.generate(), reverse_handler)
-            worker.mesh.host.remove_stream_handler(query_protocol(REALM.hex()))
+            for protocol in query_protocols(REALM.hex()):
+                worker.mesh.host.remove_stream_handler(protocol)
             refused = await failure(broker, worker.mesh.peer_id, broker.query())
             assert refused.code == "protocol_refused" and refused.retryable
 

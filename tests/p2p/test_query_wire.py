@@ -36,6 +36,7 @@ from p2p.query_wire import (
     check_receipt,
     make_query,
     make_receipt,
+    receipt_model,
     result_bytes,
     result_hash,
 )
@@ -202,6 +203,7 @@ def test_each_bad_receipt_gets_its_verdict():
     q = verified_query()
     good = receipt_for(q)
     other_q = verified_query(query_id=b"z" * 16)
+    named = verified_query(model="reverse")
 
     def body_with(**changes):
         return signing.sign(WORKER.signing_key, "receipt", {**good["body"], **changes})
@@ -214,14 +216,31 @@ def test_each_bad_receipt_gets_its_verdict():
         ReceiptVerdict.WRONG_QUERY: (receipt_for(other_q), {}),
         ReceiptVerdict.WRONG_RESULT: (receipt_for(q, result=b"other"), {}),
         ReceiptVerdict.WRONG_PRICE: (body_with(price_units=41), {}),
+        ReceiptVerdict.WRONG_MODEL: (receipt_for(named, model="reverse-slow"), {"query": named}),
     }
     assert set(cases) | {ReceiptVerdict.OK} == set(ReceiptVerdict)
     for verdict, (receipt, kw) in cases.items():
-        assert check_receipt(receipt, query=q, result_bytes=b"olleh", **kw) is verdict, verdict
+        assert check_receipt(receipt, result_bytes=b"olleh", **{"query": q, **kw}) is verdict, verdict
     # A receipt claiming the wrong result type for the query, or for the frame, is WRONG_RESULT.
     image = receipt_for(q, result_type="image")
     assert check_receipt(image, query=q, result_bytes=b"olleh") is ReceiptVerdict.WRONG_RESULT
     assert check_receipt(good, query=q, result_bytes=b"olleh", result_type="audio") is ReceiptVerdict.WRONG_RESULT
+
+
+def test_a_receipt_may_name_the_model_that_answered():
+    """query/2 receipts carry ``model``: any for a query that named none, the query's own otherwise;
+    query/1 receipts have no such field and still verify."""
+    q = verified_query()
+    named = verified_query(model="reverse")
+    with_model = receipt_for(q, model="tiny-llama")
+    assert check_receipt(with_model, query=q, result_bytes=b"olleh") is ReceiptVerdict.OK
+    assert receipt_model(with_model) == "tiny-llama" and receipt_model(receipt_for(q)) == ""
+    assert "model" not in receipt_for(q)["body"]  # what a query/1 broker gets
+    assert check_receipt(receipt_for(named, model="reverse"), query=named, result_bytes=b"olleh") is ReceiptVerdict.OK
+    assert check_receipt(receipt_for(named), query=named, result_bytes=b"olleh") is ReceiptVerdict.OK
+    for bad in (7, "m" * 129):
+        receipt = signing.sign(WORKER.signing_key, "receipt", {**with_model["body"], "model": bad})
+        assert check_receipt(receipt, query=q, result_bytes=b"olleh") is ReceiptVerdict.BAD_FIELD
 
 
 def test_result_bytes_of_text_are_utf8():
