@@ -130,7 +130,7 @@ def register(app: "QuartTrio", state: "ConsoleState") -> None:
         answer = await paid(user, "chat", prompt, model)
         text = answer_text(answer)
         return jsonify({"id": "chatcmpl-" + (answer.query_id or "0"), "object": "chat.completion",
-                        "created": int(time.time()), "model": model,
+                        "created": int(time.time()), "model": answer.model or model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "finish_reason": "stop"}], "usage": usage_of(prompt, text), "mtor": mtor_of(answer)})
 

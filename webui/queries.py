@@ -66,6 +66,7 @@ class Answer:
     queue_wait: float
     transcript: str | None = None  #: for speech: what was heard
     reply_text: str | None = None  #: for speech: the chat answer that was spoken
+    model: str = ""  #: the model that answered (the chat leg's for speech), "" when the worker did not say
 
     @property
     def cost(self) -> float:
@@ -207,7 +208,7 @@ class QueryRunner:
             result_type = "text" if isinstance(data, str) else "image"
         return Answer(query_type, result_type, data, float(outcome.get("processing_time", 0.0)),
                       int(outcome.get("cost_units", 0)), outcome.get("query_id", ""), outcome.get("worker", ""),
-                      float(outcome.get("queue_wait", 0.0)))
+                      float(outcome.get("queue_wait", 0.0)), model=outcome.get("model", ""))
 
     async def _speech(self, payer: Identity, audio: bytes | None, audio_type: str | None, model_name: str,
                       model_type: str | None) -> Answer:
@@ -231,4 +232,5 @@ class QueryRunner:
             data, result_type = reply_text, "text"
         return Answer("speech", result_type, data, sum(a.processing_time for a in legs),
                       sum(a.cost_units for a in legs), reply.query_id, reply.worker,
-                      sum(a.queue_wait for a in legs), transcript=transcript, reply_text=reply_text)
+                      sum(a.queue_wait for a in legs), transcript=transcript, reply_text=reply_text,
+                      model=reply.model)

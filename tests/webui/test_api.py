@@ -76,6 +76,7 @@ def test_openai_models_and_chat_completion(client):
     # Clients that hard-code another model name are served by whatever chat model the mesh has.
     other = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "abc"}])
     assert other.choices[0].message.content == "cba"
+    assert done.model == other.model == "reverse"  # the model that answered, as OpenAI's API says it
 
 
 def test_openai_streaming_chat(client):
