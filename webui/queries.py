@@ -78,6 +78,8 @@ class Answer:
         out = {"result": result, "result_type": self.result_type, "processing_time": round(self.processing_time, 3),
                "cost": self.cost, "cost_units": self.cost_units, "query_type": self.query_type,
                "query_id": self.query_id, "worker": self.worker, "queue_wait": self.queue_wait}
+        if self.model:
+            out["model"] = self.model
         if self.transcript is not None:
             out["transcript"] = self.transcript
         if self.reply_text is not None:

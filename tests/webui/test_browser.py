@@ -89,6 +89,7 @@ def test_chat_nickname_and_the_quoted_price(page, shots):
     page.keyboard.press("Control+Enter")
     page.wait_for_selector("#result-list li.done")
     assert page.text_content("#result-list li.done .text") == "desserts"
+    assert page.text_content("#result-list li.done .meta").endswith(" · reverse")  # the model that answered
     page.wait_for_function(f"Number(document.getElementById('balance').textContent) === {before - price}")
     assert balance(page) == before - price
     assert "stressed" in page.text_content("#history")

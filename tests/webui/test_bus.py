@@ -79,6 +79,7 @@ async def test_chat_is_answered_paid_and_remembered(node):
         assert result["result"] == "desserts" and result["result_type"] == "text"
         assert result["cost_units"] == quote["price_units"] and result["request_id"] == "r1"
         assert result["processing_time"] >= 0
+        assert result["model"] == "reverse"  # asked for any: the one that answered
         balance = await c.expect("balance_update")
         assert balance["balance_units"] == 100 * TOKEN - quote["price_units"]
         history = await c.expect("previous_queries", where=lambda m: m["queries"])

@@ -179,6 +179,7 @@
     const meta = li.firstChild;
     if (msg.cost !== undefined) meta.textContent += " · cost " + amount(msg.cost);
     if (msg.processing_time !== undefined) meta.textContent += " · " + msg.processing_time + " s";
+    if (msg.model) meta.textContent += " · " + msg.model;
   }
 
   // -- messages from the node ------------------------------------------------------------
