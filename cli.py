@@ -311,9 +311,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(f"{outcome['result_type']} result, {len(base64.b64decode(outcome['result']))} bytes {where}")
     else:
         print(outcome["result"])
+    model = f"{outcome['model']}, " if outcome.get("model") else ""
     print(
         f"-- {tokens_phrase(outcome['cost'])} to {outcome['worker_address']} "
-        f"({outcome['processing_time']:.2f} s, waited {outcome['queue_wait']:.2f} s)",
+        f"({model}{outcome['processing_time']:.2f} s, waited {outcome['queue_wait']:.2f} s)",
         file=sys.stderr,
     )
     return 0

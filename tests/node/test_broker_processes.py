@@ -49,6 +49,11 @@ def test_broker_pays_the_worker_by_receipt(tmp_path):
         assert failed.returncode == 1 and "Traceback" not in failed.stderr
         assert cli_json(broker, "wallet", "balance")["balance_units"] == after["balance_units"]
 
+        # Without --json: the answer on stdout, who answered with which model and what it cost on stderr.
+        human = run_cli("ask", "chat", "abc", "--data-dir", str(broker_dir))
+        assert human.returncode == 0 and human.stdout.strip() == "cba", human.stderr
+        assert f"to {worker_address} (reverse, " in human.stderr
+
 
 def test_claude_queries_go_to_a_claude_adapter_at_the_claude_price(tmp_path):
     """SPEC §7's remote Claude × 1.3, end to end: the worker node fronts a Claude API (a local
@@ -75,12 +80,13 @@ def test_claude_queries_go_to_a_claude_adapter_at_the_claude_price(tmp_path):
         claude = json.loads(asked.stdout)
         assert claude["result"] == "hello from the mesh " and claude["worker"] == worker.peer_id
         assert claude["cost_units"] == 1_300_000  # 1 token at base load × 1.3
+        assert claude["model"] == "claude-test"
         assert [s.body["model"] for s in anthropic.seen if s.method == "POST"] == ["claude-test"]
 
         asked = run_cli("ask", "chat", "stressed", "--data-dir", str(broker_dir), "--json")
         assert asked.returncode == 0, asked.stdout + asked.stderr
         mesh = json.loads(asked.stdout)
-        assert mesh["result"] == "desserts" and mesh["cost_units"] == 1_000_000
+        assert mesh["result"] == "desserts" and mesh["cost_units"] == 1_000_000 and mesh["model"] == "reverse"
         assert len([s for s in anthropic.seen if s.method == "POST"]) == 1  # the adapter was not asked
 
         # Naming the Claude model is enough (as an OpenAI-API client does): it is a Claude query.
