@@ -386,8 +386,8 @@ def record_outcome(ledger, ticket, load: int, worker_health: int | None, ts_ms: 
                    sync: bool | None = None) -> QueryRecord:
     """Record a finished broker ticket (its ``outcome`` is set); run as ``ledger_service.call(record_outcome, …)``."""
     record = record_from_outcome(
-        ticket.query_id, ticket.ask.payer.address, ticket.outcome.get("model", ticket.ask.model), ticket.outcome, load=load,
-        worker_health=worker_health, ts_ms=ledger.now_ms() if ts_ms is None else ts_ms,
+        ticket.query_id, ticket.ask.payer.address, ticket.outcome.get("model", ticket.ask.model), ticket.outcome,
+        load=load, worker_health=worker_health, ts_ms=ledger.now_ms() if ts_ms is None else ts_ms,
     )
     ledger.put_record(record, sync=sync)
     return record

@@ -131,8 +131,12 @@ class LocalWorker:
         return self.manager.find(query.type, query.model or None)
 
     def _model_of(self, query: Query) -> str:
-        """The model that answers a query naming none: the first name of the backend that runs it."""
-        info = self.manager.info(self._backend(query))
+        """The model that answered a query naming none: the first name of the backend that ran it
+        ("" if it was unregistered meanwhile: the answer stands, only its name is unknown)."""
+        try:
+            info = self.manager.info(self._backend(query))
+        except UnknownBackend:
+            return ""
         return info.models[0] if info.models else info.name
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

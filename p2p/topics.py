@@ -63,7 +63,7 @@ def query_protocols(realm_hex: str) -> list[TProtocol]:
 def query_version(protocol: str | None) -> int:
     """The version of a negotiated query protocol id (1 when libp2p did not say which)."""
     tail = (protocol or "").rpartition("/")[2]
-    return int(tail) if tail.isdigit() and int(tail) in QUERY_VERSIONS else 1
+    return int(tail) if tail.isdecimal() and int(tail) in QUERY_VERSIONS else 1
 
 
 def sync_protocol(realm_hex: str) -> TProtocol:

@@ -12,6 +12,8 @@ from p2p.topics import (
     announce_topic,
     capability_key,
     query_protocol,
+    query_protocols,
+    query_version,
     sync_protocol,
 )
 from tests.p2p.harness import REALM, signed
@@ -29,6 +31,10 @@ def test_topic_and_protocol_names():
     realm_hex = REALM.hex()
     assert announce_topic(realm_hex) == f"/mtor/{realm_hex}/announce"
     assert query_protocol(realm_hex) == f"/mtor/{realm_hex}/query/1"
+    assert query_protocols(realm_hex) == [f"/mtor/{realm_hex}/query/2", f"/mtor/{realm_hex}/query/1"]
+    assert [query_version(p) for p in (*query_protocols(realm_hex), None, "/x/query/9", "/x/query/²")] == [2, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="unknown query protocol version"):
+        query_protocol(realm_hex, 3)
     assert sync_protocol(realm_hex) == f"/mtor/{realm_hex}/sync/1"
     assert capability_key(realm_hex, "chat") == f"/mtor/{realm_hex}/cap/chat"
     topics = RealmTopics(realm_hex)
