@@ -331,11 +331,11 @@ def run_wallet_trail(args) -> int:
         sys.stdout.write(trail_json(records) if args.format == "json" else trail_csv(records))
         return 0
     t = r["totals"]
-    rows = [[rec.query_id.hex()[:12], rec.type, rec.outcome.value, format_units(rec.price_units),
+    rows = [[rec.query_id.hex()[:12], rec.type, rec.model or "-", rec.outcome.value, format_units(rec.price_units),
              rec.queue_wait_ms, rec.processing_ms, rec.worker_address[:16] or "-"] for rec in records]
     lines = [f"trail of {r['address']}: {t['queries']} queries, {t['done']} done, "
              f"{tokens_phrase(format_units(t['lifetime_units']))} spent"]
-    lines += _table(rows, ["query", "type", "outcome", "price", "wait ms", "run ms", "paid to"]) if rows else \
+    lines += _table(rows, ["query", "type", "model", "outcome", "price", "wait ms", "run ms", "paid to"]) if rows else \
         ["no queries yet"]
     return _emit(args, r, lines)
 

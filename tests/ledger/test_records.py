@@ -225,6 +225,9 @@ def test_cli_trail_offline(tmp_path, capsys):
         led.put_record(rec(2, payer=payer, outcome=RecordOutcome.FAILED))
     code, out, _ = _cli(capsys, "wallet", "trail", "--data-dir", str(data))
     assert code == 0 and "2 queries, 1 done, 1 token spent" in out and "failed" in out
+    header, *rows = out.splitlines()[1:]
+    assert header.split()[:4] == ["query", "type", "model", "outcome"]
+    assert [row.split()[1:4] for row in rows if row.strip("- ")] == [["chat", "reverse", "failed"], ["chat", "reverse", "done"]]
     code, out, _ = _cli(capsys, "wallet", "trail", "--format", "json", "--limit", "1", "--data-dir", str(data))
     assert code == 0 and [r["outcome"] for r in json.loads(out)] == ["failed"]
     code, out, _ = _cli(capsys, "wallet", "trail", "--format", "csv", "--data-dir", str(data))
