@@ -98,13 +98,17 @@ class Custody:
     """Custodial wallets and grants over one open :class:`Ledger`. Thread-safe through the ledger's lock."""
 
     def __init__(self, ledger: Ledger, node_identity: Identity, *, budget_units: int,
-                 grant_units: int | None = None, clock_ms: Callable[[], int] | None = None) -> None:
+                 grant_units: int | None = None, clock_ms: Callable[[], int] | None = None,
+                 node_may_claim: bool = True) -> None:
         self.ledger = ledger
         self.node = node_identity
         self.seal = Seal(node_identity)
         self.budget_units = budget_units
         self.grant_units = ledger.genesis.demo_grant_units if grant_units is None else grant_units
         self._clock = clock_ms or (lambda: int(time.time() * 1000))
+        #: False while the node wallet's own claims wait (node.ledger_service: before its first sync,
+        #: or while the twin probe holds a suspect): a grant then pays only from what is received.
+        self.node_may_claim = node_may_claim
 
     def wallet(self, guid: str) -> Identity | None:
         """The custodial wallet of ``guid``, or None if it has none yet."""
@@ -195,7 +199,8 @@ class Custody:
                 f"this node's demo grant budget ({wallet_ops.format_units(self.budget_units)} tokens) is spent; "
                 "no more welcome tokens are given here"
             )
-        if self.ledger.balance(self.node.public_key) < self.grant_units and self.ledger.receivable(self.node.public_key):
+        if (self.node_may_claim and self.ledger.balance(self.node.public_key) < self.grant_units
+                and self.ledger.receivable(self.node.public_key)):
             wallet_ops.receive_all(self.ledger, self.node, now_ms=self._clock())
         try:
             sent = wallet_ops.send(self.ledger, self.node, identity.address, self.grant_units, ref,

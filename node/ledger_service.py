@@ -144,6 +144,9 @@ class LedgerService:
         #: node wallet's claims wait, or None. Payments stay receivable while they wait.
         self.claims_held_by: Callable[[], AdSighting | None] | None = None
         self._held_for: AdSighting | None = None  #: the sighting last logged as holding claims
+        #: False while :meth:`run_auto_receive` waits for its first sync (and the twin probe's first
+        #: question) before the node wallet's first claim.
+        self._claims_open = True
         self.group_commits = 0  #: commits made by write_grouped (parts / commits = mean group size)
         self.group_parts = 0
 
@@ -415,6 +418,12 @@ class LedgerService:
             await self.refresh_summary()
         return claimed
 
+    def node_may_claim(self) -> bool:
+        """Whether the node wallet may claim payments now (its claim round would): other paths that
+        claim for it (a welcome grant short of funds) ask here first. Call from the event loop."""
+        return self._claims_open and self.identity.public_key not in self.ledger.signing_refused \
+            and not self._claims_held()
+
     def _claims_held(self) -> bool:
         sighting = self.claims_held_by() if self.claims_held_by is not None else None
         if sighting is not None and sighting is not self._held_for:
@@ -442,12 +451,14 @@ class LedgerService:
             await self.auto_receive(self.identity, quiet_s)
             task_status.started()
         else:
+            self._claims_open = False
             await self.auto_receive(self.identity, quiet_s, allocations_only=True)
             task_status.started()
             with trio.move_on_after(FIRST_SYNC_WAIT_S):
                 await synced.wait()
                 if first_probe is not None:
                     await first_probe.wait()
+            self._claims_open = True
             await self._claim_or_say_why(quiet_s)
         while True:
             await trio.sleep(max(1.0, quiet_s))

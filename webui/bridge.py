@@ -48,17 +48,19 @@ class Bridge:
 
     # -- wallets ------------------------------------------------------------------------
 
-    def _custody(self, ledger) -> Custody:
+    def _custody(self, ledger, *, node_may_claim: bool = True) -> Custody:
         budget = self.node.settings.ledger.demo_grant_budget_tokens * UNITS_PER_TOKEN
-        return Custody(ledger, self.node.identity, budget_units=budget)
+        return Custody(ledger, self.node.identity, budget_units=budget, node_may_claim=node_may_claim)
 
     async def open_wallet(self, guid: str) -> tuple[Identity, dict]:
         """``guid``'s custodial wallet (created with its one-time grant if new)."""
         if self.node.ledger is None:
             raise WalletUnavailable("the node's ledger is not open yet")
 
+        may_claim = self.node.ledger.node_may_claim()  # asked here, on the event loop
+
         def open_it(ledger) -> tuple[dict, Identity]:
-            custody = self._custody(ledger)
+            custody = self._custody(ledger, node_may_claim=may_claim)
             info = custody.open_wallet(guid)
             return info, custody.wallet(guid)
 

@@ -70,3 +70,18 @@ def test_a_wallet_an_older_node_kept_in_the_clear_is_sealed_on_first_read(tmp_pa
         opened = custody.open_wallet(GUID)  # the grant moved with it: not paid again
         assert not opened["created"] and opened["grant"] is None and custody.granted_units() == 100 * UNIT
         assert custodial_identities(led, founder, {legacy.public_key}) == {legacy.public_key: legacy}
+
+
+def test_a_grant_claims_nothing_for_the_node_while_its_claims_wait(tmp_path, genesis, founder, clock):
+    """A node wallet short of funds claims what it is owed to pay a welcome grant, except while its
+    own claims wait (before its first sync, or while the twin probe holds a suspect: node_may_claim)."""
+    with Ledger.open(tmp_path / "db", genesis, sync=False, clock_ms=clock) as led:
+        owed = led.receivable(founder.public_key)
+        assert owed and led.balance(founder.public_key) == 0  # the genesis allocation, not yet claimed
+        waiting = Custody(led, founder, budget_units=1000 * UNIT, clock_ms=clock, node_may_claim=False)
+        opened = waiting.open_wallet(GUID)
+        assert opened["grant"] is None and "cannot pay welcome tokens right now" in opened["grant_refused"]
+        assert led.receivable(founder.public_key) == owed  # nothing claimed, nothing signed
+        claiming = Custody(led, founder, budget_units=1000 * UNIT, clock_ms=clock)
+        assert claiming.open_wallet(GUID)["grant"] is not None  # the same user, once claims may go on
+        assert led.balance(claiming.wallet(GUID).public_key) == led.genesis.demo_grant_units

@@ -85,6 +85,7 @@ async def test_a_block_of_the_node_key_signed_elsewhere_stops_its_signing(tmp_pa
         with pytest.raises(wallet_ops.WalletError) as other:
             await a.service.call(wallet_ops.send, FOUNDER, x.address, UNIT)
         assert str(other.value) == WALLETS_REFUSED
+        assert not a.service.node_may_claim()
         pay_x = chains.send(FOUNDER, x, 5 * UNIT)
         await a.submit_quietly([pay_x.raw])
         assert await a.service.auto_receive(x, 0) == 0
@@ -259,13 +260,16 @@ async def test_claims_wait_for_the_twin_probes_first_question_and_while_it_holds
             await nursery.start(partial(a.service.run_auto_receive, 0, synced=synced, first_probe=first_probe))
             await trio.sleep(0.3)  # synced, but the probe has not asked anyone yet
             assert await a.service.call(lambda led: led.receivable(x.public_key)) == owed
+            assert not a.service.node_may_claim()  # what a welcome grant short of funds asks
             first_probe.set()
             await trio.sleep(1.5)  # asked, and the answer is a suspect: the claim loop runs and holds
             assert await a.service.call(lambda led: led.receivable(x.public_key)) == owed
+            assert not a.service.node_may_claim()
             assert await a.service.auto_receive(x, 0) == 0
             warnings = [r for r in caplog.records if "incoming payments wait" in r.getMessage()]
             assert len(warnings) == 1 and c.peer_id in warnings[0].getMessage()  # once per suspect
             held[0] = None  # the suspect was never confirmed and expired
+            assert a.service.node_may_claim()
             with trio.fail_after(10):
                 while await a.service.call(lambda led: led.receivable(x.public_key)):
                     await trio.sleep(0.02)
