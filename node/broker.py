@@ -59,7 +59,8 @@ from node.selection import Exhausted, Request, model_to_name, next_attempt, sele
 from p2p.query_client import QueryClient, QueryFailed
 from p2p.query_io import wall_ms
 from p2p.query_stream import WorkerFault
-from p2p.query_wire import NonceWindow, QueryLimits, QueryVerdict, check_query, make_query, make_receipt, result_bytes
+from p2p.query_wire import (NonceWindow, QueryLimits, QueryVerdict, check_query, make_query, make_receipt,
+                            receipt_model, result_bytes)
 from p2p.query_wire import Query as WireQuery
 
 log = logging.getLogger(__name__)
@@ -452,7 +453,7 @@ class Broker:
             "status": "done",
             "type": ticket.ask.type,
             # the model that answered: the receipt names it (query/2), else the query did, else as asked
-            "model": receipt["body"].get("model") or ticket.signed["body"]["model"] or ticket.ask.model,
+            "model": receipt_model(receipt) or ticket.signed["body"]["model"] or ticket.ask.model,
             "result_type": answer["result_type"],
             "result": answer["data"],
             "cost_units": cost_units,

@@ -400,9 +400,7 @@ class LedgerService:
                 return 0
             return len(receive_all(ledger, identity, only=ready)["received"])
 
-        if identity.public_key in self.ledger.signing_refused:
-            return 0  # the key signs on another node too (node.key_watch): said once, when it was found
-        if identity.public_key == self.identity.public_key and self._claims_held():
+        if self._claims_wait(identity):
             return 0
         sources = await self.call(owed)
         if not sources and await self.call(lambda ledger: ledger.stuck_credit(identity.public_key) is not None):
@@ -421,8 +419,14 @@ class LedgerService:
     def node_may_claim(self) -> bool:
         """Whether the node wallet may claim payments now (its claim round would): other paths that
         claim for it (a welcome grant short of funds) ask here first. Call from the event loop."""
-        return self._claims_open and self.identity.public_key not in self.ledger.signing_refused \
-            and not self._claims_held()
+        return self._claims_open and not self._claims_wait(self.identity)
+
+    def _claims_wait(self, identity: Identity) -> bool:
+        """Whether ``identity`` must claim nothing now: its key signs on another node too (said once,
+        when node.key_watch found it), or it is the node wallet and the twin probe holds a suspect."""
+        if identity.public_key in self.ledger.signing_refused:
+            return True
+        return identity.public_key == self.identity.public_key and self._claims_held()
 
     def _claims_held(self) -> bool:
         sighting = self.claims_held_by() if self.claims_held_by is not None else None
