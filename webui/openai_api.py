@@ -14,7 +14,9 @@ name (clients often hard-code ``gpt-…``) lets the mesh pick.
 sent since the last one (the broker passes worker progress on, see
 :class:`webui.queries.LiveQuery`), and the last content chunk carries
 whatever of the final, receipted answer the tokens did not (so the chunks
-always join up to the answer). A refusal before the query is queued is an
+always join up to the answer). The model that answered is known from the
+receipt only, so the chunks name the model asked for and the last one (with
+``finish_reason``) the model that answered. A refusal before the query is queued is an
 ordinary HTTP error; a failure after the stream began is an SSE chunk
 ``{"error": {...}}`` followed by ``[DONE]``. If the broker has to move the
 query to another worker after tokens went out, the stream ends with the
@@ -224,8 +226,8 @@ async def _chunks(live: LiveQuery, prompt: str, model: str) -> AsyncIterator[byt
     """The SSE body of a streamed chat completion; closing it early (the client hung up) cancels the query."""
     ident, created = "chatcmpl-" + live.query_id, int(time.time())
 
-    def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
-        payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+    def chunk(delta: dict, finish: str | None = None, answered_by: str = "", **extra) -> bytes:
+        payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": answered_by or model,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
@@ -257,7 +259,8 @@ async def _chunks(live: LiveQuery, prompt: str, model: str) -> AsyncIterator[byt
                 yield chunk({"content": text[len(sent):]})
         else:  # a backend whose tokens do not spell its answer: the receipted answer is what counts
             log.warning("query %s: streamed tokens are not a prefix of the answer", live.query_id[:8])
-        yield chunk({}, "stop", usage=usage_of(prompt, text), mtor=mtor_of(live.answer))
+        # The receipt names the model only now: the last chunk says which answered (earlier ones, the name asked for).
+        yield chunk({}, "stop", live.answer.model, usage=usage_of(prompt, text), mtor=mtor_of(live.answer))
         yield b"data: [DONE]\n\n"
     finally:
         live.stop()  # no-op once the query ended

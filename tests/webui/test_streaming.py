@@ -87,6 +87,14 @@ def test_openai_stream_carries_tokens_as_the_worker_makes_them(http, api_key, cl
     assert after["available_units"] == after["balance_units"]
 
 
+def test_openai_stream_for_a_model_the_mesh_lacks_ends_naming_the_model_that_answered(client):
+    stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "ih"
+    assert chunks[0].model == "gpt-4o"  # asked for; the mesh picked its chat model
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].model == "reverse-slow"
+
+
 def test_openai_client_hanging_up_mid_stream_cancels_and_charges_nothing(http, api_key, client, node):
     before = wallet(http, api_key)
     stream = client.chat.completions.create(model="reverse-slow", messages=[{"role": "user", "content": LONG}],
