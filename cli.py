@@ -21,8 +21,9 @@ from pathlib import Path
 from node import __version__
 from node import config as config_mod
 
-#: node.pricing.MODEL_TYPES, written out so that the CLI starts without the signing stack.
+#: node.pricing.MODEL_TYPES and QUERY_TYPES, written out so that the CLI starts without the signing stack.
 ASK_MODEL_TYPES = ("mesh", "claude")
+ASK_TYPES = ("chat", "vision", "imagine", "speech", "whisper", "bark")
 
 log = logging.getLogger("mtor-node")
 
@@ -286,13 +287,25 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def ask_type_and_prompt(words: list[str]) -> tuple[str, str]:
+    """``ask`` takes ``[TYPE] PROMPT``: a first word that names a query type is the type, else it is a chat.
+
+    So ``mtor-node ask what is a realm`` just chats; a prompt that starts with a type's name
+    (``ask speech is silver``) is a query of that type unless quoted as one word.
+    """
+    if words[0] in ASK_TYPES:
+        return words[0], " ".join(words[1:])
+    return "chat", " ".join(words)
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     import base64
     import mimetypes
 
     from node.genesis import tokens_phrase
 
-    payload = {"type": args.type, "prompt": args.prompt, "model": args.model or "", "model_type": args.model_type}
+    query_type, prompt = ask_type_and_prompt(args.words)
+    payload = {"type": query_type, "prompt": prompt, "model": args.model or "", "model_type": args.model_type}
     if args.media:
         try:
             payload["media_b64"] = base64.b64encode(Path(args.media).read_bytes()).decode("ascii")
@@ -373,10 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--json", action="store_true", help="machine-readable output")
     peers.set_defaults(func=cmd_peers)
 
-    ask = sub.add_parser("ask", help="send a query into the mesh, paid from the node wallet")
+    ask = sub.add_parser("ask", help="send a query into the mesh, paid from the node wallet",
+                         usage="mtor-node ask [options] [TYPE] PROMPT")
     _common(ask)
-    ask.add_argument("type", help="query type: chat, vision, imagine, whisper, bark, speech")
-    ask.add_argument("prompt")
+    ask.add_argument("words", nargs="+", metavar="[TYPE] PROMPT",
+                     help=f"query type, one of {', '.join(ASK_TYPES)} (default: chat), then the prompt "
+                          "(its words may go unquoted; whisper and vision may leave it out)")
     ask.add_argument("--model", help="model name (default: any)")
     ask.add_argument("--model-type", choices=ASK_MODEL_TYPES,
                      help="where it runs: mesh or claude, a node's Claude API adapter (× 1.3 the price); "
