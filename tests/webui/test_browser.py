@@ -57,6 +57,7 @@ def page(browser, node):
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)  # a 404 too
     page.goto(node.console_url)
     page.wait_for_function("document.getElementById('welcome').textContent.startsWith('Welcome')")
     yield page
