@@ -119,6 +119,7 @@ class Ticket:
     cancel_message: str = "cancelled"  # what a caller hears when the running query is cancelled
     load: int = 0  # queue depth when it was submitted, for its record
     signed: dict | None = None  # the signed query of the latest attempt
+    loading_s: float = 0.0  # spent waiting for a worker's first load of the model: not the realm's load
 
     @property
     def payer_key(self) -> bytes:
@@ -337,6 +338,7 @@ class Broker:
                 worker = attempt.candidate.worker_id
                 if worker in busy:  # everyone else failed or is busy too: wait a little before asking again
                     await trio.sleep(min(1.0, 0.02 * busy_waits))
+                asked_at = trio.current_time()
                 try:
                     answer = await self._dispatch(ticket, worker, model_to_name(attempt.candidate, request))
                 except QueryFailed as exc:
@@ -349,6 +351,7 @@ class Broker:
                         if ticket.ask.progress is not None and loading_waits == 1:
                             ticket.ask.progress.put("status", exc.message)
                         await trio.sleep(LOADING_RETRY_S)
+                        ticket.loading_s += trio.current_time() - asked_at
                         continue
                     exc = self._second_opinion(ticket, worker, exc)
                     self._note_failure(ticket, worker, exc.code, str(exc), exc.blame, exc.fault)
@@ -415,8 +418,10 @@ class Broker:
                       "processing_ms": result.processing_ms}
         now = trio.current_time()
         self.registry.record_success(worker, now)
-        # The price follows what users wait for: queue wait plus service (SPEC §7; as node/sim).
-        self.prices.record(ticket.ask.type, now - ticket.enqueued_at, now)
+        # The price follows what users wait for: queue wait plus service (SPEC §7; as node/sim), less a
+        # model's one-off first load, which says nothing about how busy the realm is: counted, one cold
+        # start (a minute for the default chat model) priced the type at the cap for the next ten minutes.
+        self.prices.record(ticket.ask.type, now - ticket.enqueued_at - ticket.loading_s, now)
         return answer
 
     async def _run_locally(self, signed: dict, started: float, progress: ProgressFeed | None = None) -> dict:

@@ -33,7 +33,8 @@ from node.registry import PeerRegistry
 from p2p.ads import Ad, AdContent, Capability
 
 
-async def _broker(tmp_path, nursery, *, max_dispatch: int) -> tuple[Broker, Identity, LedgerService]:
+async def _broker(tmp_path, nursery, *, max_dispatch: int,
+                  chat_baseline_s: float = 1.0) -> tuple[Broker, Identity, LedgerService]:
     founder = Identity.generate()
     genesis = create(founder, "inprocess")
     data = DataDir(tmp_path)
@@ -50,7 +51,7 @@ async def _broker(tmp_path, nursery, *, max_dispatch: int) -> tuple[Broker, Iden
     queue = QueueService(FairQueue(200, 300.0), bus)
     broker = Broker(
         identity=founder, realm_id=genesis.realm_id, ledger=ledger, registry=registry,
-        prices=PriceBook({"chat": 1.0}), queue=queue, client=None, local=LocalWorker(models),
+        prices=PriceBook({"chat": chat_baseline_s}), queue=queue, client=None, local=LocalWorker(models),
         self_peer_id="self", query_timeout_s=30.0, max_dispatch=max_dispatch,
     )
     queue._on_expired = broker.on_expired
@@ -133,14 +134,18 @@ async def test_watchdog_restarts_a_stalled_dispatcher(tmp_path):
         nursery.cancel_scope.cancel()
 
 
-async def test_first_use_of_a_model_is_waited_out_not_failed(tmp_path):
+async def test_first_use_of_a_model_is_waited_out_not_failed_nor_priced(tmp_path):
     async with trio.open_nursery() as nursery:
-        broker, alice, _ = await _broker(tmp_path, nursery, max_dispatch=2)
+        # A baseline well under the broker's wait between asks (LOADING_RETRY_S), so that wait, counted as
+        # latency, would raise the price.
+        broker, alice, _ = await _broker(tmp_path, nursery, max_dispatch=2, chat_baseline_s=0.2)
         await nursery.start(broker.local.run)  # loads now happen in the background
         outcome = await broker.ask(Ask(payer=alice, type="chat", prompt="first", model="reverse"))
         assert outcome["status"] == "done" and outcome["result"] == "tsrif"
         assert outcome["attempts"] == []  # "model_loading" is not a failure of the worker
         assert broker.registry.get("self").health.score == 100
+        assert broker.prices.tracker.average("chat", trio.current_time()) < 0.2  # the load is not the realm's load
+        assert broker.quote("chat").units == UNITS_PER_TOKEN
         nursery.cancel_scope.cancel()
 
 
