@@ -172,7 +172,8 @@ class QueryRunner:
         self.metrics.query(query_type, "done", answer.processing_time, answer.cost_units)
         if answer.worker and answer.worker == self.node.peer_id:
             self.metrics.earned_units += answer.cost_units
-        shown = prompt or answer.transcript or f"[{query_type}]"
+        heard = answer.data if query_type == "whisper" and isinstance(answer.data, str) else None
+        shown = prompt or answer.transcript or heard or f"[{query_type}]"  # an audio query by what was heard
         self.store.record_query(guid, QueryRecord(shown, query_type, started, answer.cost_units,
                                                   answer.processing_time, "done"))
         return answer

@@ -174,6 +174,7 @@
       body.appendChild(window.MTORHighlight.render(msg.result ?? msg.text ?? ""));
     }
     if (msg.transcript) body.prepend(el("div", "meta", "heard: " + msg.transcript));
+    if (msg.result_type === "audio" && msg.reply_text) body.appendChild(window.MTORHighlight.render(msg.reply_text));
     li.replaceChild(body, li.lastChild);
     li.classList.add("done");
     const meta = li.firstChild;
@@ -340,8 +341,9 @@
     if (TYPES_WITH_AUDIO.includes(type)) {
       if (!S.audio) { toast("Hold the talk button to record first"); return; }
       query.audio = S.audio;
+      query.prompt = "";  // the recording is the question: text left in the box is not part of it
     } else if (!prompt.trim()) { toast("Type a prompt first"); return; }
-    resultCard(id, type, prompt || "recording");
+    resultCard(id, type, query.prompt || $("audio-note").textContent || "recording");
     send({ type: "submit_query", query, request_id: id });
   }
 

@@ -1,0 +1,131 @@
+"""Speech in headless chromium against a real node serving its real speech models.
+
+The node serves Whisper (tiny.en), Piper (joe) and the reverse chat model. Chromium's
+fake microphone plays a WAV that Piper spoke in this test process, so the talk button
+records real speech: a whisper query shows what Whisper heard, and a speech query
+(transcribe → chat → speak) shows what was heard, the chat's answer as text and the
+spoken answer as audio, and costs exactly the price quoted before it was recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import wave
+
+import pytest
+
+from tests.harness import NodeProcess
+from tests.webui.conftest import FAST
+from tests.webui.test_browser import ARGS, CHROMIUM
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
+    reason=f"chromium is not installed at {CHROMIUM} (run scripts/install-browser.sh)",
+)
+SAID = "Hello computer."
+#: Whisper's and Piper's first use in the node, on a busy 2-core machine.
+FIRST_ANSWER_MS = 180_000
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+@pytest.fixture(scope="module")
+def spoken_wav(tmp_path_factory):
+    """``SAID`` in Piper's voice, followed by silence so the fake microphone's loop has a gap."""
+    from inference.base import CancelToken, no_progress
+    from inference.tts import PiperBackend, SpeakRequest, default_voice
+
+    assert default_voice() is not None, "the default voice must be installed (scripts/install-models.sh)"
+    piper = PiperBackend()
+    piper.load()
+    speech = piper.run(SpeakRequest(SAID, deterministic=True), no_progress, CancelToken())
+    with wave.open(io.BytesIO(speech.wav)) as said:
+        params, frames = said.getparams(), said.readframes(said.getnframes())
+    path = tmp_path_factory.mktemp("mic") / "said.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setparams(params)
+        out.writeframes(frames + b"\0" * (params.sampwidth * params.framerate * 3))
+    return path
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    data = tmp_path_factory.mktemp("speech-node")
+    proc = NodeProcess(data, extra_args=("--capabilities", "chat:reverse,whisper,bark"), env=FAST).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        proc.kill()
+    assert "Traceback" not in proc.output, proc.output
+
+
+@pytest.fixture
+def page(node, spoken_wav):
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=[*ARGS, f"--use-file-for-fake-audio-capture={spoken_wav}"])
+        page = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.goto(node.console_url)
+        page.wait_for_function("document.getElementById('welcome').textContent.startsWith('Welcome')")
+        page.wait_for_selector("#connection.ok")
+        yield page
+        browser.close()
+    assert not errors, errors
+
+
+def _record(page, seconds: float) -> None:
+    box = page.locator("#ptt").bounding_box()
+    page.mouse.move(box["x"] + 5, box["y"] + 5)
+    page.mouse.down()
+    page.wait_for_function("document.getElementById('audio-note').textContent === 'recording…'")
+    page.wait_for_timeout(seconds * 1000)  # the length of the recording, not a synchronisation
+    page.mouse.up()
+    page.wait_for_function("document.getElementById('audio-note').textContent.startsWith('recorded')")
+
+
+def test_whisper_shows_what_was_said_and_keeps_it_in_the_history(page):
+    page.fill("#prompt", "text left over from an earlier query")  # not part of an audio query
+    page.select_option("#query-type", "whisper")
+    _record(page, 2.5)
+    page.click("#submit")
+    page.wait_for_selector("#result-list li.done, #result-list li.error", timeout=FIRST_ANSWER_MS)
+    card = page.locator("#result-list li").first
+    assert "done" in card.get_attribute("class"), card.inner_text()
+    heard = card.locator(".text").text_content()
+    assert {"hello", "computer"} <= set(_words(heard)), heard
+    meta = card.locator(".meta").first.text_content()
+    assert meta.startswith("whisper · recorded ") and "left over" not in meta, meta
+    assert meta.endswith(" · whisper-tiny.en"), meta
+    page.wait_for_function("document.getElementById('history').textContent.includes('omputer')")
+    assert "left over" not in page.text_content("#history")
+
+
+def test_speech_hears_answers_in_text_and_voice_and_charges_the_quote(page):
+    page.select_option("#query-type", "speech")
+    page.wait_for_function("/ tokens?$/.test(document.getElementById('price').textContent)")
+    price = float(page.text_content("#price").split()[0])
+    before = float(page.text_content("#balance"))
+    _record(page, 2.5)  # a speech query goes as soon as the button is let go
+    page.wait_for_selector("#result-list li.done, #result-list li.error", timeout=FIRST_ANSWER_MS)
+    card = page.locator("#result-list li").first
+    assert "done" in card.get_attribute("class"), card.inner_text()
+    heard = card.locator(".body > .meta").text_content()
+    assert heard.startswith("heard: ") and {"hello", "computer"} <= set(_words(heard)), heard
+    transcript = heard.removeprefix("heard: ")
+    assert card.locator(".body .text").text_content() == transcript[::-1]  # the reverse model's answer, shown
+    audio = card.locator("audio").get_attribute("src")
+    assert audio.startswith("data:audio/wav;base64,")
+    assert base64.b64decode(audio.split(",", 1)[1][:16])[:4] == b"RIFF"
+    assert card.locator(".meta").first.text_content().endswith(" · reverse")  # the chat leg's model
+    page.wait_for_function(f"Number(document.getElementById('balance').textContent) === {before - price}")
