@@ -51,8 +51,11 @@ def _common(parser: argparse.ArgumentParser, wallet: bool = True) -> None:
 
 
 def add_wallet_parser(subparsers) -> argparse.ArgumentParser:
-    wallet = subparsers.add_parser("wallet", help="wallet keys, balances and payments")
-    sub = wallet.add_subparsers(dest="wallet_cmd", required=True, metavar="COMMAND")
+    wallet = subparsers.add_parser("wallet", help="wallet keys, balances and payments (alone: the node wallet's balance)",
+                                   usage="%(prog)s [-h] [--data-dir DATA_DIR] [COMMAND ...]")
+    # `mtor-node wallet` alone answers the question it is usually asked: what the node wallet holds.
+    wallet.set_defaults(func=run_wallet_balance, address=None, json=False, wallet=None, passphrase_file=None)
+    sub = wallet.add_subparsers(dest="wallet_cmd", metavar="COMMAND")
     p = sub.add_parser("new", help="create a wallet key")
     p.add_argument("--name", help="wallet name (default: the node wallet, node.key)")
     p.add_argument("--encrypt", action="store_true", help="encrypt the key with a passphrase (prompted)")

@@ -173,6 +173,9 @@ def test_cli_wallet_flow(data_dir, capsys, tmp_path):
     assert "2.5 tokens" in out
     code, out, _ = _cli(capsys, "wallet", "history", "--data-dir", d)
     assert code == 0 and "send" in out and "-2.5" in out
+    code, alone, _ = _cli(capsys, "wallet", "--data-dir", d)  # no command: the node wallet's balance
+    code_b, balance, _ = _cli(capsys, "wallet", "balance", "--data-dir", d)
+    assert code == code_b == 0 and alone == balance and alone.startswith("address ")
     code, out, _ = _cli(capsys, "wallet", "export", "--wallet", "bob", "--passphrase-file", str(tmp_path / "pass"),
                         "--out", str(tmp_path / "bob.pem"), "--data-dir", d)
     assert code == 0
