@@ -20,7 +20,11 @@
     info: null, workers: [], models: {}, quote: null, queue: null, limits: null,
     image: null, audio: null, speak: false, pending: new Map(), nextId: 1,
     voice: window.MTORVoice.initial(), recognition: null, silenceTimer: null, recorder: null, greeted: false,
+    listener: null, phrases: new Set(), recognitionBroken: false,
   };
+  // Recognition errors that mean the browser's own speech recognition cannot work here (Chromium
+  // without Google's service, no capture device it can use): the node's Whisper listens instead.
+  const RECOGNITION_BROKEN = ["network", "audio-capture", "service-not-allowed", "language-not-supported"];
 
   // -- connection ----------------------------------------------------------------------
   function url() { return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws"; }
@@ -221,6 +225,7 @@
       voiceEvent({ type: "done" });
     },
     transcription_result(m) {
+      if (S.phrases.delete(String(m.request_id))) { voiceEvent({ type: "heard", text: m.text }); return; }
       const li = cardFor(m, "whisper");
       fillResult(li, { result: m.text, result_type: "text", cost: m.cost });
       if ($("query-type").value === "whisper" || S.dictating) $("prompt").value = m.text;
@@ -254,6 +259,11 @@
     ping() { send({ type: "pong" }); },
     error(m) {
       const id = String(m.request_id ?? m.image_id ?? "");
+      if (S.phrases.delete(id)) {  // a hands-free phrase the node could not transcribe: listening cannot go on
+        toast("Voice stopped: " + m.message);
+        if (S.voice.phase !== "inactive") voiceEvent({ type: "deactivate" });
+        return;
+      }
       if (S.pending.has(id) || ["query_result", "transcription_result", "speech_result"].includes(m.in_reply_to)) {
         const li = cardFor(m, m.query_type || "query");
         li.lastChild.textContent = m.message; li.classList.add("error");
@@ -436,14 +446,43 @@
   }
 
   function listen(on) {
+    if (!on) {
+      if (S.recognition) { const r = S.recognition; S.recognition = null; r.stop(); }
+      if (S.listener) { S.listener.stop(); S.listener = null; }
+      S.phrases.clear();
+      return;
+    }
+    if (S.recognition || S.listener) return;
     const SR = window.SpeechRecognition || window.webkitSpeechRecognition;
-    if (!SR) { if (on) toast("This browser cannot recognise speech; use the talk button"); return; }
-    if (on && !S.recognition) {
-      const r = new SR(); r.continuous = true; r.interimResults = false; r.lang = "en-US";
-      r.onresult = (e) => { const res = e.results[e.results.length - 1]; voiceEvent({ type: "heard", text: res[0].transcript }); };
-      r.onend = () => { if (S.recognition === r && S.voice.phase !== "inactive") r.start(); };
-      S.recognition = r; r.start();
-    } else if (!on && S.recognition) { const r = S.recognition; S.recognition = null; r.stop(); }
+    if (!SR || S.recognitionBroken) { listenThroughNode(); return; }
+    const r = new SR(); r.continuous = true; r.interimResults = false; r.lang = "en-US";
+    r.onresult = (e) => { const res = e.results[e.results.length - 1]; voiceEvent({ type: "heard", text: res[0].transcript }); };
+    r.onerror = (e) => {
+      if (!RECOGNITION_BROKEN.includes(e.error) || S.recognition !== r) return;
+      S.recognitionBroken = true; S.recognition = null;
+      listenThroughNode();
+    };
+    r.onend = () => { if (S.recognition === r && S.voice.phase !== "inactive") r.start(); };
+    S.recognition = r; r.start();
+  }
+
+  // Each phrase is a whisper query to this node (paid like any other); none is sent while a spoken
+  // request is being answered.
+  function listenThroughNode() {
+    const listener = new window.MTORAudio.PhraseListener((wav) => {
+      if (S.listener !== listener || S.voice.phase === "busy" || S.voice.phase === "inactive") return;
+      const id = "v" + S.nextId++;
+      S.phrases.add(id);
+      send({ type: "speech_to_text", audio: "data:audio/wav;base64," + window.MTORAudio.toBase64(wav), request_id: id });
+    });
+    S.listener = listener;
+    listener.start()
+      .then(() => { if (S.listener === listener) toast("Listening through this node's speech-to-text: each phrase is a whisper query"); })
+      .catch((err) => {
+        if (S.listener !== listener) return;
+        S.listener = null; toast("No microphone: " + err.message);
+        if (S.voice.phase !== "inactive") voiceEvent({ type: "deactivate" });
+      });
   }
 
   async function pttStart() {
@@ -466,8 +505,9 @@
 
   function voiceInput() {
     const SR = window.SpeechRecognition || window.webkitSpeechRecognition;
-    if (SR) {
+    if (SR && !S.recognitionBroken) {
       const r = new SR(); r.lang = "en-US";
+      r.onerror = (e) => { if (RECOGNITION_BROKEN.includes(e.error)) { S.recognitionBroken = true; toast("Hold the talk button, or press Ctrl+Shift+V again to record"); } };
       r.onresult = (e) => { $("prompt").value = ($("prompt").value + " " + e.results[0][0].transcript).trim(); };
       r.start();
     } else if (S.recorder) { pttStop(); } else { S.dictating = true; pttStart(); }

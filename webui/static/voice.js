@@ -5,7 +5,8 @@
 //         | {type: "done"} (a vision/weather action finished).
 // Effects: {say: text} | {submit: {mode, prompt}} | {prompt: text} | {capture: "vision"}
 //          | {weather: true} | {listen: bool}.
-// The browser shell feeds it recognition results (or tests inject them) and
+// The browser shell feeds it recognition results (the browser's, or the node's Whisper on phrases
+// the page cuts at pauses; or tests inject them) and
 // runs the effects; a silence is 15 s without a result (SILENCE_MS).
 (function (root) {
   const SILENCE_MS = 15000;
