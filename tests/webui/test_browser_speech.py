@@ -66,7 +66,9 @@ def spoken_wav(tmp_path_factory):
 @pytest.fixture(scope="module")
 def voice_wav(tmp_path_factory):
     """A hands-free chat: the wake word, the mode, the prompt, the wake word again to send it."""
-    return _speak(["Computer.", "Chat please.", "Hello world.", "Computer."], tmp_path_factory.mktemp("mic") / "voice.wav")
+    # The gaps leave room for the page's spoken prompts: it does not listen while it speaks.
+    return _speak(["Computer.", "Chat please.", "Hello world.", "Computer."], tmp_path_factory.mktemp("mic") / "voice.wav",
+                  gap_s=7)
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +155,9 @@ def test_speech_hears_answers_in_text_and_voice_and_charges_the_quote(page):
 
 
 def test_wake_word_mode_listens_through_the_nodes_whisper(node, voice_wav):
-    """Chromium's own recognition cannot work here (it says audio-capture; without Google's service,
-    network): the page cuts the microphone into phrases and the node's Whisper hears them."""
+    """Chromium's own recognition and synthesis cannot work here (audio-capture; without Google's
+    service, network; no voices: synthesis-failed): the page cuts the microphone into phrases that the
+    node's Whisper hears, and the node's Piper says the prompts."""
     with _console(node, voice_wav) as page:
         before = float(page.text_content("#balance"))
         page.click("#voice-toggle")
@@ -165,7 +168,10 @@ def test_wake_word_mode_listens_through_the_nodes_whisper(node, voice_wav):
         prompt = card.locator(".meta").first.text_content().split(" · ")[1]
         assert _words(prompt) == ["hello", "world"], card.inner_text()  # dictated, without the wake word or mode
         assert card.locator(".text").text_content() == prompt[::-1]  # and answered by the reverse model
-        assert float(page.text_content("#balance")) < before  # the phrases and the chat were paid for
+        assert float(page.text_content("#balance")) < before  # the phrases, the prompts and the chat were paid for
+        # chromium has no voice of its own here (synthesis-failed): the node's Piper said the prompts
+        spoken = page.evaluate("[...MTORConsole.state.spokenLines.keys()]")
+        assert "9000 ready. Say the wake word." in spoken and "What would you like to do? Say the mode." in spoken
         page.click("#voice-toggle")
         page.wait_for_function("document.getElementById('voice-state').textContent === 'voice off'")
         assert page.evaluate("MTORConsole.state.listener === null")

@@ -73,7 +73,7 @@
 
   // Hands-free listening where the browser cannot recognise speech itself: the microphone is cut
   // into phrases at pauses (by loudness against the room's measured noise floor), and each phrase
-  // is handed over as 16 kHz WAV, for the node's own speech-to-text.
+  // is handed over as 16 kHz WAV with the page time its sound began, for the node's own speech-to-text.
   class PhraseListener {
     constructor(onPhrase, { pauseMs = 700, longestMs = 12000, shortestMs = 250 } = {}) {
       Object.assign(this, { onPhrase, pauseMs, longestMs, shortestMs });
@@ -98,6 +98,7 @@
       if (!this.speaking) {
         if (!loud) { this.floor = 0.95 * this.floor + 0.05 * rms; this.before = x; return; }
         this.speaking = true; this.frames = this.before ? [this.before, x] : [x]; this.spokenMs = ms; this.quietMs = 0;
+        this.startedAt = root.performance.now() - ms - (this.before ? ms : 0);
         return;
       }
       this.frames.push(x); this.spokenMs += ms; this.quietMs = loud ? 0 : this.quietMs + ms;
@@ -109,7 +110,7 @@
       const all = new Float32Array(frames.reduce((n, f) => n + f.length, 0));
       let at = 0;
       for (const f of frames) { all.set(f, at); at += f.length; }
-      this.onPhrase(encodeWav(downsample(all, this.ctx.sampleRate, 16000), 16000));
+      this.onPhrase(encodeWav(downsample(all, this.ctx.sampleRate, 16000), 16000), this.startedAt);
     }
     stop() {
       this.stopped = true;

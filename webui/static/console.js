@@ -21,7 +21,11 @@
     image: null, audio: null, speak: false, pending: new Map(), nextId: 1,
     voice: window.MTORVoice.initial(), recognition: null, silenceTimer: null, recorder: null, greeted: false,
     listener: null, phrases: new Set(), recognitionBroken: false,
+    voiceless: false, muteUntil: 0, sayings: new Map(), spokenLines: new Map(), talking: 0, talkEndedAt: 0, lineQueue: Promise.resolve(),
   };
+  // Synthesis errors that mean the browser has no voice to speak with (Chromium on Linux without
+  // speech-dispatcher): the node's text-to-speech speaks instead.
+  const SYNTHESIS_BROKEN = ["synthesis-failed", "synthesis-unavailable", "voice-unavailable", "language-unavailable"];
   // Recognition errors that mean the browser's own speech recognition cannot work here (Chromium
   // without Google's service, no capture device it can use): the node's Whisper listens instead.
   const RECOGNITION_BROKEN = ["network", "audio-capture", "service-not-allowed", "language-not-supported"];
@@ -231,7 +235,15 @@
       if ($("query-type").value === "whisper" || S.dictating) $("prompt").value = m.text;
       S.dictating = false;
     },
-    speech_result(m) { fillResult(cardFor(m, "bark"), { result: m.audio, result_type: m.result_type, cost: m.cost }); },
+    speech_result(m) {
+      const line = S.sayings.get(String(m.request_id));
+      if (line !== undefined) {
+        S.sayings.delete(String(m.request_id));
+        const url = "data:audio/wav;base64," + m.audio;
+        S.spokenLines.set(line, url); playLine(url);
+        return;
+      }
+      fillResult(cardFor(m, "bark"), { result: m.audio, result_type: m.result_type, cost: m.cost }); },
     vision_chunk_received(m) { const li = S.pending.get(String(m.image_id)); if (li) li.lastChild.textContent = "uploading " + m.received + "/" + m.total_chunks; },
     vision_upload_complete(m) { const li = S.pending.get(String(m.image_id)); if (li) li.lastChild.textContent = "looking…"; },
     query_progress(m) {  // the answer as the worker makes it (text nodes only); query_result replaces it
@@ -260,8 +272,14 @@
     error(m) {
       const id = String(m.request_id ?? m.image_id ?? "");
       if (S.phrases.delete(id)) {  // a hands-free phrase the node could not transcribe: listening cannot go on
+        if (m.code === "too_many_queries") return;  // only this phrase is lost
         toast("Voice stopped: " + m.message);
         if (S.voice.phase !== "inactive") voiceEvent({ type: "deactivate" });
+        return;
+      }
+      if (S.sayings.delete(id)) {  // quiet for a minute rather than a toast for every line
+        if (performance.now() > S.muteUntil) toast("Nothing can speak here: " + m.message);
+        S.muteUntil = performance.now() + 60000;
         return;
       }
       if (S.pending.has(id) || ["query_result", "transcription_result", "speech_result"].includes(m.in_reply_to)) {
@@ -398,9 +416,38 @@
 
   // -- voice -----------------------------------------------------------------------------
   function say(text) {
-    if (!("speechSynthesis" in window) || !text) return;
-    const u = new SpeechSynthesisUtterance(String(text).slice(0, 500));
+    if (!text) return;
+    const line = String(text).slice(0, 500);
+    if (S.voiceless || !("speechSynthesis" in window)) { if (performance.now() > S.muteUntil) sayThroughNode(line); return; }
+    const u = new SpeechSynthesisUtterance(line);
+    u.onstart = () => { S.talking += 1; };
+    u.onend = () => { S.talking = Math.max(0, S.talking - 1); S.talkEndedAt = performance.now(); };
+    u.onerror = (e) => {
+      u.onend();
+      if (!SYNTHESIS_BROKEN.includes(e.error)) return;
+      S.voiceless = true; sayThroughNode(line);
+    };
     window.speechSynthesis.speak(u);
+  }
+
+  // A text_to_speech query (paid like any other); a line said before is played again from this
+  // page's copy, so the voice mode's fixed prompts cost once a visit.
+  function sayThroughNode(line) {
+    const known = S.spokenLines.get(line);
+    if (known) { playLine(known); return; }
+    const id = "t" + S.nextId++;
+    S.sayings.set(id, line);
+    send({ type: "text_to_speech", text: line, request_id: id });
+  }
+
+  function playLine(url) {  // one line after another, never over each other
+    S.lineQueue = S.lineQueue.then(() => new Promise((done) => {
+      const a = new Audio(url);
+      const end = () => { S.talking = Math.max(0, S.talking - 1); S.talkEndedAt = performance.now(); done(); };
+      a.onended = end; a.onerror = end;
+      S.talking += 1;
+      a.play().catch(end);
+    }));
   }
 
   function voiceEvent(event) {
@@ -467,10 +514,11 @@
   }
 
   // Each phrase is a whisper query to this node (paid like any other); none is sent while a spoken
-  // request is being answered.
+  // request is being answered, or when the page was speaking during it.
   function listenThroughNode() {
-    const listener = new window.MTORAudio.PhraseListener((wav) => {
+    const listener = new window.MTORAudio.PhraseListener((wav, startedAt) => {
       if (S.listener !== listener || S.voice.phase === "busy" || S.voice.phase === "inactive") return;
+      if (S.talking || S.talkEndedAt > startedAt) return;  // the page's own voice, heard back: half duplex
       const id = "v" + S.nextId++;
       S.phrases.add(id);
       send({ type: "speech_to_text", audio: "data:audio/wav;base64," + window.MTORAudio.toBase64(wav), request_id: id });
