@@ -243,7 +243,8 @@
         S.spokenLines.set(line, url); playLine(url);
         return;
       }
-      fillResult(cardFor(m, "bark"), { result: m.audio, result_type: m.result_type, cost: m.cost }); },
+      fillResult(cardFor(m, "bark"), { result: m.audio, result_type: m.result_type, cost: m.cost });
+    },
     vision_chunk_received(m) { const li = S.pending.get(String(m.image_id)); if (li) li.lastChild.textContent = "uploading " + m.received + "/" + m.total_chunks; },
     vision_upload_complete(m) { const li = S.pending.get(String(m.image_id)); if (li) li.lastChild.textContent = "looking…"; },
     query_progress(m) {  // the answer as the worker makes it (text nodes only); query_result replaces it
@@ -422,7 +423,7 @@
     const u = new SpeechSynthesisUtterance(line);
     u.onstart = () => { S.talking += 1; };
     u.onend = () => { S.talking = Math.max(0, S.talking - 1); S.talkEndedAt = performance.now(); };
-    u.onerror = (e) => {
+    u.onerror = (e) => {  // in place of end
       u.onend();
       if (!SYNTHESIS_BROKEN.includes(e.error)) return;
       S.voiceless = true; sayThroughNode(line);
