@@ -4,7 +4,9 @@ The node serves Whisper (tiny.en), Piper (joe) and the reverse chat model. Chrom
 fake microphone plays a WAV that Piper spoke in this test process, so the talk button
 records real speech: a whisper query shows what Whisper heard, and a speech query
 (transcribe → chat → speak) shows what was heard, the chat's answer as text and the
-spoken answer as audio, and costs exactly the price quoted before it was recorded.
+spoken answer as audio, and costs exactly the price quoted before it was recorded. In the
+wake-word mode, where chromium can neither recognise nor synthesise speech, the page listens
+and speaks through the node: a spoken, hands-free chat.
 """
 
 from __future__ import annotations
