@@ -138,8 +138,8 @@ def test_whisper_shows_what_was_said_and_keeps_it_in_the_history(page):
 
 def test_speech_hears_answers_in_text_and_voice_and_charges_the_quote(page):
     page.select_option("#query-type", "speech")
-    page.wait_for_function("/ tokens?$/.test(document.getElementById('price').textContent)")
-    price = float(page.text_content("#price").split()[0])
+    page.wait_for_function("MTORConsole.state.quote && MTORConsole.state.quote.query_type === 'speech'")
+    price = float(page.text_content("#price").split()[0])  # shown from that quote
     before = float(page.text_content("#balance"))
     _record(page, 2.5)  # a speech query goes as soon as the button is let go
     page.wait_for_selector("#result-list li.done, #result-list li.error", timeout=FIRST_ANSWER_MS)
