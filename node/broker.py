@@ -349,7 +349,9 @@ class Broker:
                     if exc.code == "model_loading" and loading_waits < MAX_LOADING_WAITS:
                         loading_waits += 1  # first use of a model on that worker: not a fault
                         if ticket.ask.progress is not None and loading_waits == 1:
-                            ticket.ask.progress.put("status", exc.message)
+                            # said to the user, who must not think they have to ask again
+                            said = exc.message.removeprefix(f"{exc.code}: ")  # this node's own worker names the code
+                            ticket.ask.progress.put("status", f"{said}: the query waits for it")
                         await trio.sleep(LOADING_RETRY_S)
                         ticket.loading_s += trio.current_time() - asked_at
                         continue

@@ -168,7 +168,7 @@ class LocalWorker:
         if name not in self._loading:
             self._loading.add(name)
             self._nursery.start_soon(self._load_in_background, name)
-        raise WorkerFault("model_loading", f"model {name} is loading (first use); ask again shortly", retryable=True)
+        raise WorkerFault("model_loading", f"model {name} is loading (first use)", retryable=True)  # retry later
 
     async def _load_in_background(self, name: str) -> None:
         try:

@@ -28,6 +28,7 @@ from node.identity import Identity
 from node.key_watch import WALLETS_REFUSED
 from node.ledger_service import LedgerService
 from node.pricing import PriceBook
+from node.progress_feed import ProgressFeed
 from node.queue_service import QueueService
 from node.registry import PeerRegistry
 from p2p.ads import Ad, AdContent, Capability
@@ -140,9 +141,12 @@ async def test_first_use_of_a_model_is_waited_out_not_failed_nor_priced(tmp_path
         # latency, would raise the price.
         broker, alice, _ = await _broker(tmp_path, nursery, max_dispatch=2, chat_baseline_s=0.2)
         await nursery.start(broker.local.run)  # loads now happen in the background
-        outcome = await broker.ask(Ask(payer=alice, type="chat", prompt="first", model="reverse"))
+        feed = ProgressFeed()
+        outcome = await broker.ask(Ask(payer=alice, type="chat", prompt="first", model="reverse", progress=feed))
         assert outcome["status"] == "done" and outcome["result"] == "tsrif"
         assert outcome["attempts"] == []  # "model_loading" is not a failure of the worker
+        # what the user sees meanwhile: the wait is explained, and nothing asks them to try again
+        assert {"kind": "status", "text": "model reverse is loading (first use): the query waits for it"} in feed._pending
         assert broker.registry.get("self").health.score == 100
         assert broker.prices.tracker.average("chat", trio.current_time()) < 0.2  # the load is not the realm's load
         assert broker.quote("chat").units == UNITS_PER_TOKEN
